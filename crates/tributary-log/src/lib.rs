@@ -1,0 +1,1 @@
+//! The durable, segmented log under every Tributary topic partition (work in progress).
