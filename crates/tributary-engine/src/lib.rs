@@ -1,4 +1,17 @@
 //! Streams, queues, pub/sub and cache over the Tributary log.
+//!
+//! | module | pick it when |
+//! |---|---|
+//! | [`stream`] | readers need the ordered history and replay: topics, partitions, consumer groups |
+//! | [`pubsub`] | live subscribers want messages by subject, with wildcards |
+//! | [`cache`] | state that is read far more than written: KV with TTL, counters, leaderboards |
+//!
+//! The engine knows nothing of HTTP, JSON wire formats or tokio: it is synchronous, and the
+//! server crate puts a network in front of it.
 
 pub mod cache;
+mod error;
 pub mod pubsub;
+pub mod stream;
+
+pub use error::{Result, StreamError};

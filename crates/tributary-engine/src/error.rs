@@ -1,0 +1,29 @@
+//! The errors of the stream layer (topics, partitions, consumer groups).
+
+use tributary_log::LogError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    #[error("topic {name:?} already exists with a different configuration ({existing})")]
+    TopicExists { name: String, existing: String },
+    #[error("topic {topic:?} has no partition {partition} (it has {partitions})")]
+    PartitionNotFound { topic: String, partition: u32, partitions: u32 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("member {member:?} is not in group {group:?} (expired after its session timeout, or never joined): join again")]
+    UnknownMember { group: String, member: String },
+    #[error("group {group:?} rebalanced to generation {current}; member {member:?} is at {given}: heartbeat to get the new assignment")]
+    StaleGeneration { group: String, member: String, given: u64, current: u64 },
+    #[error("member {member:?} of group {group:?} does not own partition {partition} in generation {generation}")]
+    NotAssigned { group: String, member: String, partition: u32, generation: u64 },
+    #[error("partition {partition} of topic {topic:?}: {source}")]
+    Partition { topic: String, partition: u32, source: LogError },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+pub type Result<T, E = StreamError> = std::result::Result<T, E>;
