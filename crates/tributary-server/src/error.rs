@@ -1,0 +1,134 @@
+//! Every error the HTTP API returns, and the one place engine errors become HTTP statuses.
+//!
+//! The body is always `{"error":{"code":"…","message":"…"}}`. `code` is stable and meant for
+//! programs; `message` is for people and may change.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tributary_engine::StreamError;
+use tributary_log::LogError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds, sent as `Retry-After` on 429 and 503.
+    pub retry_after_s: Option<u64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), retry_after_s: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn overloaded(message: impl Into<String>, retry_after_s: u64) -> ApiError {
+        ApiError { retry_after_s: Some(retry_after_s), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message) }
+    }
+
+    pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> ApiError {
+        ApiError { retry_after_s: Some(retry_after_s), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message) }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<LogError> for ApiError {
+    fn from(error: LogError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            LogError::Limit(_) => ApiError::too_large(message),
+            LogError::OffsetOutOfRange { .. } => ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "offset_out_of_range", message),
+            LogError::OutOfOrderSequence { .. } => ApiError::new(StatusCode::CONFLICT, "out_of_order_sequence", message),
+            LogError::Corrupt { .. } | LogError::Fenced(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_fenced", message),
+            LogError::Config(_) => ApiError::bad_request(message),
+            LogError::Locked(_) | LogError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
+        }
+    }
+}
+
+impl From<StreamError> for ApiError {
+    fn from(error: StreamError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            StreamError::TopicNotFound(_) | StreamError::PartitionNotFound { .. } => ApiError::not_found(message),
+            StreamError::TopicExists { .. } => ApiError::conflict(message),
+            StreamError::Invalid(_) => ApiError::bad_request(message),
+            StreamError::UnknownMember { .. } | StreamError::StaleGeneration { .. } | StreamError::NotAssigned { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "rebalance", message)
+            }
+            StreamError::Partition { source, .. } | StreamError::Log(source) => ApiError { message, ..ApiError::from(source) },
+            StreamError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
+        }
+    }
+}
+
+/// A blocking engine call run off the async workers.
+pub async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(join) => Err(ApiError::internal(format!("engine task failed: {join}"))),
+    }
+}
