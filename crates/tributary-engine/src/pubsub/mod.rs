@@ -1,1 +1,5 @@
 //! Pub/sub (in progress).
+
+mod trie;
+
+pub use trie::{SubjectTrie, SubscriptionId};
