@@ -85,8 +85,12 @@ pub enum SubscriberState {
     Active,
     /// Missed messages from `resume_from` on; read them from the log, then call
     /// [`Subscription::resume`].
-    Lagging { resume_from: u64 },
-    Disconnected { reason: DisconnectReason },
+    Lagging {
+        resume_from: u64,
+    },
+    Disconnected {
+        reason: DisconnectReason,
+    },
 }
 
 /// A subscriber's lag and counters, from either side.
@@ -658,7 +662,12 @@ mod tests {
         Subject::parse(text).unwrap()
     }
 
-    fn subscribe(broker: &Broker<u32>, pattern: &str, buffer_messages: usize, policy: SlowConsumerPolicy) -> Subscription<u32> {
+    fn subscribe(
+        broker: &Broker<u32>,
+        pattern: &str,
+        buffer_messages: usize,
+        policy: SlowConsumerPolicy,
+    ) -> Subscription<u32> {
         let options = SubscriberOptions { buffer_messages, policy, group: None };
         broker.subscribe(SubjectPattern::parse(pattern).unwrap(), options).unwrap()
     }
@@ -714,7 +723,8 @@ mod tests {
     #[test]
     fn block_gives_up_after_its_timeout_and_reports_the_subscriber_blocked() {
         let broker = Broker::new();
-        let sub = subscribe(&broker, "a", 1, SlowConsumerPolicy::Block { timeout: Duration::from_millis(20) });
+        let sub =
+            subscribe(&broker, "a", 1, SlowConsumerPolicy::Block { timeout: Duration::from_millis(20) });
         broker.publish(&subject("a"), 0, 0);
         let started = Instant::now();
         let report = broker.publish(&subject("a"), 1, 1);
@@ -728,7 +738,8 @@ mod tests {
     #[test]
     fn a_blocked_publish_does_not_stop_others_from_subscribing() {
         let broker = Broker::new();
-        let _full = subscribe(&broker, "a", 1, SlowConsumerPolicy::Block { timeout: Duration::from_millis(300) });
+        let _full =
+            subscribe(&broker, "a", 1, SlowConsumerPolicy::Block { timeout: Duration::from_millis(300) });
         broker.publish(&subject("a"), 0, 0);
         let publisher = {
             let broker = broker.clone();
@@ -780,7 +791,11 @@ mod tests {
     fn group_members_share_the_stream_round_robin() {
         let broker = Broker::new();
         let member = |name: &str| {
-            let options = SubscriberOptions { buffer_messages: 100, policy: SlowConsumerPolicy::DropOldest, group: Some(name.into()) };
+            let options = SubscriberOptions {
+                buffer_messages: 100,
+                policy: SlowConsumerPolicy::DropOldest,
+                group: Some(name.into()),
+            };
             broker.subscribe(SubjectPattern::parse("jobs.*").unwrap(), options).unwrap()
         };
         let (a, b, c) = (member("workers"), member("workers"), member("workers"));
@@ -803,7 +818,11 @@ mod tests {
     fn a_group_skips_a_full_member_while_another_has_room() {
         let broker = Broker::new();
         let member = |buffer_messages| {
-            let options = SubscriberOptions { buffer_messages, policy: SlowConsumerPolicy::DropOldest, group: Some("g".into()) };
+            let options = SubscriberOptions {
+                buffer_messages,
+                policy: SlowConsumerPolicy::DropOldest,
+                group: Some("g".into()),
+            };
             broker.subscribe(SubjectPattern::parse("q").unwrap(), options).unwrap()
         };
         let (small, big) = (member(1), member(100));
@@ -889,10 +908,19 @@ mod tests {
     #[test]
     fn publishers_on_many_threads_deliver_every_message_once() {
         let broker = Broker::new();
-        let sub = subscribe(&broker, "t.*", 100_000, SlowConsumerPolicy::Block { timeout: Duration::from_secs(10) });
+        let sub = subscribe(
+            &broker,
+            "t.*",
+            100_000,
+            SlowConsumerPolicy::Block { timeout: Duration::from_secs(10) },
+        );
         let group: Vec<_> = (0..3)
             .map(|_| {
-                let options = SubscriberOptions { buffer_messages: 100_000, policy: SlowConsumerPolicy::DropOldest, group: Some("g".into()) };
+                let options = SubscriberOptions {
+                    buffer_messages: 100_000,
+                    policy: SlowConsumerPolicy::DropOldest,
+                    group: Some("g".into()),
+                };
                 broker.subscribe(SubjectPattern::parse("t.>").unwrap(), options).unwrap()
             })
             .collect();

@@ -178,9 +178,7 @@ impl<T> SubjectTrie<T> {
 
     fn literal_child(&self, parent: NodeId, token: &[u8]) -> Option<NodeId> {
         let hash = self.edge_hash(parent, token);
-        self.edges
-            .find(hash, |e| e.parent == parent && self.text_of(e.child) == token)
-            .map(|e| e.child)
+        self.edges.find(hash, |e| e.parent == parent && self.text_of(e.child) == token).map(|e| e.child)
     }
 
     /// Add a subscription. `id` must not already be in the trie under the same pattern.
@@ -342,11 +340,7 @@ impl<T> SubjectTrie<T> {
 
     fn alloc_node(&mut self, token: &[u8]) -> NodeId {
         assert!(self.text.len() + token.len() < u32::MAX as usize, "trie text arena over 4 GiB");
-        let node = Node {
-            text_start: self.text.len() as u32,
-            text_len: token.len() as u32,
-            ..Node::EMPTY
-        };
+        let node = Node { text_start: self.text.len() as u32, text_len: token.len() as u32, ..Node::EMPTY };
         self.text.extend_from_slice(token);
         if let Some(id) = self.free_nodes.pop() {
             self.nodes[id as usize] = node;
@@ -558,24 +552,22 @@ mod tests {
     /// A NATS pattern or an MQTT filter over a three-letter alphabet, so that patterns overlap a lot.
     fn pattern_strategy() -> impl Strategy<Value = SubjectPattern> {
         let level = prop_oneof![3 => token_strategy(), 2 => Just("*")];
-        (prop::collection::vec(level, 1..5), any::<bool>(), any::<bool>()).prop_map(
-            |(levels, rest, mqtt)| {
-                let mut levels: Vec<&str> = levels;
-                if mqtt {
-                    let mut mqtt_levels: Vec<&str> =
-                        levels.iter().map(|l| if *l == "*" { "+" } else { *l }).collect();
-                    if rest {
-                        mqtt_levels.push("#");
-                    }
-                    SubjectPattern::from_mqtt_filter(&mqtt_levels.join("/")).unwrap()
-                } else {
-                    if rest {
-                        levels.push(">");
-                    }
-                    SubjectPattern::parse(&levels.join(".")).unwrap()
+        (prop::collection::vec(level, 1..5), any::<bool>(), any::<bool>()).prop_map(|(levels, rest, mqtt)| {
+            let mut levels: Vec<&str> = levels;
+            if mqtt {
+                let mut mqtt_levels: Vec<&str> =
+                    levels.iter().map(|l| if *l == "*" { "+" } else { *l }).collect();
+                if rest {
+                    mqtt_levels.push("#");
                 }
-            },
-        )
+                SubjectPattern::from_mqtt_filter(&mqtt_levels.join("/")).unwrap()
+            } else {
+                if rest {
+                    levels.push(">");
+                }
+                SubjectPattern::parse(&levels.join(".")).unwrap()
+            }
+        })
     }
 
     fn check_against_reference(
