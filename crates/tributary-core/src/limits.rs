@@ -35,6 +35,12 @@ pub const QUEUE_DELIVERIES_MAX_DEFAULT: u32 = 5;
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 10_000;
 /// Messages buffered for one pub/sub subscriber before its slow-consumer policy applies.
 pub const SUBSCRIBER_BUFFER_MESSAGES_DEFAULT: usize = 10_000;
+/// Largest buffer one pub/sub subscriber may ask for, in messages.
+pub const SUBSCRIBER_BUFFER_MESSAGES_MAX: usize = 1_000_000;
+/// Longest a publish may wait for room in a `Block` subscriber's buffer, in milliseconds.
+pub const SUBSCRIBER_BLOCK_MS_MAX: u64 = 30_000;
+/// Subscriptions one pub/sub broker may hold in total (a group counts each member).
+pub const SUBSCRIPTIONS_MAX: usize = 4_000_000;
 /// Largest cache value, in bytes.
 pub const CACHE_VALUE_BYTES_MAX: usize = 1024 * 1024;
 
