@@ -30,7 +30,8 @@
 //! [`CacheConfig::max_entries`] bounds the number of keys (not bytes). When it is reached, a
 //! write that would add a key first reclaims expired keys of its shard, then follows the
 //! [`EvictionPolicy`]: `Refuse` fails the write with [`CacheError::Full`] (exact bound);
-//! `LruApprox` evicts the least recently used of [`CACHE_EVICTION_SAMPLES`] sampled keys of the
+//! `LruApprox` evicts the least recently used of
+//! [`CACHE_EVICTION_SAMPLES`](tributary_core::limits::CACHE_EVICTION_SAMPLES) sampled keys of the
 //! same shard, as Redis's `allkeys-lru` (it may overshoot by at most one key per shard).
 //! Every key, field, member and value has a named size limit ([`tributary_core::limits`]).
 //!
@@ -70,8 +71,6 @@ use tributary_core::limits::{
     CACHE_COLLECTION_LEN_MAX, CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_SHARDS_DEFAULT, CACHE_SHARDS_MAX,
     CACHE_TTL_MS_MAX, CACHE_VALUE_BYTES_MAX,
 };
-#[allow(unused_imports)] // named in the module doc
-use tributary_core::limits::CACHE_EVICTION_SAMPLES;
 
 pub use bench::{CacheBench, bench_cache};
 pub use clock::{Clock, ManualClock, SystemClock};

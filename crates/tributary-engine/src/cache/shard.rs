@@ -18,6 +18,8 @@ pub(crate) enum Value {
     Str(Bytes),
     /// A string that holds a counter: kept as a number so `incr_by` does not parse and format.
     Int(i64),
+    // Boxed so that a `Value` stays the size of `Bytes`: most entries are strings.
+    #[allow(clippy::box_collection)]
     Hash(Box<HashMap<Bytes, Bytes>>),
     ZSet(Box<SortedSet>),
 }

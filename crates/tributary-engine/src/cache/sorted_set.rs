@@ -37,14 +37,50 @@ struct Link {
     span: u32,
 }
 
+/// Links of the lowest levels live inside the node, beside the score, so one step of a search
+/// touches one cache line; only one node in 4^LINKS_INLINE has links in `upper`.
+const LINKS_INLINE: usize = 4;
+
+#[repr(C)]
 struct Node {
     score: f64,
-    member: Bytes,
+    inline: [Link; LINKS_INLINE],
     backward: u32,
-    links: Box<[Link]>,
+    height: u32,
+    member: Bytes,
+    upper: Box<[Link]>,
 }
 
 impl Node {
+    fn new(score: f64, member: Bytes, height: usize) -> Node {
+        let none = Link { next: NIL, span: 0 };
+        Node {
+            score,
+            inline: [none; LINKS_INLINE],
+            backward: NIL,
+            height: height as u32,
+            member,
+            upper: vec![none; height.saturating_sub(LINKS_INLINE)].into_boxed_slice(),
+        }
+    }
+
+    #[inline]
+    fn height(&self) -> usize {
+        self.height as usize
+    }
+
+    #[inline]
+    fn link(&self, i: usize) -> Link {
+        debug_assert!(i < self.height());
+        if i < LINKS_INLINE { self.inline[i] } else { self.upper[i - LINKS_INLINE] }
+    }
+
+    #[inline]
+    fn link_mut(&mut self, i: usize) -> &mut Link {
+        debug_assert!(i < self.height());
+        if i < LINKS_INLINE { &mut self.inline[i] } else { &mut self.upper[i - LINKS_INLINE] }
+    }
+
     /// Whether this node sorts strictly before (score, member).
     #[inline]
     fn precedes(&self, score: f64, member: &[u8]) -> bool {
@@ -69,12 +105,7 @@ impl Default for SortedSet {
 
 impl SortedSet {
     pub(crate) fn new() -> SortedSet {
-        let head = Node {
-            score: f64::NEG_INFINITY,
-            member: Bytes::new(),
-            backward: NIL,
-            links: vec![Link { next: NIL, span: 0 }; LEVELS_MAX].into_boxed_slice(),
-        };
+        let head = Node::new(f64::NEG_INFINITY, Bytes::new(), LEVELS_MAX);
         SortedSet {
             nodes: vec![head],
             free: Vec::new(),
@@ -103,15 +134,15 @@ impl SortedSet {
             }
             let old_score = *old;
             *old = score;
-            let node = self.unlink(old_score, member);
+            let node = self.remove_node(old_score, member);
             let member = std::mem::take(&mut self.nodes[node as usize].member);
             self.release(node);
-            self.link(score, member);
+            self.insert_node(score, member);
             return false;
         }
         let member = Bytes::copy_from_slice(member);
         self.scores.insert(member.clone(), score);
-        self.link(score, member);
+        self.insert_node(score, member);
         true
     }
 
@@ -119,7 +150,7 @@ impl SortedSet {
         let Some(score) = self.scores.remove(member) else {
             return false;
         };
-        let node = self.unlink(score, member);
+        let node = self.remove_node(score, member);
         self.release(node);
         true
     }
@@ -182,13 +213,13 @@ impl SortedSet {
 
     /// Every (member, score), ascending.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Bytes, f64)> + '_ {
-        let mut x = self.nodes[HEAD as usize].links[0].next;
+        let mut x = self.nodes[HEAD as usize].link(0).next;
         std::iter::from_fn(move || {
             if x == NIL {
                 return None;
             }
             let node = &self.nodes[x as usize];
-            x = node.links[0].next;
+            x = node.link(0).next;
             Some((&node.member, node.score))
         })
     }
@@ -223,7 +254,7 @@ impl SortedSet {
             let node = &self.nodes[x as usize];
             out.push((node.member.clone(), node.score));
             x = match order {
-                Order::Asc => node.links[0].next,
+                Order::Asc => node.link(0).next,
                 Order::Desc => node.backward,
             };
         }
@@ -238,7 +269,7 @@ impl SortedSet {
         let mut count = 0usize;
         for i in (0..self.level).rev() {
             loop {
-                let link = self.nodes[x as usize].links[i];
+                let link = self.nodes[x as usize].link(i);
                 if link.next != NIL && pred(&self.nodes[link.next as usize]) {
                     count += link.span as usize;
                     x = link.next;
@@ -258,7 +289,7 @@ impl SortedSet {
         let mut traversed = 0usize;
         for i in (0..self.level).rev() {
             loop {
-                let link = self.nodes[x as usize].links[i];
+                let link = self.nodes[x as usize].link(i);
                 if link.next != NIL && traversed + link.span as usize <= target {
                     traversed += link.span as usize;
                     x = link.next;
@@ -282,14 +313,15 @@ impl SortedSet {
     }
 
     /// Add a node for (score, member), which must not be in the list.
-    fn link(&mut self, score: f64, member: Bytes) {
+    #[allow(clippy::needless_range_loop)] // `i` indexes three arrays in step
+    fn insert_node(&mut self, score: f64, member: Bytes) {
         let mut update = [HEAD; LEVELS_MAX];
         let mut rank = [0u32; LEVELS_MAX];
         let mut x = HEAD;
         for i in (0..self.level).rev() {
             rank[i] = if i == self.level - 1 { 0 } else { rank[i + 1] };
             loop {
-                let link = self.nodes[x as usize].links[i];
+                let link = self.nodes[x as usize].link(i);
                 if link.next != NIL && self.nodes[link.next as usize].precedes(score, &member) {
                     rank[i] += link.span;
                     x = link.next;
@@ -305,23 +337,23 @@ impl SortedSet {
             for i in self.level..level {
                 rank[i] = 0;
                 update[i] = HEAD;
-                self.nodes[HEAD as usize].links[i].span = len;
+                self.nodes[HEAD as usize].link_mut(i).span = len;
             }
             self.level = level;
         }
         let new = self.alloc(score, member, level);
         for i in 0..level {
-            let prev = &mut self.nodes[update[i] as usize].links[i];
+            let prev = self.nodes[update[i] as usize].link_mut(i);
             let (prev_next, prev_span) = (prev.next, prev.span);
             prev.next = new;
             prev.span = rank[0] - rank[i] + 1;
-            self.nodes[new as usize].links[i] =
+            *self.nodes[new as usize].link_mut(i) =
                 Link { next: prev_next, span: prev_span - (rank[0] - rank[i]) };
         }
         for i in level..self.level {
-            self.nodes[update[i] as usize].links[i].span += 1;
+            self.nodes[update[i] as usize].link_mut(i).span += 1;
         }
-        let next = self.nodes[new as usize].links[0].next;
+        let next = self.nodes[new as usize].link(0).next;
         self.nodes[new as usize].backward = if update[0] == HEAD { NIL } else { update[0] };
         if next == NIL {
             self.tail = new;
@@ -331,12 +363,13 @@ impl SortedSet {
     }
 
     /// Take the node for (score, member) out of the list and return it, still allocated.
-    fn unlink(&mut self, score: f64, member: &[u8]) -> u32 {
+    #[allow(clippy::needless_range_loop)] // `i` indexes two arrays in step
+    fn remove_node(&mut self, score: f64, member: &[u8]) -> u32 {
         let mut update = [HEAD; LEVELS_MAX];
         let mut x = HEAD;
         for i in (0..self.level).rev() {
             loop {
-                let link = self.nodes[x as usize].links[i];
+                let link = self.nodes[x as usize].link(i);
                 if link.next != NIL && self.nodes[link.next as usize].precedes(score, member) {
                     x = link.next;
                 } else {
@@ -345,7 +378,7 @@ impl SortedSet {
             }
             update[i] = x;
         }
-        let node = self.nodes[update[0] as usize].links[0].next;
+        let node = self.nodes[update[0] as usize].link(0).next;
         assert!(
             node != NIL
                 && self.nodes[node as usize].score == score
@@ -353,8 +386,8 @@ impl SortedSet {
             "sorted set map and list disagree"
         );
         for i in 0..self.level {
-            let node_link = self.nodes[node as usize].links.get(i).copied();
-            let prev = &mut self.nodes[update[i] as usize].links[i];
+            let node_link = (i < self.nodes[node as usize].height()).then(|| self.nodes[node as usize].link(i));
+            let prev = self.nodes[update[i] as usize].link_mut(i);
             match node_link {
                 Some(link) if prev.next == node => {
                     prev.span = prev.span + link.span - 1;
@@ -363,21 +396,20 @@ impl SortedSet {
                 _ => prev.span -= 1,
             }
         }
-        let (next, backward) = (self.nodes[node as usize].links[0].next, self.nodes[node as usize].backward);
+        let (next, backward) = (self.nodes[node as usize].link(0).next, self.nodes[node as usize].backward);
         if next == NIL {
             self.tail = backward;
         } else {
             self.nodes[next as usize].backward = backward;
         }
-        while self.level > 1 && self.nodes[HEAD as usize].links[self.level - 1].next == NIL {
+        while self.level > 1 && self.nodes[HEAD as usize].link(self.level - 1).next == NIL {
             self.level -= 1;
         }
         node
     }
 
     fn alloc(&mut self, score: f64, member: Bytes, level: usize) -> u32 {
-        let node =
-            Node { score, member, backward: NIL, links: vec![Link { next: NIL, span: 0 }; level].into_boxed_slice() };
+        let node = Node::new(score, member, level);
         match self.free.pop() {
             Some(i) => {
                 self.nodes[i as usize] = node;
@@ -395,7 +427,8 @@ impl SortedSet {
     fn release(&mut self, node: u32) {
         let n = &mut self.nodes[node as usize];
         n.member = Bytes::new();
-        n.links = Box::new([]);
+        n.upper = Box::new([]);
+        n.height = 0;
         self.free.push(node);
     }
 
@@ -404,7 +437,7 @@ impl SortedSet {
     pub(crate) fn check_invariants(&self) {
         let mut position = HashMap::new(); // node -> ascending position, head = 0
         position.insert(HEAD, 0usize);
-        let (mut x, mut prev, mut count) = (self.nodes[0].links[0].next, NIL, 0usize);
+        let (mut x, mut prev, mut count) = (self.nodes[0].link(0).next, NIL, 0usize);
         while x != NIL {
             count += 1;
             position.insert(x, count);
@@ -416,16 +449,16 @@ impl SortedSet {
                 assert!(p.precedes(node.score, &node.member), "level 0 out of order at {count}");
             }
             assert_eq!(self.scores.get(&node.member), Some(&node.score), "map disagrees with list");
-            assert!(node.links.len() <= self.level);
+            assert!(node.height() <= self.level);
             prev = x;
-            x = node.links[0].next;
+            x = node.link(0).next;
         }
         assert_eq!(self.tail, prev);
         assert_eq!(count, self.len());
         for i in 0..self.level {
             let mut x = HEAD;
             loop {
-                let link = self.nodes[x as usize].links[i];
+                let link = self.nodes[x as usize].link(i);
                 let here = position[&x];
                 let there = if link.next == NIL { count } else { position[&link.next] };
                 assert!(link.next == NIL || there > here, "level {i} goes backwards");
@@ -436,7 +469,7 @@ impl SortedSet {
                 x = link.next;
             }
         }
-        assert!(self.level == 1 || self.nodes[0].links[self.level - 1].next != NIL);
+        assert!(self.level == 1 || self.nodes[0].link(self.level - 1).next != NIL);
     }
 }
 
