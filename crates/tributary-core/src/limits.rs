@@ -57,3 +57,20 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Largest cache key, in bytes.
+pub const CACHE_KEY_BYTES_MAX: usize = 16 * 1024;
+/// Largest hash field or sorted-set member, in bytes.
+pub const CACHE_MEMBER_BYTES_MAX: usize = 16 * 1024;
+/// Most fields in one cache hash, or members in one sorted set.
+pub const CACHE_COLLECTION_LEN_MAX: usize = 10_000_000;
+/// Longest cache TTL, in milliseconds (10 years): a bound, so expiry arithmetic never overflows.
+pub const CACHE_TTL_MS_MAX: u64 = 10 * 365 * 24 * 60 * 60 * 1000;
+/// Lock shards of a cache when its configuration does not name a count.
+pub const CACHE_SHARDS_DEFAULT: usize = 32;
+/// Most lock shards of one cache.
+pub const CACHE_SHARDS_MAX: usize = 1024;
+/// Entries sampled per eviction by the approximate-LRU policy (Redis samples 5 too).
+pub const CACHE_EVICTION_SAMPLES: usize = 5;
+/// Expired entries a full shard reclaims before it refuses or evicts a write.
+pub const CACHE_ADMIT_EXPIRE_BUDGET: usize = 16;
