@@ -770,3 +770,10 @@ fn release_consumer(consumers: &mut HashMap<Arc<str>, usize>, consumer: &Arc<str
         }
     }
 }
+
+#[cfg(test)]
+impl Group {
+    pub(crate) fn window_records(&self) -> usize {
+        self.state.lock().levels.iter().map(|l| l.entries.len()).sum()
+    }
+}

@@ -670,3 +670,11 @@ fn parse_dead_letter(record: StoredRecord, redriven: &BTreeSet<u64>) -> Result<D
         redriven: redriven.contains(&record.offset),
     })
 }
+
+#[cfg(test)]
+impl Queue {
+    /// Records of all levels held in the group's window (tests of the memory bound).
+    pub(crate) fn window_records(&self, group: &str) -> usize {
+        self.group(group).unwrap().window_records()
+    }
+}
