@@ -89,3 +89,23 @@ pub fn bench_queue(dir: &Path, message_bytes: usize, messages: u64, consumers: u
     queues.close()?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `TRIBUTARY_BENCH=1 cargo test --release -p tributary-engine queue::bench -- --nocapture`
+    /// (optional: `TRIBUTARY_BENCH_MESSAGES`, `TRIBUTARY_BENCH_DURABILITY`). Without the
+    /// variable it runs a tiny smoke version so the function stays exercised.
+    #[test]
+    fn bench_queue_measures_acked_throughput() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = std::env::var("TRIBUTARY_BENCH").is_ok_and(|v| v == "1");
+        let messages = if full { std::env::var("TRIBUTARY_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(500_000) } else { 2_000 };
+        let durability = std::env::var("TRIBUTARY_BENCH_DURABILITY").ok().and_then(|v| v.parse().ok()).unwrap_or(Durability::Always);
+        let report = bench_queue(dir.path(), 1024, messages, 4, durability).unwrap();
+        println!("{report:#?}");
+        assert_eq!(report.messages, messages);
+        assert!(report.acked_msgs_per_s > 0.0);
+    }
+}

@@ -680,7 +680,7 @@ impl Group {
     fn journal(&self, state: &mut GroupState, record: &JournalRecord) -> Result<PendingAppend> {
         let appended = self.journal.append_pending(&[Record::from_value(record.encode())], 0, 0)?;
         state.journal_since_snapshot += 1;
-        if state.journal_since_snapshot >= QUEUE_SNAPSHOT_EVERY_RECORDS {
+        if state.journal_since_snapshot >= snapshot_every() {
             self.snapshot(state)?;
         }
         Ok(appended)
@@ -754,6 +754,20 @@ impl Group {
         }
         numbers
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests on this thread snapshot after this many journal records instead.
+    pub(crate) static SNAPSHOT_EVERY_FOR_TESTS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+fn snapshot_every() -> u64 {
+    #[cfg(test)]
+    if let Some(every) = SNAPSHOT_EVERY_FOR_TESTS.with(std::cell::Cell::get) {
+        return every;
+    }
+    QUEUE_SNAPSHOT_EVERY_RECORDS
 }
 
 fn advance(state: &mut GroupState) {
