@@ -347,7 +347,14 @@ impl Group {
             journal_since_snapshot: since,
             last_snapshot,
         };
-        Ok(Group { name: name.to_string(), hash: group_hash(name), journal, state: Mutex::new(state) })
+        let group = Group { name: name.to_string(), hash: group_hash(name), journal, state: Mutex::new(state) };
+        // Expiry is not journaled: leases whose deadline passed before the restart are released
+        // now, as they would have been (or were) before it.
+        let (_, pending) = group.tick(core)?;
+        for appended in pending {
+            appended.wait()?;
+        }
+        Ok(group)
     }
 
     pub(crate) fn close(&self) -> Result<()> {

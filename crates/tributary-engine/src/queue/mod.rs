@@ -33,7 +33,9 @@
 //!   journaled durably before `ack` returns. A receipt names its delivery attempt; the receipt of
 //!   an earlier attempt is refused ([`ReceiptOutcome::Stale`]) and never acks a redelivery.
 //! - **Leases survive a restart**: a message leased at a crash stays leased, to the same consumer
-//!   and receipt, until its original deadline; then it is redelivered with its count kept.
+//!   and receipt, until its original deadline; then it is redelivered with its count kept. A
+//!   lease whose deadline passed before the restart is released when the queue opens (lease
+//!   expiry itself is not journaled; it follows from the journaled deadline).
 //! - **Dead letters**: a message released (nack or lease expiry) after its `deliveries_max`-th
 //!   delivery is appended to the queue's dead-letter log (`<queue>/dlq`, one per queue, each
 //!   letter naming its group) durably before the group forgets it. A crash between the two may

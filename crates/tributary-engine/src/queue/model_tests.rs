@@ -176,7 +176,10 @@ fn run(ops: Vec<Op>, snapshot_every: u64) {
                 h.queue().tick().unwrap();
                 model.expire(now);
             }
-            Op::Reopen => h.reopen(),
+            Op::Reopen => {
+                h.reopen();
+                model.expire(now);
+            }
         }
     }
     // Drain: keep receiving and acking; everything ends acked or dead-lettered.

@@ -367,7 +367,7 @@ fn a_restart_preserves_acks_leases_dead_letters_and_redrive_marks() {
     // "leased" stays leased to c1 until its original deadline; "fresh" is available.
     assert_eq!(bodies(&h.receive("g", "c2", 10)), ["fresh"]);
     assert_eq!(q.stats(Some("g")).unwrap().in_flight, 2);
-    assert_eq!(q.extend("g", &[leased.receipt.clone()], 1_000).unwrap(), [ReceiptOutcome::Ok], "the receipt survives the restart");
+    assert_eq!(q.extend("g", std::slice::from_ref(&leased.receipt), 1_000).unwrap(), [ReceiptOutcome::Ok], "the receipt survives the restart");
     h.clock.advance(1_000);
     let again = h.receive("g", "c2", 10);
     assert_eq!(bodies(&again), ["leased", "fresh"]);
