@@ -3,6 +3,7 @@
 //! | module | pick it when |
 //! |---|---|
 //! | [`stream`] | readers need the ordered history and replay: topics, partitions, consumer groups |
+//! | [`queue`] | each message is a job for one worker, acknowledged on its own, retried, dead-lettered |
 //! | [`pubsub`] | live subscribers want messages by subject, with wildcards |
 //! | [`cache`] | state that is read far more than written: KV with TTL, counters, leaderboards |
 //!
@@ -12,6 +13,7 @@
 pub mod cache;
 mod error;
 pub mod pubsub;
+pub mod queue;
 pub mod stream;
 
 pub use error::{Result, StreamError};
