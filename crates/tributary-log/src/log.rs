@@ -400,9 +400,6 @@ impl Log {
                     break;
                 }
                 let header = BatchHeader::parse(rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
-                if header.base_offset >= below {
-                    return Ok(());
-                }
                 let total = header.total_bytes();
                 if rest.len() < total {
                     if used == 0 {
@@ -415,12 +412,17 @@ impl Log {
                     }
                     break;
                 }
+                // Every batch walked over is verified, skipped ones too: its offsets decide
+                // what is skipped, and a damaged one must not silently hide records.
+                batch::verify(&header, rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
+                if header.base_offset >= below {
+                    return Ok(());
+                }
                 if previous_last.is_some_and(|p| header.base_offset <= p) || header.base_offset < segment.base_offset {
                     return Err(corrupt(segment, position + used as u64, DecodeError::Malformed("batch offsets go backwards")));
                 }
                 previous_last = Some(header.last_offset());
                 if header.last_offset() >= from {
-                    batch::verify(&header, rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
                     let batch_bytes = chunk.clone().freeze().slice(used..used + total);
                     let before = out.len();
                     batch::decode_records(&header, &batch_bytes, from, below, out).map_err(|e| corrupt(segment, position + used as u64, e))?;
