@@ -299,6 +299,7 @@ impl Log {
 
     /// Sync everything written so far, whatever the durability class.
     pub fn flush(&self) -> Result<()> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _sync = shared.sync_lock.lock();
         let (active, target) = {
@@ -306,7 +307,12 @@ impl Log {
             (writer.active.clone(), writer.next_offset)
         };
         shared.unsynced.store(false, Ordering::Release);
-        active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
+        if let Err(error) = active.file.sync_data() {
+            // As in `wait_durable`: a later fsync may succeed without the lost pages.
+            let reason = format!("fsync of {} failed: {error}", active.path.display());
+            self.fence(reason.clone());
+            return Err(LogError::Io { context: reason, source: error });
+        }
         self.publish_high_watermark(target);
         Ok(())
     }
@@ -468,6 +474,7 @@ impl Log {
 
     /// Delete sealed segments beyond the retention limits. The active segment is never deleted.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _maintenance = shared.maintenance.lock();
         let mut report = RetentionReport::default();
@@ -505,6 +512,7 @@ impl Log {
     /// Drop every sealed segment that lies wholly below `offset` (for internal state logs
     /// that have checkpointed). The active segment is kept.
     pub fn truncate_before(&self, offset: u64) -> Result<usize> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _maintenance = shared.maintenance.lock();
         let mut removed = Vec::new();
