@@ -806,7 +806,7 @@ fn scan_segment(file: &File, path: &Path, base: u64, file_len: u64, interval_byt
     let mut expected = base;
     'scan: while position < file_len {
         let want = (file_len - position).min(READ_CHUNK_BYTES as u64 * 4) as usize;
-        let chunk = segment::read_at(file, position, want).context(|| format!("reading {}", path.display()))?;
+        let mut chunk = segment::read_at(file, position, want).context(|| format!("reading {}", path.display()))?;
         let mut used = 0usize;
         loop {
             let rest = &chunk[used..];
@@ -826,6 +826,11 @@ fn scan_segment(file: &File, path: &Path, base: u64, file_len: u64, interval_byt
             if rest.len() < total {
                 if used > 0 {
                     break;
+                }
+                if position + total as u64 <= file_len {
+                    // One batch larger than the chunk (batches reach BATCH_BYTES_MAX): read it whole.
+                    chunk = segment::read_at(file, position, total).context(|| format!("reading {}", path.display()))?;
+                    continue;
                 }
                 stop_reason = format!("batch of {total} bytes runs past the end of the file");
                 break 'scan;
