@@ -113,6 +113,10 @@ impl BatchHeader {
         if header.last_offset_delta < header.record_count - 1 {
             return Err(DecodeError::Malformed("last offset delta below record count"));
         }
+        // `last_offset() + 1` (the next offset) must exist.
+        if header.base_offset.checked_add(u64::from(header.last_offset_delta) + 1).is_none() {
+            return Err(DecodeError::Malformed("offsets run past u64::MAX"));
+        }
         Ok(header)
     }
 }
