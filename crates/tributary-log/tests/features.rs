@@ -90,7 +90,9 @@ fn truncate_before_drops_only_segments_wholly_below_the_offset() {
 }
 
 /// Records of a compaction test: (key, value); `None` key is unkeyed, `None` value a tombstone.
-fn compaction_log(dir: &Path, config: LogConfig) -> (Log, Vec<(Option<String>, Option<String>)>) {
+type Written = Vec<(Option<String>, Option<String>)>;
+
+fn compaction_log(dir: &Path, config: LogConfig) -> (Log, Written) {
     let (log, _) = Log::open(dir, config).unwrap();
     let mut written = Vec::new();
     for i in 0..300u64 {
@@ -110,7 +112,7 @@ fn compaction_log(dir: &Path, config: LogConfig) -> (Log, Vec<(Option<String>, O
 
 /// What compaction must leave: in sealed segments (below `active_base`), unkeyed records and
 /// the newest record of each key, minus tombstones when they have expired.
-fn compacted(written: &[(Option<String>, Option<String>)], active_base: u64, tombstones_expired: bool) -> Vec<(u64, Option<String>)> {
+fn compacted(written: &Written, active_base: u64, tombstones_expired: bool) -> Vec<(u64, Option<String>)> {
     let mut latest = std::collections::HashMap::new();
     for (offset, (key, _)) in written.iter().enumerate() {
         if let Some(key) = key {
