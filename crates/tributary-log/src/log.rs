@@ -299,6 +299,7 @@ impl Log {
 
     /// Sync everything written so far, whatever the durability class.
     pub fn flush(&self) -> Result<()> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _sync = shared.sync_lock.lock();
         let (active, target) = {
@@ -306,7 +307,12 @@ impl Log {
             (writer.active.clone(), writer.next_offset)
         };
         shared.unsynced.store(false, Ordering::Release);
-        active.file.sync_data().context(|| format!("syncing {}", active.path.display()))?;
+        if let Err(error) = active.file.sync_data() {
+            // As in `wait_durable`: a later fsync may succeed without the lost pages.
+            let reason = format!("fsync of {} failed: {error}", active.path.display());
+            self.fence(reason.clone());
+            return Err(LogError::Io { context: reason, source: error });
+        }
         self.publish_high_watermark(target);
         Ok(())
     }
@@ -400,9 +406,6 @@ impl Log {
                     break;
                 }
                 let header = BatchHeader::parse(rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
-                if header.base_offset >= below {
-                    return Ok(());
-                }
                 let total = header.total_bytes();
                 if rest.len() < total {
                     if used == 0 {
@@ -415,12 +418,17 @@ impl Log {
                     }
                     break;
                 }
+                // Every batch walked over is verified, skipped ones too: its offsets decide
+                // what is skipped, and a damaged one must not silently hide records.
+                batch::verify(&header, rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
+                if header.base_offset >= below {
+                    return Ok(());
+                }
                 if previous_last.is_some_and(|p| header.base_offset <= p) || header.base_offset < segment.base_offset {
                     return Err(corrupt(segment, position + used as u64, DecodeError::Malformed("batch offsets go backwards")));
                 }
                 previous_last = Some(header.last_offset());
                 if header.last_offset() >= from {
-                    batch::verify(&header, rest).map_err(|e| corrupt(segment, position + used as u64, e))?;
                     let batch_bytes = chunk.clone().freeze().slice(used..used + total);
                     let before = out.len();
                     batch::decode_records(&header, &batch_bytes, from, below, out).map_err(|e| corrupt(segment, position + used as u64, e))?;
@@ -466,6 +474,7 @@ impl Log {
 
     /// Delete sealed segments beyond the retention limits. The active segment is never deleted.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _maintenance = shared.maintenance.lock();
         let mut report = RetentionReport::default();
@@ -503,6 +512,7 @@ impl Log {
     /// Drop every sealed segment that lies wholly below `offset` (for internal state logs
     /// that have checkpointed). The active segment is kept.
     pub fn truncate_before(&self, offset: u64) -> Result<usize> {
+        self.check_fenced()?;
         let shared = &self.shared;
         let _maintenance = shared.maintenance.lock();
         let mut removed = Vec::new();
@@ -796,7 +806,7 @@ fn scan_segment(file: &File, path: &Path, base: u64, file_len: u64, interval_byt
     let mut expected = base;
     'scan: while position < file_len {
         let want = (file_len - position).min(READ_CHUNK_BYTES as u64 * 4) as usize;
-        let chunk = segment::read_at(file, position, want).context(|| format!("reading {}", path.display()))?;
+        let mut chunk = segment::read_at(file, position, want).context(|| format!("reading {}", path.display()))?;
         let mut used = 0usize;
         loop {
             let rest = &chunk[used..];
@@ -816,6 +826,11 @@ fn scan_segment(file: &File, path: &Path, base: u64, file_len: u64, interval_byt
             if rest.len() < total {
                 if used > 0 {
                     break;
+                }
+                if position + total as u64 <= file_len {
+                    // One batch larger than the chunk (batches reach BATCH_BYTES_MAX): read it whole.
+                    chunk = segment::read_at(file, position, total).context(|| format!("reading {}", path.display()))?;
+                    continue;
                 }
                 stop_reason = format!("batch of {total} bytes runs past the end of the file");
                 break 'scan;
