@@ -11,7 +11,7 @@
 //! Not here yet: HTTP system benches and the peers (NATS JetStream, Redis Streams, RabbitMQ)
 //! side by side; they will reuse [`latency`] and [`TargetCheck`].
 
-
+pub mod engine;
 pub mod latency;
 
 use std::path::Path;
