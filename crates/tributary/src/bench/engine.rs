@@ -42,8 +42,8 @@ pub const BATCH_DEFAULT_THROUGHPUT: usize = 100;
 pub const PRODUCERS_DEFAULT_THROUGHPUT: usize = 4;
 /// Most records one consumer `read` returns.
 const READ_RECORDS_MAX: usize = 10_000;
-/// About the most bytes one consumer `read` returns.
-const READ_BYTES_MAX: usize = 1024 * 1024;
+/// About the most bytes one consumer `read` returns unless `--fetch-bytes` says otherwise.
+pub const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Appends written but not yet handed to a waiter, per partition; a full queue blocks the
 /// producer, which then falls behind its schedule and is charged for it.
 const IN_FLIGHT_APPENDS_MAX: usize = 65_536;
@@ -86,6 +86,10 @@ pub struct EngineArgs {
     /// Segment size in bytes before the log rolls.
     #[arg(long, default_value_t = SEGMENT_BYTES_DEFAULT)]
     pub segment_bytes: u64,
+    /// About the most bytes a consumer asks for per `read` (a fetch size, as Kafka's
+    /// `fetch.max.bytes`).
+    #[arg(long, default_value_t = FETCH_BYTES_DEFAULT)]
+    pub fetch_bytes: usize,
 }
 
 impl EngineArgs {
@@ -101,6 +105,7 @@ impl EngineArgs {
             rate: None,
             data: None,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
+            fetch_bytes: FETCH_BYTES_DEFAULT,
         }
     }
 }
@@ -118,6 +123,7 @@ pub struct EngineReport {
     pub partitions: u32,
     pub producers: usize,
     pub segment_bytes: u64,
+    pub fetch_bytes: usize,
     /// Seconds from the first append to the last acknowledgement.
     pub produce_seconds: f64,
     pub produce_msgs_per_s: f64,
@@ -189,6 +195,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<EngineReport> {
         partitions: plan.partitions,
         producers: plan.producers,
         segment_bytes: args.segment_bytes,
+        fetch_bytes: plan.fetch_bytes,
         produce_seconds: measured.produce.as_secs_f64(),
         produce_msgs_per_s: per_s(measured.produce.as_secs_f64()),
         produce_mb_per_s: mb_per_s(measured.produce.as_secs_f64()),
@@ -217,6 +224,7 @@ struct Plan {
     partitions: u32,
     producers: usize,
     rate: Option<u64>,
+    fetch_bytes: usize,
 }
 
 impl Plan {
@@ -249,6 +257,7 @@ impl Plan {
             args.partitions
         );
         ensure!((1..=PRODUCERS_MAX).contains(&producers), "--producers must be 1 to {PRODUCERS_MAX}, got {producers}");
+        ensure!(args.fetch_bytes > 0, "--fetch-bytes must be positive");
         if let Some(rate) = args.rate {
             ensure!(rate > 0, "--rate must be positive");
             ensure!(
@@ -256,7 +265,7 @@ impl Plan {
                 "--rate needs --message-bytes of at least {STAMP_BYTES}: each value carries its intended send time"
             );
         }
-        Ok(Plan { message_bytes: args.message_bytes, batch, messages: args.messages, partitions: args.partitions, producers, rate: args.rate })
+        Ok(Plan { message_bytes: args.message_bytes, batch, messages: args.messages, partitions: args.partitions, producers, rate: args.rate, fetch_bytes: args.fetch_bytes })
     }
 
     fn batches(&self) -> u64 {
@@ -313,19 +322,20 @@ fn run_throughput(plan: &Plan, logs: &[Log]) -> anyhow::Result<Measured> {
     })?;
     let began = Instant::now();
     let consumed = std::thread::scope(|scope| -> anyhow::Result<u64> {
-        let threads: Vec<_> = logs.iter().map(|log| scope.spawn(move || read_back(log, plan.message_bytes))).collect();
+        let threads: Vec<_> = logs.iter().map(|log| scope.spawn(move || read_back(log, plan))).collect();
         threads.into_iter().map(|t| t.join().expect("a consumer thread panicked")).sum()
     })?;
     Ok(Measured { produce, consume: began.elapsed(), consumed, publish_ack: None, end_to_end: None })
 }
 
 /// Read `log` from offset 0 to its high-water mark, checking offsets and value sizes.
-fn read_back(log: &Log, message_bytes: usize) -> anyhow::Result<u64> {
+fn read_back(log: &Log, plan: &Plan) -> anyhow::Result<u64> {
+    let message_bytes = plan.message_bytes;
     let end = log.high_watermark();
     let mut next = log.start_offset();
     ensure!(next == 0, "{} does not start at offset 0", log.dir().display());
     while next < end {
-        let records = log.read(next, READ_RECORDS_MAX, READ_BYTES_MAX).with_context(|| format!("reading {} at {next}", log.dir().display()))?;
+        let records = log.read(next, READ_RECORDS_MAX, plan.fetch_bytes).with_context(|| format!("reading {} at {next}", log.dir().display()))?;
         ensure!(!records.is_empty(), "{}: read at {next} returned nothing below the high-water mark {end}", log.dir().display());
         for record in &records {
             ensure!(record.offset == next, "{}: expected offset {next}, read {}", log.dir().display(), record.offset);
@@ -357,7 +367,7 @@ fn run_rate(plan: &Plan, logs: &[Log], rate: u64) -> anyhow::Result<Measured> {
     std::thread::scope(|scope| -> anyhow::Result<Measured> {
         let (schedule, failed) = (&schedule, &failed);
         let consumers: Vec<_> =
-            logs.iter().zip(&expected).map(|(log, &expected)| scope.spawn(move || tail(log, expected, schedule, failed))).collect();
+            logs.iter().zip(&expected).map(|(log, &expected)| scope.spawn(move || tail(log, expected, plan.fetch_bytes, schedule, failed))).collect();
         let waiters: Vec<_> = receivers.into_iter().map(|receiver| scope.spawn(move || acknowledge(receiver, schedule, failed))).collect();
         let producers: Vec<_> = (0..plan.producers)
             .map(|p| {
@@ -459,7 +469,7 @@ fn acknowledge(receiver: Receiver<InFlight>, schedule: &Schedule, failed: &Atomi
 }
 
 /// Consumer: tail `log` until `expected` messages are read, recording intended time → read.
-fn tail(log: &Log, expected: u64, schedule: &Schedule, failed: &AtomicBool) -> anyhow::Result<(LatencyHistogram, u64)> {
+fn tail(log: &Log, expected: u64, fetch_bytes: usize, schedule: &Schedule, failed: &AtomicBool) -> anyhow::Result<(LatencyHistogram, u64)> {
     let mut histogram = LatencyHistogram::new();
     let mut next = 0u64;
     let mut last_ns = 0;
@@ -470,7 +480,7 @@ fn tail(log: &Log, expected: u64, schedule: &Schedule, failed: &AtomicBool) -> a
             }
             continue;
         }
-        let records = log.read(next, READ_RECORDS_MAX, READ_BYTES_MAX).with_context(|| format!("reading {} at {next}", log.dir().display()))?;
+        let records = log.read(next, READ_RECORDS_MAX, fetch_bytes).with_context(|| format!("reading {} at {next}", log.dir().display()))?;
         last_ns = schedule.elapsed_ns();
         for record in &records {
             ensure!(record.offset == next, "{}: expected offset {next}, read {}", log.dir().display(), record.offset);
