@@ -61,6 +61,7 @@ fn rate_mode_reports_latency_percentiles_for_every_message() {
     assert_eq!(json["mode"], "rate");
     assert_eq!(json["rate"], 5000);
     assert_eq!(json["batch"], 1, "rate mode appends one message at a time by default");
+    assert_eq!(json["fetch_bytes"], 4096);
     for histogram in ["publish_ack_ms", "end_to_end_ms"] {
         for field in ["p50", "p99", "p999", "max"] {
             assert!(json[histogram][field].as_f64().unwrap() > 0.0, "{histogram}.{field} in {json:#}");

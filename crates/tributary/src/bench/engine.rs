@@ -42,8 +42,14 @@ pub const BATCH_DEFAULT_THROUGHPUT: usize = 100;
 pub const PRODUCERS_DEFAULT_THROUGHPUT: usize = 4;
 /// Most records one consumer `read` returns.
 const READ_RECORDS_MAX: usize = 10_000;
-/// About the most bytes one consumer `read` returns unless `--fetch-bytes` says otherwise.
-pub const FETCH_BYTES_DEFAULT: usize = 1024 * 1024;
+/// Bytes per consumer `read` in throughput mode unless `--fetch-bytes` says otherwise.
+pub const FETCH_BYTES_DEFAULT_THROUGHPUT: usize = 1024 * 1024;
+/// Bytes per consumer `read` in rate mode unless `--fetch-bytes` says otherwise. Small because
+/// `Log::read` currently copies its whole read chunk (up to the fetch size) once per batch
+/// returned, and every returned record keeps its copy alive: with one-record batches a 1 MiB
+/// fetch of 10,000 records allocates about 10 GB. A caught-up tailing consumer reads little
+/// per call anyway.
+pub const FETCH_BYTES_DEFAULT_RATE: usize = 4096;
 /// Appends written but not yet handed to a waiter, per partition; a full queue blocks the
 /// producer, which then falls behind its schedule and is charged for it.
 const IN_FLIGHT_APPENDS_MAX: usize = 65_536;
@@ -86,10 +92,10 @@ pub struct EngineArgs {
     /// Segment size in bytes before the log rolls.
     #[arg(long, default_value_t = SEGMENT_BYTES_DEFAULT)]
     pub segment_bytes: u64,
-    /// About the most bytes a consumer asks for per `read` (a fetch size, as Kafka's
-    /// `fetch.max.bytes`).
-    #[arg(long, default_value_t = FETCH_BYTES_DEFAULT)]
-    pub fetch_bytes: usize,
+    /// About the most bytes a consumer asks for per `read`, as Kafka's `fetch.max.bytes`
+    /// [default: 1 MiB, or 4 KiB with --rate].
+    #[arg(long)]
+    pub fetch_bytes: Option<usize>,
 }
 
 impl EngineArgs {
@@ -105,7 +111,7 @@ impl EngineArgs {
             rate: None,
             data: None,
             segment_bytes: SEGMENT_BYTES_DEFAULT,
-            fetch_bytes: FETCH_BYTES_DEFAULT,
+            fetch_bytes: None,
         }
     }
 }
@@ -257,7 +263,8 @@ impl Plan {
             args.partitions
         );
         ensure!((1..=PRODUCERS_MAX).contains(&producers), "--producers must be 1 to {PRODUCERS_MAX}, got {producers}");
-        ensure!(args.fetch_bytes > 0, "--fetch-bytes must be positive");
+        let fetch_bytes = args.fetch_bytes.unwrap_or(if rate_mode { FETCH_BYTES_DEFAULT_RATE } else { FETCH_BYTES_DEFAULT_THROUGHPUT });
+        ensure!(fetch_bytes > 0, "--fetch-bytes must be positive");
         if let Some(rate) = args.rate {
             ensure!(rate > 0, "--rate must be positive");
             ensure!(
@@ -265,7 +272,7 @@ impl Plan {
                 "--rate needs --message-bytes of at least {STAMP_BYTES}: each value carries its intended send time"
             );
         }
-        Ok(Plan { message_bytes: args.message_bytes, batch, messages: args.messages, partitions: args.partitions, producers, rate: args.rate, fetch_bytes: args.fetch_bytes })
+        Ok(Plan { message_bytes: args.message_bytes, batch, messages: args.messages, partitions: args.partitions, producers, rate: args.rate, fetch_bytes })
     }
 
     fn batches(&self) -> u64 {
