@@ -5,7 +5,7 @@
 //! ```text
 //!  0  base_offset        u64   offset of the first record (set under the writer lock)
 //!  8  batch_length       u32   bytes after this field, CRC included
-//! 12  crc32c             u32   CRC-32C of the base offset then of every byte after this field
+//! 12  crc32c             u32   CRC-32C of every byte after this field, XOR CRC-32C of base_offset
 //! 16  magic              u8    FORMAT_MAGIC
 //! 17  attributes         u8    reserved, 0
 //! 18  record_count       u32
@@ -25,8 +25,7 @@
 //! The base offset is under the CRC: a flipped bit there would otherwise serve records under
 //! the wrong offsets, and compaction leaves gaps, so a reader cannot always know the offset to
 //! expect. The batch is still encoded and checksummed before the writer lock is taken:
-//! [`set_base_offset`] patches the CRC for the new base offset with `crc32c_combine`, without
-//! rereading the records.
+//! [`set_base_offset`] swaps the base offset's CRC in the XOR, without rereading the records.
 
 use bytes::{Bytes, BytesMut};
 use tributary_core::{Header, Record, StoredRecord, limits};
@@ -234,24 +233,23 @@ pub fn encode_pending<'a>(
     Ok(())
 }
 
-/// The CRC of a whole batch (`bytes` holds exactly one): the base offset, then everything after
-/// the CRC field.
+/// The checksum of a whole batch (`bytes` holds exactly one): the CRC-32C of everything after
+/// the CRC field, XORed with the CRC-32C of the base offset. Either part detects every error a
+/// CRC-32C detects in its bytes; keeping them apart lets [`set_base_offset`] patch the base
+/// offset in constant time.
 fn checksum(bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&bytes[0..8]), &bytes[CRC_START..])
+    crc32c::crc32c(&bytes[CRC_START..]) ^ crc32c::crc32c(&bytes[0..8])
 }
 
-/// Write the base offset into an encoded batch and update its CRC to match, in constant time:
-/// the CRC is affine, so `crc(new ‖ rest) = crc(old ‖ rest) ^ shift(crc(new) ^ crc(old), rest)`,
-/// and `crc32c_combine(x, 0, n)` is that shift.
+/// Write the base offset into an encoded batch and update its checksum to match, in constant
+/// time (two 8-byte CRCs), without rereading the records.
 pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     let old = u64_at(batch, 0);
-    let total = 12 + u32_at(batch, 8) as usize;
     let stored = u32_at(batch, 12);
-    let delta = crc32c::crc32c(&old.to_le_bytes()) ^ crc32c::crc32c(&base_offset.to_le_bytes());
-    let crc = stored ^ crc32c::crc32c_combine(delta, 0, total - CRC_START);
+    let crc = stored ^ crc32c::crc32c(&old.to_le_bytes()) ^ crc32c::crc32c(&base_offset.to_le_bytes());
     batch[0..8].copy_from_slice(&base_offset.to_le_bytes());
     batch[12..16].copy_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(crc, checksum(&batch[..total]), "the patched CRC is the CRC of the batch");
+    debug_assert_eq!(crc, checksum(&batch[..12 + u32_at(batch, 8) as usize]), "the patched CRC is the CRC of the batch");
 }
 
 /// Check the CRC of a whole batch whose header was parsed from `bytes`.

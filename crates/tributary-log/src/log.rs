@@ -245,7 +245,11 @@ impl Log {
         let old = writer.active.clone();
         // Sealed segments are always synced, whatever the class: recovery trusts their index
         // and scans only the tail.
-        old.file.sync_data().context(|| format!("syncing {}", old.path.display()))?;
+        if let Err(error) = old.file.sync_data() {
+            let reason = format!("fsync of {} failed while sealing it: {error}", old.path.display());
+            self.fence(reason.clone());
+            return Err(LogError::Io { context: reason, source: error });
+        }
         let index_bytes = old.index.lock().encode(writer.position, &writer.producers);
         segment::write_atomically(&shared.dir, &segment::index_path(&shared.dir, old.base_offset), &index_bytes)
             .context(|| format!("sealing {}", old.path.display()))?;
@@ -260,40 +264,70 @@ impl Log {
 
     fn publish_high_watermark(&self, offset: u64) {
         let shared = &self.shared;
-        shared.high_watermark.fetch_max(offset, Ordering::AcqRel);
-        if shared.waiters.load(Ordering::Acquire) > 0 {
+        // SeqCst pairs with the waiter count: a waiter either sees the new mark before it
+        // sleeps, or is counted here and woken.
+        shared.high_watermark.fetch_max(offset, Ordering::SeqCst);
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
+        let shared = &self.shared;
+        if shared.waiters.load(Ordering::SeqCst) > 0 {
             let _guard = shared.data_lock.lock();
             shared.data_ready.notify_all();
         }
     }
 
     /// Block until every offset below `end` is durable (group commit under `Always`).
+    ///
+    /// Leader and followers: whoever finds no sync in progress becomes the leader, reads how
+    /// far the writer has got, syncs, publishes the new durable mark and wakes everyone.
+    /// Appenders that arrive while a sync runs wait on the condition variable without holding
+    /// anything, keep writing in the meantime (their appends are already in the file), and the
+    /// first of them to find its offsets still not durable leads the next sync, which covers
+    /// every write made during the previous one.
     fn wait_durable(&self, end: u64) -> Result<()> {
         let shared = &self.shared;
         if shared.config.durability != Durability::Always {
             return Ok(());
         }
         loop {
-            if shared.high_watermark.load(Ordering::Acquire) >= end {
-                return Ok(());
-            }
-            let _sync = shared.sync_lock.lock();
-            if shared.high_watermark.load(Ordering::Acquire) >= end {
+            if shared.high_watermark.load(Ordering::SeqCst) >= end {
                 return Ok(());
             }
             self.check_fenced()?;
-            let (active, target) = {
-                let writer = shared.writer.lock();
-                (writer.active.clone(), writer.next_offset)
-            };
-            if let Err(error) = active.file.sync_data() {
-                // After a failed fsync the page cache may have dropped the dirty pages: nothing
-                // written since the last good sync can be trusted, so stop here.
-                let reason = format!("fsync of {} failed: {error}", active.path.display());
-                self.fence(reason.clone());
-                return Err(LogError::Io { context: reason, source: error });
+            if let Some(sync) = shared.sync_lock.try_lock() {
+                if shared.high_watermark.load(Ordering::SeqCst) >= end {
+                    return Ok(());
+                }
+                let (active, target) = {
+                    let writer = shared.writer.lock();
+                    (writer.active.clone(), writer.next_offset)
+                };
+                let synced = active.file.sync_data();
+                if let Err(error) = synced {
+                    // After a failed fsync the page cache may have dropped the dirty pages:
+                    // nothing written since the last good sync can be trusted, so stop here.
+                    let reason = format!("fsync of {} failed: {error}", active.path.display());
+                    self.fence(reason.clone());
+                    drop(sync);
+                    self.wake_waiters();
+                    return Err(LogError::Io { context: reason, source: error });
+                }
+                shared.high_watermark.fetch_max(target, Ordering::SeqCst);
+                drop(sync);
+                self.wake_waiters();
+                continue;
             }
-            self.publish_high_watermark(target);
+            // A sync is running: wait for it to publish, then look again.
+            shared.waiters.fetch_add(1, Ordering::SeqCst);
+            let mut guard = shared.data_lock.lock();
+            while shared.high_watermark.load(Ordering::SeqCst) < end && shared.sync_lock.is_locked() {
+                // The timeout only bounds a wake-up lost to a leader that errored out early.
+                shared.data_ready.wait_for(&mut guard, Duration::from_millis(5));
+            }
+            drop(guard);
+            shared.waiters.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -324,7 +358,7 @@ impl Log {
 
     /// Records below this offset are readable.
     pub fn high_watermark(&self) -> u64 {
-        self.shared.high_watermark.load(Ordering::Acquire)
+        self.shared.high_watermark.load(Ordering::SeqCst)
     }
 
     /// Total bytes of the data files.
@@ -343,7 +377,7 @@ impl Log {
             return true;
         }
         let deadline = Instant::now() + timeout;
-        shared.waiters.fetch_add(1, Ordering::AcqRel);
+        shared.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = shared.data_lock.lock();
         let ready = loop {
             if self.high_watermark() > offset || shared.closed.load(Ordering::Acquire) {
@@ -354,7 +388,7 @@ impl Log {
             }
         };
         drop(guard);
-        shared.waiters.fetch_sub(1, Ordering::AcqRel);
+        shared.waiters.fetch_sub(1, Ordering::SeqCst);
         ready
     }
 
@@ -398,7 +432,8 @@ impl Log {
         let mut previous_last: Option<u64> = None;
         while position < size && out.len() < max_records && *budget > 0 {
             let want = (*budget).min(READ_CHUNK_BYTES).max(batch::HEADER_BYTES).min((size - position) as usize);
-            let mut chunk = segment::read_at(&segment.file, position, want).context(|| format!("reading {}", segment.path.display()))?;
+            // Frozen once: every record returned is a slice of it, with no copy.
+            let mut chunk = segment::read_at(&segment.file, position, want).context(|| format!("reading {}", segment.path.display()))?.freeze();
             let mut used = 0usize;
             loop {
                 let rest = &chunk[used..];
@@ -413,7 +448,7 @@ impl Log {
                         if position + total as u64 > size {
                             return Err(corrupt(segment, position, DecodeError::Truncated { needed: total, available: (size - position) as usize }));
                         }
-                        chunk = segment::read_at(&segment.file, position, total).context(|| format!("reading {}", segment.path.display()))?;
+                        chunk = segment::read_at(&segment.file, position, total).context(|| format!("reading {}", segment.path.display()))?.freeze();
                         continue;
                     }
                     break;
@@ -429,7 +464,7 @@ impl Log {
                 }
                 previous_last = Some(header.last_offset());
                 if header.last_offset() >= from {
-                    let batch_bytes = chunk.clone().freeze().slice(used..used + total);
+                    let batch_bytes = chunk.slice(used..used + total);
                     let before = out.len();
                     batch::decode_records(&header, &batch_bytes, from, below, out).map_err(|e| corrupt(segment, position + used as u64, e))?;
                     if out.len() > max_records {

@@ -1,6 +1,8 @@
 //! `tributary`: the command line. Parsing and printing only; the work lives in the library.
 
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tributary::bench::components::{self, CacheArgs, QueueArgs, ReopenArgs, SubscriptionsArgs};
 use tributary::bench::engine::{self, EngineArgs};
 
 #[derive(Debug, Parser)]
@@ -21,6 +23,29 @@ enum Command {
 enum Bench {
     /// The embedded log alone: closed-loop throughput, or open-loop latency with --rate.
     Engine(EngineCommand),
+    /// The work queue: publish and per-message acks with several consumers.
+    Queue(Json<QueueArgs>),
+    /// The subscription trie: memory and match latency with many wildcard subscriptions.
+    Subscriptions(Json<SubscriptionsArgs>),
+    /// The in-process cache: single-thread operations per second.
+    Cache(Json<CacheArgs>),
+    /// Fill a log to a size, close it, and time reopening it and the first durable append.
+    Reopen(Json<ReopenArgs>),
+}
+
+/// A bench's own arguments plus `--json`.
+#[derive(Debug, Args)]
+struct Json<T: Args> {
+    #[command(flatten)]
+    args: T,
+    /// Print JSON (the only output these benches have; accepted for symmetry with `engine`).
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(report)?);
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -42,6 +67,10 @@ fn main() -> anyhow::Result<()> {
                 print!("{}", report.human());
             }
         }
+        Command::Bench(Bench::Queue(command)) => print_json(&components::run_queue(&command.args)?)?,
+        Command::Bench(Bench::Subscriptions(command)) => print_json(&components::run_subscriptions(&command.args))?,
+        Command::Bench(Bench::Cache(command)) => print_json(&components::run_cache(&command.args))?,
+        Command::Bench(Bench::Reopen(command)) => print_json(&components::run_reopen(&command.args)?)?,
     }
     Ok(())
 }
@@ -57,7 +86,7 @@ mod tests {
             "tributary", "bench", "engine", "--message-bytes", "100", "--batch", "100", "--messages", "2000000", "--durability", "interval:5", "--json",
         ])
         .unwrap();
-        let Command::Bench(Bench::Engine(command)) = cli.command;
+        let Command::Bench(Bench::Engine(command)) = cli.command else { panic!("parsed as another bench") };
         assert!(command.json);
         assert_eq!(command.args.batch, Some(100));
         assert_eq!(command.args.messages, 2_000_000);

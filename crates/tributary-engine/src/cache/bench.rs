@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::{Cache, CacheConfig};
 
 /// Operations per second of one thread, each phase on `ops` distinct keys or members.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct CacheBench {
     pub ops: usize,
     /// `set` of a new 64-byte value without TTL.

@@ -10,7 +10,7 @@ use tributary_core::{Subject, SubjectPattern};
 use super::trie::{SubjectTrie, SubscriptionId};
 
 /// What [`bench_subscriptions`] measured.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct SubscriptionBenchReport {
     pub subscriptions: usize,
     pub trie_nodes: usize,

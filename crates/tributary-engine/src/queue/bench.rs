@@ -17,7 +17,7 @@ pub const BENCH_BATCH_MESSAGES: usize = 500;
 pub const BENCH_PUBLISH_BATCH_MESSAGES: usize = 1_000;
 
 /// What [`bench_queue`] measured. Every figure is labelled with its durability class.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct QueueBenchReport {
     pub durability: String,
     pub message_bytes: usize,

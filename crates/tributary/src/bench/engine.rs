@@ -32,7 +32,7 @@ use tributary_core::{Record, limits};
 use tributary_log::{Durability, Log, LogConfig, PendingAppend, SEGMENT_BYTES_DEFAULT};
 
 use super::latency::{LatencyHistogram, LatencySummary, Schedule};
-use super::{Machine, TargetCheck};
+use super::{Machine, TargetCheck, Targets};
 
 /// Most producer threads a run may ask for.
 pub const PRODUCERS_MAX: usize = 256;
@@ -154,15 +154,6 @@ pub struct EngineReport {
     pub target: Targets,
 }
 
-/// The issue's targets for the engine, each with its verdict for this run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Targets {
-    pub source: &'static str,
-    pub checks: Vec<TargetCheck>,
-    /// True when every applicable target is met; `None` when none applies.
-    pub all_met: Option<bool>,
-}
-
 /// Run the bench described by `args`.
 pub fn run(args: &EngineArgs) -> anyhow::Result<EngineReport> {
     let plan = Plan::from_args(args)?;
@@ -214,7 +205,7 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<EngineReport> {
         end_to_end_ms: measured.end_to_end.map(|h| h.summary()),
         data_dir: data.path().to_path_buf(),
         machine,
-        target: Targets { source: "", checks: Vec::new(), all_met: None },
+        target: Targets::new("", Vec::new()),
     };
     report.target = judge(&report, args.durability);
     data.finish()?;
@@ -520,19 +511,17 @@ fn judge(report: &EngineReport, durability: Durability) -> Targets {
         check("end_to_end_ms.p99", "<= 3 ms", "rate 100,000 msgs/s, durability always", report.rate == Some(100_000) && always)
             .judge(p99(report.end_to_end_ms), 3.0, false),
     ];
-    let verdicts: Vec<bool> = checks.iter().filter_map(|c| c.met).collect();
-    let all_met = (!verdicts.is_empty()).then(|| verdicts.iter().all(|m| *m));
-    Targets { source: "issue: embedded engine targets", checks, all_met }
+    Targets::new("issue: embedded engine targets", checks)
 }
 
 /// Where the logs live: a temporary directory removed afterwards, or one the user named.
-enum DataDir {
+pub(crate) enum DataDir {
     Temporary(tempfile::TempDir),
     Given(PathBuf),
 }
 
 impl DataDir {
-    fn prepare(given: Option<&Path>) -> anyhow::Result<DataDir> {
+    pub(crate) fn prepare(given: Option<&Path>) -> anyhow::Result<DataDir> {
         match given {
             None => Ok(DataDir::Temporary(
                 tempfile::Builder::new().prefix("tributary-bench-").tempdir().context("creating a temporary data directory")?,
@@ -546,14 +535,14 @@ impl DataDir {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             DataDir::Temporary(dir) => dir.path(),
             DataDir::Given(dir) => dir,
         }
     }
 
-    fn finish(self) -> anyhow::Result<()> {
+    pub(crate) fn finish(self) -> anyhow::Result<()> {
         match self {
             DataDir::Temporary(dir) => {
                 let path = dir.path().to_path_buf();
@@ -593,6 +582,9 @@ impl EngineReport {
             self.machine.loadavg_1m.unwrap_or(f64::NAN),
             self.machine.data_fs.as_deref().unwrap_or("?")
         );
+        if let Some(sync) = &self.machine.disk_fdatasync_ms {
+            out += &format!("  disk: 4 KiB write + fdatasync p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms\n", sync.p50, sync.p99, sync.max);
+        }
         out
     }
 }

@@ -6,11 +6,14 @@
 //!
 //! - [`engine`]: the embedded log alone (`tributary-log`), no network: closed-loop throughput
 //!   and open-loop publish/ack and end-to-end latency.
+//! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
+//!   trie, the cache, and reopening a large log.
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 //!
 //! Not here yet: HTTP system benches and the peers (NATS JetStream, Redis Streams, RabbitMQ)
 //! side by side; they will reuse [`latency`] and [`TargetCheck`].
 
+pub mod components;
 pub mod engine;
 pub mod latency;
 
@@ -46,6 +49,23 @@ impl TargetCheck {
     }
 }
 
+/// The targets a bench is judged against, each with its verdict for this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Targets {
+    pub source: &'static str,
+    pub checks: Vec<TargetCheck>,
+    /// True when every applicable target is met; `None` when none applies.
+    pub all_met: Option<bool>,
+}
+
+impl Targets {
+    pub fn new(source: &'static str, checks: Vec<TargetCheck>) -> Targets {
+        let verdicts: Vec<bool> = checks.iter().filter_map(|c| c.met).collect();
+        let all_met = (!verdicts.is_empty()).then(|| verdicts.iter().all(|m| *m));
+        Targets { source, checks, all_met }
+    }
+}
+
 /// The machine a bench ran on: figures from a loaded 2-core VM and from a quiet server differ.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
@@ -56,6 +76,9 @@ pub struct Machine {
     pub loadavg_1m: Option<f64>,
     /// File system type under the data directory (tmpfs makes fsync free).
     pub data_fs: Option<String>,
+    /// What one 4 KiB write plus `fdatasync` costs in the data directory, measured before the
+    /// run: no acknowledgement under `always` can be faster than this.
+    pub disk_fdatasync_ms: Option<latency::LatencySummary>,
 }
 
 impl Machine {
@@ -69,8 +92,30 @@ impl Machine {
             }),
             loadavg_1m: read("/proc/loadavg").and_then(|l| l.split_whitespace().next()?.parse().ok()),
             data_fs: read("/proc/mounts").and_then(|mounts| file_system_of(&mounts, data_dir)),
+            disk_fdatasync_ms: probe_fdatasync(data_dir, FSYNC_PROBES).ok(),
         }
     }
+}
+
+/// Writes and syncs timed by [`probe_fdatasync`].
+const FSYNC_PROBES: u64 = 300;
+
+/// Time `count` appends of 4 KiB each followed by `fdatasync`, in a scratch file in `dir`.
+fn probe_fdatasync(dir: &Path, count: u64) -> std::io::Result<latency::LatencySummary> {
+    use std::io::Write;
+    let path = dir.join(".fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0x5au8; 4096];
+    let mut histogram = latency::LatencyHistogram::new();
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        histogram.record_ns(started.elapsed().as_nanos() as u64);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(histogram.summary())
 }
 
 /// The type of the mount holding `path`: the longest mount point that is a prefix of it.
