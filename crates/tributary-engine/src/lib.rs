@@ -11,9 +11,11 @@
 //! server crate puts a network in front of it.
 
 pub mod cache;
+mod engine;
 mod error;
 pub mod pubsub;
 pub mod queue;
 pub mod stream;
 
+pub use engine::{Engine, EngineError};
 pub use error::{Result, StreamError};

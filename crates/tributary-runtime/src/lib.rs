@@ -5,10 +5,11 @@
 //! |---|---|
 //! | [`catalogue`] | the seed's 35 systems (requirements, targets, constants, tiers, reference design), parsed once from the committed `catalogue.json` |
 //! | [`topology`] | a system's components and connections as data, and their structural validation |
+//! | [`metrics`] | live counters and latency percentiles of a running system, for the dashboard |
 //! | [`tiers`] | the design checkpoints as [`Rule`]s and [`check`], which grades a topology against them |
 //!
-//! What is deliberately not here (yet): wiring a topology into running workers, metrics, and
-//! anything that does IO. This crate reads no file at run time (the catalogue is embedded with
+//! What is deliberately not here (yet): wiring a topology into running workers, and anything
+//! that does IO. This crate reads no file at run time (the catalogue is embedded with
 //! `include_str!`) and knows nothing of HTTP or tokio.
 //!
 //! Where the catalogue comes from: `tools/seed_to_catalogue.py` parses
@@ -17,10 +18,12 @@
 
 pub mod catalogue;
 mod error;
+pub mod metrics;
 pub mod tiers;
 pub mod topology;
 
 pub use catalogue::{Catalogue, System};
 pub use error::{Error, Result};
+pub use metrics::{MetricsSnapshot, SystemMetrics};
 pub use tiers::{CheckReport, Parameter, Rule, RuleResult, TierResult, check};
 pub use topology::{Component, ComponentKind, ComponentParams, Connection, Topology};

@@ -1,7 +1,7 @@
 //! The front door: one HTTP server that hosts every implemented system.
 //!
 //! What is here: the server's configuration and start-up ([`serve`]), API tokens and scopes
-//! ([`auth`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
+//! ([`auth`]), the WebSocket/SSE connection gateway ([`gateway`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
 //! that answers bad bodies in our error format ([`json`]), overload protection, Prometheus
 //! metrics at `/metrics`, `/healthz`, and the OpenAPI document at `/openapi.json` assembled from
 //! the routes the systems contribute ([`SystemApi`]).
@@ -10,7 +10,9 @@
 //! routes in), and any storage (the engine is passed in by the binary).
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
+pub mod gateway;
 pub mod json;
 mod metrics_layer;
 
@@ -30,6 +32,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::ApiToken;
 pub use error::{ApiError, blocking};
+pub use gateway::{Gateway, WsConnection};
 pub use json::Json;
 pub use utoipa;
 pub use utoipa_axum;

@@ -2,18 +2,37 @@
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use tracing_subscriber::EnvFilter;
+use tributary::platform;
+use tributary_runtime::Catalogue;
+use tributary_server::ApiToken;
 use tributary::bench::components::{self, CacheArgs, QueueArgs, ReopenArgs, SubscriptionsArgs};
 use tributary::bench::engine::{self, EngineArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "tributary", version, about = "Streaming systems on one engine")]
 struct Cli {
+    /// Without a command: `up`.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run every implemented system on the embedded engine (the default command).
+    Up(UpArgs),
+    /// The 35 systems of the catalogue and whether each is implemented.
+    Systems {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check implemented systems' declared topologies against their design checkpoints.
+    Check {
+        /// One system id; all implemented systems when omitted.
+        system: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: load generators with a verdict against their targets.
     #[command(subcommand)]
     Bench(Bench),
@@ -31,6 +50,26 @@ enum Bench {
     Cache(Json<CacheArgs>),
     /// Fill a log to a size, close it, and time reopening it and the first durable append.
     Reopen(Json<ReopenArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+struct UpArgs {
+    /// Address to serve HTTP on. Beyond loopback, API tokens are required.
+    #[arg(long, env = "TRIBUTARY_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: std::net::SocketAddr,
+    /// Folder of the embedded engine's data.
+    #[arg(long, env = "TRIBUTARY_DATA", default_value = "./data")]
+    data: std::path::PathBuf,
+    /// API token, `TOKEN` (all systems) or `TOKEN:system-a,system-b`; repeatable.
+    /// TRIBUTARY_TOKENS takes several separated by spaces.
+    #[arg(long = "token", env = "TRIBUTARY_TOKENS", value_delimiter = ' ', value_parser = ApiToken::parse)]
+    tokens: Vec<ApiToken>,
+}
+
+impl Default for UpArgs {
+    fn default() -> Self {
+        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new() }
+    }
 }
 
 /// A bench's own arguments plus `--json`.
@@ -58,7 +97,25 @@ struct EngineCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))).init();
+    let command = Cli::parse().command.unwrap_or_else(|| {
+        // A bare `tributary` is `tributary up`, with its environment variables honoured.
+        match Cli::try_parse_from(["tributary", "up"]).map(|cli| cli.command) {
+            Ok(Some(up)) => up,
+            _ => Command::Up(UpArgs::default()),
+        }
+    });
+    match command {
+        Command::Up(args) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(platform::up(platform::UpConfig { listen: args.listen, data: args.data, tokens: args.tokens }))?;
+        }
+        Command::Systems { json } => systems(json)?,
+        Command::Check { system, json } => {
+            if !check(system.as_deref(), json)? {
+                std::process::exit(1);
+            }
+        }
         Command::Bench(Bench::Engine(command)) => {
             let report = engine::run(&command.args)?;
             if command.json {
@@ -75,6 +132,49 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn systems(json: bool) -> anyhow::Result<()> {
+    let implemented: Vec<&str> = tributary_systems::entries().iter().map(|e| e.id).collect();
+    let rows: Vec<serde_json::Value> = Catalogue::get()
+        .iter()
+        .map(|s| serde_json::json!({"number": s.number, "id": s.id, "title": s.title, "implemented": implemented.contains(&s.id.as_str())}))
+        .collect();
+    if json {
+        return print_json(&rows);
+    }
+    for s in Catalogue::get().iter() {
+        let status = if implemented.contains(&s.id.as_str()) { "implemented" } else { "not yet" };
+        println!("{:>2}  {:<32} {:<12} {}", s.number, s.id, status, s.title);
+    }
+    println!("\n{} of {} implemented", implemented.len(), Catalogue::get().iter().count());
+    Ok(())
+}
+
+/// Check declared topologies; true when every checkpoint holds.
+fn check(only: Option<&str>, json: bool) -> anyhow::Result<bool> {
+    let entries = tributary_systems::entries();
+    if let Some(id) = only {
+        if !entries.iter().any(|e| e.id == id) {
+            let known = Catalogue::get().system(id).is_some();
+            anyhow::bail!("{id} is {}", if known { "in the catalogue but not implemented yet" } else { "not a system of the catalogue (see `tributary systems`)" });
+        }
+    }
+    let mut all_hold = true;
+    let mut reports = Vec::new();
+    for entry in entries.iter().filter(|e| only.is_none_or(|id| id == e.id)) {
+        let spec = Catalogue::get().system(entry.id).ok_or_else(|| anyhow::anyhow!("{} is missing from the catalogue", entry.id))?;
+        let report = tributary_runtime::check(&(entry.topology)(), spec);
+        all_hold &= report.holds;
+        if !json {
+            println!("{report}");
+        }
+        reports.push(report);
+    }
+    if json {
+        print_json(&reports)?;
+    }
+    Ok(all_hold)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,7 +186,7 @@ mod tests {
             "tributary", "bench", "engine", "--message-bytes", "100", "--batch", "100", "--messages", "2000000", "--durability", "interval:5", "--json",
         ])
         .unwrap();
-        let Command::Bench(Bench::Engine(command)) = cli.command else { panic!("parsed as another bench") };
+        let Some(Command::Bench(Bench::Engine(command))) = cli.command else { panic!("parsed as another command") };
         assert!(command.json);
         assert_eq!(command.args.batch, Some(100));
         assert_eq!(command.args.messages, 2_000_000);

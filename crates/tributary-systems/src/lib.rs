@@ -1,0 +1,77 @@
+//! The streaming systems, one folder each, all of the same shape:
+//!
+//! ```text
+//! <system>/mod.rs       what it does, an ASCII topology, its delivery guarantee, what it does not do
+//! <system>/topology.rs  its components and connections, as data (checked against the seed's tiers)
+//! <system>/api.rs       a thin router: HTTP JSON, WebSocket and SSE through the gateway
+//! <system>/process.rs   the domain logic, as free of IO as the system allows
+//! <system>/scenario.rs  its load shape and its targets from the seed
+//! <system>/tests.rs     feature tests through the public HTTP API
+//! ```
+//!
+//! [`entries`] lists every implemented system explicitly (no registration macros): adding a
+//! system is a folder and a line there. No system imports another; what two systems share moves
+//! down into the runtime, the engine or the server.
+
+pub mod basic_message_queue;
+pub mod simple_pubsub;
+
+use std::sync::Arc;
+
+use tributary_engine::Engine;
+use tributary_runtime::{SystemMetrics, Topology};
+use tributary_server::{Gateway, SystemApi};
+
+/// What a running system gets from the platform.
+#[derive(Clone)]
+pub struct Context {
+    pub engine: Arc<Engine>,
+    pub gateway: Gateway,
+}
+
+/// A running system.
+pub trait System: Send + Sync + 'static {
+    fn id(&self) -> &'static str;
+    /// Its routes, mounted by the front door.
+    fn api(self: Arc<Self>) -> SystemApi;
+    /// Its live counters and latencies.
+    fn metrics(&self) -> &SystemMetrics;
+    /// Figures of its own for the dashboard (queue depth, lag, subscriptions, ...).
+    fn status(&self) -> serde_json::Value;
+    /// Stop background work before the engine closes.
+    fn shutdown(&self) {}
+}
+
+/// One implemented system: its id (as in the catalogue), its declared topology, and how to
+/// start it.
+pub struct Entry {
+    pub id: &'static str,
+    pub topology: fn() -> Topology,
+    pub start: fn(&Context) -> anyhow::Result<Arc<dyn System>>,
+}
+
+/// Every implemented system, in seed order.
+pub fn entries() -> Vec<Entry> {
+    vec![
+        Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
+        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use tributary_runtime::{Catalogue, check};
+
+    use super::*;
+
+    #[test]
+    fn every_declared_topology_is_valid_and_passes_its_seed_tiers() {
+        for entry in entries() {
+            let system = Catalogue::get().system(entry.id).unwrap_or_else(|| panic!("{} is not in the catalogue", entry.id));
+            let topology = (entry.topology)();
+            topology.validate().unwrap();
+            let report = check(&topology, system);
+            assert!(report.holds, "{report}");
+        }
+    }
+}

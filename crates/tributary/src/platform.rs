@@ -1,0 +1,138 @@
+//! `tributary up`: the engine, every implemented system, the front door and the dashboard in
+//! one process.
+//!
+//! Start-up opens the engine under the data folder (recovering from a crash if there was one),
+//! starts each system of `tributary_systems::entries()`, mounts their routes behind the front
+//! door and serves. SIGTERM (or Ctrl-C) stops accepting, drains in-flight requests, stops the
+//! systems and closes the engine (every log synced, the cache snapshotted). A SIGKILL loses
+//! nothing acknowledged: acknowledgements wait for the log's durability class.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::routing::get;
+use serde::Serialize;
+use tributary_engine::Engine;
+use tributary_runtime::{Catalogue, CheckReport, MetricsSnapshot, Topology, check};
+use tributary_server::gateway::GatewayStats;
+use tributary_server::{ApiToken, Gateway, ServerConfig};
+use tributary_systems::{Context, System, entries};
+
+/// How often the engine's upkeep runs (retention, compaction, lease expiry, cache expiry).
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct UpConfig {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub tokens: Vec<ApiToken>,
+}
+
+/// The dashboard's view of one system of the catalogue.
+#[derive(Debug, Serialize)]
+pub struct SystemView {
+    pub number: u32,
+    pub id: String,
+    pub title: String,
+    pub category: String,
+    pub implemented: bool,
+    /// The declared topology when implemented, the seed's reference otherwise.
+    pub topology: Topology,
+    pub checks: Option<CheckReport>,
+    pub latency_target: Option<serde_json::Value>,
+    pub rate_target_per_s: Option<f64>,
+    pub metrics: Option<MetricsSnapshot>,
+    pub status: serde_json::Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DashboardView {
+    pub systems: Vec<SystemView>,
+    pub gateway: GatewayStats,
+}
+
+/// Every system of the catalogue, implemented or not, with live figures where running.
+pub fn dashboard_view(running: &[Arc<dyn System>], gateway: &Gateway) -> DashboardView {
+    let topologies: Vec<(&'static str, Topology)> = entries().into_iter().map(|e| (e.id, (e.topology)())).collect();
+    let systems = Catalogue::get()
+        .iter()
+        .map(|spec| {
+            let declared = topologies.iter().find(|(id, _)| *id == spec.id).map(|(_, t)| t.clone());
+            let live = running.iter().find(|s| s.id() == spec.id);
+            SystemView {
+                number: spec.number,
+                id: spec.id.clone(),
+                title: spec.title.clone(),
+                category: spec.category.clone(),
+                implemented: declared.is_some(),
+                checks: declared.as_ref().map(|t| check(t, spec)),
+                topology: declared.unwrap_or_else(|| spec.reference.topology.clone()),
+                latency_target: spec.nonfunctional.latency.as_ref().and_then(|l| serde_json::to_value(l).ok()),
+                rate_target_per_s: spec.nonfunctional.rate_per_s,
+                metrics: live.map(|s| s.metrics().snapshot()),
+                status: live.map(|s| s.status()).unwrap_or(serde_json::Value::Null),
+            }
+        })
+        .collect();
+    DashboardView { systems, gateway: gateway.stats() }
+}
+
+/// Run until SIGTERM or Ctrl-C.
+pub async fn up(config: UpConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
+    run(config, listener, tributary_server::termination()).await
+}
+
+/// Serve on `listener` until `shutdown` resolves.
+pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    tributary_server::auth::check_exposure(local, &config.tokens).map_err(anyhow::Error::msg)?;
+    let data = config.data.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&data)).await?.with_context(|| format!("opening the engine in {}", config.data.display()))?;
+    let engine = Arc::new(engine);
+    let gateway = Gateway::default();
+    let context = Context { engine: engine.clone(), gateway: gateway.clone() };
+    let mut running: Vec<Arc<dyn System>> = Vec::new();
+    for entry in entries() {
+        running.push((entry.start)(&context).with_context(|| format!("starting {}", entry.id))?);
+    }
+    let apis = running.iter().map(|s| s.clone().api()).collect();
+    let server_config = ServerConfig { listen: local, tokens: config.tokens.clone(), ..ServerConfig::default() };
+    let view_systems = running.clone();
+    let view_gateway = gateway.clone();
+    let extra = Router::new().route(
+        "/v1/dashboard",
+        get(move || {
+            let view = dashboard_view(&view_systems, &view_gateway);
+            async move { axum::Json(view) }
+        }),
+    );
+    let app = tributary_server::router(&server_config, apis, extra.merge(tributary_server::dashboard::routes()));
+
+    let upkeep_engine = engine.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(MAINTENANCE_INTERVAL);
+        loop {
+            ticker.tick().await;
+            let engine = upkeep_engine.clone();
+            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || engine.maintain()).await {
+                tracing::warn!(%error, "engine upkeep failed");
+            }
+        }
+    });
+
+    println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display());
+    tributary_server::serve(listener, app, shutdown).await?;
+    upkeep.abort();
+    for system in &running {
+        system.shutdown();
+    }
+    drop(running);
+    tokio::task::spawn_blocking(move || engine.close()).await?.context("closing the engine")?;
+    println!("Tributary stopped cleanly");
+    Ok(())
+}
