@@ -241,6 +241,23 @@ fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(&bytes[CRC_START..]) ^ crc32c::crc32c(&bytes[0..8])
 }
 
+/// Encode records read back from a log as one batch at their own offsets (gaps allowed: the
+/// first record's offset is the base). Compaction rewrites segments with it.
+pub fn encode_stored<R: std::borrow::Borrow<StoredRecord>>(records: &[R], producer_id: u64, base_sequence: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let Some(first) = records.first() else {
+        return Err(EncodeError::RecordCount { got: 0, max: limits::BATCH_RECORDS_MAX });
+    };
+    let base = first.borrow().offset;
+    let start = out.len();
+    let pending = records.iter().map(|r| {
+        let r = r.borrow();
+        Pending { offset_delta: (r.offset - base) as u32, timestamp_ms: r.timestamp_ms, key: r.key.as_deref(), value: r.value.as_deref(), headers: &r.headers }
+    });
+    encode_pending(pending, producer_id, base_sequence, out)?;
+    set_base_offset(&mut out[start..], base);
+    Ok(())
+}
+
 /// Write the base offset into an encoded batch and update its checksum to match, in constant
 /// time (two 8-byte CRCs), without rereading the records.
 pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
@@ -493,17 +510,8 @@ mod tests {
     /// offsets) to a batch that decodes to the same records.
     fn check_roundtrip(bytes: &[u8]) {
         let Ok((header, records)) = decode(bytes) else { return };
-        let base = header.base_offset;
-        let pending = records.iter().map(|r| Pending {
-            offset_delta: (r.offset - base) as u32,
-            timestamp_ms: r.timestamp_ms,
-            key: r.key.as_deref(),
-            value: r.value.as_deref(),
-            headers: &r.headers,
-        });
         let mut again = Vec::new();
-        encode_pending(pending, header.producer_id, header.base_sequence, &mut again).unwrap();
-        set_base_offset(&mut again, base);
+        encode_stored(&records, header.producer_id, header.base_sequence, &mut again).unwrap();
         let (_, decoded) = decode(&again).unwrap();
         assert_eq!(decoded, records);
     }

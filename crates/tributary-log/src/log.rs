@@ -18,7 +18,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tributary_core::{Record, StoredRecord, now_ms};
 
-use crate::batch::{self, BatchHeader, DecodeError, Pending};
+use crate::batch::{self, BatchHeader, DecodeError};
 use crate::config::{Durability, LogConfig};
 use crate::error::{IoContext, LogError, Result};
 use crate::producers::{CachedBatch, ProducerTable, SequenceCheck};
@@ -710,17 +710,8 @@ fn rewrite_segment(dir: &Path, old: &Segment, keep: &[&StoredRecord], interval_b
     let mut data = Vec::new();
     let mut index = SegmentIndex::empty(old.base_offset);
     for chunk in keep.chunks(RECORDS_PER_BATCH) {
-        let base = chunk[0].offset;
         let position = data.len();
-        let pending = chunk.iter().map(|r| Pending {
-            offset_delta: (r.offset - base) as u32,
-            timestamp_ms: r.timestamp_ms,
-            key: r.key.as_deref(),
-            value: r.value.as_deref(),
-            headers: &r.headers,
-        });
-        batch::encode_pending(pending, 0, 0, &mut data)?;
-        batch::set_base_offset(&mut data[position..], base);
+        batch::encode_stored(chunk, 0, 0, &mut data)?;
         let header = BatchHeader::parse(&data[position..]).expect("a batch we just encoded parses");
         index.note_batch(old.base_offset, position as u64, (data.len() - position) as u64, &header, interval_bytes);
     }

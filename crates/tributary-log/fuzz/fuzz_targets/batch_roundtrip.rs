@@ -3,21 +3,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tributary_log::batch::{self, Pending};
+use tributary_log::batch;
 
 fuzz_target!(|data: &[u8]| {
     let Ok((header, records)) = batch::decode(data) else { return };
-    let base = header.base_offset;
-    let pending = records.iter().map(|r| Pending {
-        offset_delta: (r.offset - base) as u32,
-        timestamp_ms: r.timestamp_ms,
-        key: r.key.as_deref(),
-        value: r.value.as_deref(),
-        headers: &r.headers,
-    });
     let mut again = Vec::new();
-    batch::encode_pending(pending, header.producer_id, header.base_sequence, &mut again).expect("what decoded re-encodes");
-    batch::set_base_offset(&mut again, base);
+    batch::encode_stored(&records, header.producer_id, header.base_sequence, &mut again).expect("what decoded re-encodes");
     let (again_header, decoded) = batch::decode(&again).expect("a re-encoded batch decodes");
     assert_eq!(decoded, records);
     assert_eq!((again_header.base_offset, again_header.last_offset()), (header.base_offset, header.last_offset()));
