@@ -431,7 +431,7 @@ impl Log {
         let mut position = segment.position_for(from);
         let mut previous_last: Option<u64> = None;
         while position < size && out.len() < max_records && *budget > 0 {
-            let want = (*budget).min(READ_CHUNK_BYTES).max(batch::HEADER_BYTES).min((size - position) as usize);
+            let want = (*budget).clamp(batch::HEADER_BYTES, READ_CHUNK_BYTES).min((size - position) as usize);
             // Frozen once: every record returned is a slice of it, with no copy.
             let mut chunk = segment::read_at(&segment.file, position, want).context(|| format!("reading {}", segment.path.display()))?.freeze();
             let mut used = 0usize;

@@ -59,10 +59,9 @@ impl ProducerTable {
         if producer_id == 0 {
             return;
         }
-        if !self.producers.contains_key(&producer_id) && self.producers.len() >= PRODUCERS_MAX {
-            if let Some(oldest) = self.producers.iter().min_by_key(|(_, s)| s.last_active_ms).map(|(id, _)| *id) {
-                self.producers.remove(&oldest);
-            }
+        let full = !self.producers.contains_key(&producer_id) && self.producers.len() >= PRODUCERS_MAX;
+        if let Some(oldest) = self.producers.iter().filter(|_| full).min_by_key(|(_, s)| s.last_active_ms).map(|(id, _)| *id) {
+            self.producers.remove(&oldest);
         }
         let state = self.producers.entry(producer_id).or_default();
         state.batches.push_back(batch);

@@ -168,10 +168,10 @@ impl Groups {
 
     pub(crate) fn leave(&self, topic: &str, partitions: u32, group: &str, member_id: &str) {
         let mut groups = self.groups.lock();
-        if let Some(state) = groups.get_mut(&(topic.to_string(), group.to_string())) {
-            if state.members.remove(member_id).is_some() {
-                state.rebalance(partitions);
-            }
+        if let Some(state) = groups.get_mut(&(topic.to_string(), group.to_string()))
+            && state.members.remove(member_id).is_some()
+        {
+            state.rebalance(partitions);
         }
     }
 
