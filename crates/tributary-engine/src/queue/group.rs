@@ -732,6 +732,11 @@ impl Group {
         Ok(())
     }
 
+    /// Per priority level, the offset below which this group is done with every message.
+    pub(crate) fn level_starts(&self) -> Vec<u64> {
+        self.state.lock().levels.iter().map(|level| level.start).collect()
+    }
+
     pub(crate) fn numbers(&self, core: &Core) -> GroupNumbers {
         let now = core.clock.now_ms();
         let state = self.state.lock();

@@ -443,7 +443,25 @@ impl Queue {
         if expired > 0 {
             self.signal.notify();
         }
+        self.release_consumed_segments()?;
         Ok(expired)
+    }
+
+    /// Delete the priority logs' sealed segments that every group has finished with, so a
+    /// queue's disk use follows its backlog rather than its history. With no group yet, nothing
+    /// is consumed and nothing is deleted.
+    fn release_consumed_segments(&self) -> Result<()> {
+        let groups: Vec<Arc<Group>> = self.groups.read().values().cloned().collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let starts: Vec<Vec<u64>> = groups.iter().map(|g| g.level_starts()).collect();
+        for (level, log) in self.core.levels.iter().enumerate() {
+            if let Some(done_below) = starts.iter().map(|s| s[level]).min() {
+                log.truncate_before(done_below)?;
+            }
+        }
+        Ok(())
     }
 
     /// Dead letters from dead-letter offset `from` on, at most `max`, of one group or all.

@@ -550,3 +550,43 @@ fn the_journal_is_truncated_behind_snapshots_and_recovery_still_holds() {
     nacked.sort();
     assert_eq!(again, nacked, "exactly the released messages come back, none of the acked");
 }
+
+fn segment_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")).count()
+}
+
+#[test]
+fn segments_every_group_has_finished_with_are_deleted_and_the_rest_stay() {
+    let h = Harness::new(QueueConfig { segment_bytes: 4096, in_flight_per_consumer_max: 10_000, ..config() });
+    let q = h.queue();
+    let texts: Vec<String> = (0..2_000).map(|i| format!("message {i:>40}")).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(20) {
+        h.publish(chunk);
+    }
+    let level0 = h.dir.path().join("q").join("p0");
+    let before = segment_files(&level0);
+    assert!(before > 10, "small segments roll: {before}");
+    // Group a finishes everything; group b nothing yet: nothing may go.
+    let mut acked = 0;
+    while acked < 2_000 {
+        let got = h.receive("a", "c1", 1_000);
+        acked += got.len();
+        h.ack("a", &got);
+    }
+    q.create_group("b").unwrap();
+    q.tick().unwrap();
+    assert_eq!(segment_files(&level0), before, "group b still needs every message");
+    // Now b finishes too: the sealed segments go, and b's and a's view is unchanged.
+    let mut acked = 0;
+    while acked < 2_000 {
+        let got = h.receive("b", "c1", 1_000);
+        acked += got.len();
+        h.ack("b", &got);
+    }
+    q.tick().unwrap();
+    assert!(segment_files(&level0) <= 2, "only the active segment (and at most one more) remain");
+    h.publish(&["after"]);
+    assert_eq!(bodies(&h.receive("a", "c1", 10)), ["after"]);
+    assert_eq!(q.stats(Some("b")).unwrap().lag, 1);
+}
