@@ -50,6 +50,17 @@ enum Bench {
     Cache(Json<CacheArgs>),
     /// Fill a log to a size, close it, and time reopening it and the first durable append.
     Reopen(Json<ReopenArgs>),
+    /// `tributary bench SYSTEM [--target URL] [--rate R] ...`: a system over its HTTP API.
+    #[command(external_subcommand)]
+    System(Vec<String>),
+}
+
+/// Parses `SYSTEM [options]` for `tributary bench SYSTEM`.
+#[derive(Debug, Parser)]
+#[command(name = "tributary bench")]
+struct SystemCommand {
+    #[command(flatten)]
+    args: tributary::bench::system::SystemArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -128,6 +139,19 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::Subscriptions(command)) => print_json(&components::run_subscriptions(&command.args))?,
         Command::Bench(Bench::Cache(command)) => print_json(&components::run_cache(&command.args))?,
         Command::Bench(Bench::Reopen(command)) => print_json(&components::run_reopen(&command.args)?)?,
+        Command::Bench(Bench::System(words)) => {
+            let command = SystemCommand::try_parse_from(std::iter::once("tributary-bench".to_string()).chain(words)).unwrap_or_else(|e| e.exit());
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(tributary::bench::system::run(&command.args))?;
+            if command.args.json {
+                print_json(&report)?;
+            } else {
+                let l = &report.latency_ms;
+                println!("{} ({}): offered {:.0}/s, achieved {:.0}/s, end-to-end ms p50 {:.2} p95 {:.2} p99 {:.2} max {:.2}; errors {}, lost {}, duplicated {}; target P{} < {} ms at {:.0}/s: {}",
+                    report.system, report.server, report.offered_rate, report.achieved_rate, l.p50, l.p95, l.p99, l.max, report.errors, report.lost, report.duplicated,
+                    report.target.percentile, report.target.latency_ms, report.target.rate, if report.target.met { "met" } else { "MISSED" });
+            }
+        }
     }
     Ok(())
 }

@@ -122,6 +122,7 @@ impl LatencyHistogram {
         LatencySummary {
             count: h.len(),
             p50: ms(h.value_at_quantile(0.50)),
+            p95: ms(h.value_at_quantile(0.95)),
             p99: ms(h.value_at_quantile(0.99)),
             p999: ms(h.value_at_quantile(0.999)),
             max: ms(h.max()),
@@ -134,6 +135,7 @@ impl LatencyHistogram {
 pub struct LatencySummary {
     pub count: u64,
     pub p50: f64,
+    pub p95: f64,
     pub p99: f64,
     pub p999: f64,
     pub max: f64,

@@ -8,6 +8,7 @@
 //!   and open-loop publish/ack and end-to-end latency.
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
+//! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`).
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 //!
 //! Not here yet: HTTP system benches and the peers (NATS JetStream, Redis Streams, RabbitMQ)
@@ -16,6 +17,7 @@
 pub mod components;
 pub mod engine;
 pub mod latency;
+pub mod system;
 
 use std::path::Path;
 
