@@ -70,6 +70,8 @@ pub mod process;
 pub mod scenario;
 pub mod topology;
 
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
