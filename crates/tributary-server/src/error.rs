@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tributary_engine::StreamError;
+use tributary_engine::queue::QueueError;
 use tributary_log::LogError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +118,24 @@ impl From<StreamError> for ApiError {
             }
             StreamError::Partition { source, .. } | StreamError::Log(source) => ApiError { message, ..ApiError::from(source) },
             StreamError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            QueueError::NotFound { .. } | QueueError::Deleted(_) => ApiError::not_found(message),
+            QueueError::AlreadyExists { .. } => ApiError::conflict(message),
+            QueueError::InvalidName(_) | QueueError::InvalidConfig(_) | QueueError::InvalidMessage(_) => ApiError::bad_request(message),
+            // Holding the in-flight limit is not a bad request: ack or nack, then ask again.
+            QueueError::LimitExceeded { limit: "in_flight_per_consumer_max", .. } => ApiError::rate_limited(message, 1),
+            QueueError::LimitExceeded { .. } => ApiError::too_large(message),
+            QueueError::StaleReceipt { .. } => ApiError::new(StatusCode::CONFLICT, "stale_receipt", message),
+            QueueError::Corrupt { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_corrupt", message),
+            QueueError::Log(source) => ApiError { message, ..ApiError::from(source) },
+            QueueError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
         }
     }
 }
