@@ -62,8 +62,16 @@ pub struct Scopes {
 }
 
 impl Scopes {
+    /// The system whose prefix covers `path` whole segments at a time (`/v1/queue` covers
+    /// `/v1/queue/x`, not `/v1/queue-admin/x`); the longest such prefix wins.
     fn system_of(&self, path: &str) -> Option<&str> {
-        self.prefixes.iter().find(|(prefix, _)| path.starts_with(prefix.as_str())).map(|(_, id)| id.as_str())
+        self.prefixes
+            .iter()
+            .filter(|(prefix, _)| {
+                path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'))
+            })
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map(|(_, id)| id.as_str())
     }
 }
 
@@ -108,6 +116,18 @@ mod tests {
         assert!(!t.allows(Some("other")));
         assert_eq!(ApiToken::parse("0123456789abcdef").unwrap().scopes, vec!["*"]);
         assert!(ApiToken::parse("short").is_err());
+    }
+
+    #[test]
+    fn a_prefix_covers_whole_segments_and_the_longest_wins() {
+        let pairs = [("/v1/queue", "queue"), ("/v1/queue/admin", "admin"), ("/v1/pubsub/", "pubsub")];
+        let scopes = Scopes { tokens: Vec::new(), prefixes: pairs.iter().map(|(p, id)| (p.to_string(), id.to_string())).collect() };
+        assert_eq!(scopes.system_of("/v1/queue"), Some("queue"));
+        assert_eq!(scopes.system_of("/v1/queue/jobs"), Some("queue"));
+        assert_eq!(scopes.system_of("/v1/queue-groups/jobs"), None);
+        assert_eq!(scopes.system_of("/v1/queue/admin/x"), Some("admin"));
+        assert_eq!(scopes.system_of("/v1/pubsub/topics"), Some("pubsub"));
+        assert_eq!(scopes.system_of("/v1/pubsubx"), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::error::ApiError;
 
@@ -40,6 +40,10 @@ pub const INBOUND_FRAMES_MAX: usize = 64;
 pub const CREDIT_MAX: usize = 100_000;
 /// Largest frame a client may send, in bytes.
 pub const CLIENT_FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// How long a closing connection's handler gets to notice before it is stopped.
+pub const HANDLER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection gets to flush its queued frames and the close frame.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -52,6 +56,8 @@ struct Inner {
     by_system: Mutex<BTreeMap<&'static str, usize>>,
     heartbeat: Duration,
     idle_timeout: Duration,
+    /// True once [`Gateway::close`] ran.
+    closing: watch::Sender<bool>,
 }
 
 /// Connections now, in all and per system.
@@ -132,7 +138,31 @@ impl Default for Gateway {
 impl Gateway {
     pub fn new(connections_max: usize, heartbeat: Duration, idle_timeout: Duration) -> Gateway {
         Gateway {
-            inner: Arc::new(Inner { connections: AtomicUsize::new(0), connections_max, by_system: Mutex::new(BTreeMap::new()), heartbeat, idle_timeout }),
+            inner: Arc::new(Inner {
+                connections: AtomicUsize::new(0),
+                connections_max,
+                by_system: Mutex::new(BTreeMap::new()),
+                heartbeat,
+                idle_timeout,
+                closing: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    /// Close every WebSocket (with a close frame), end every SSE stream and refuse new ones.
+    /// For shutdown: a graceful drain waits for responses to finish, and an SSE stream never
+    /// does, so without this one open stream holds the drain until its timeout.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Gateway::close`] has run.
+    fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut closing = self.inner.closing.subscribe();
+        async move {
+            if closing.wait_for(|closing| *closing).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -145,6 +175,9 @@ impl Gateway {
     }
 
     fn admit(&self, system: &'static str) -> Result<Admission, ApiError> {
+        if *self.inner.closing.borrow() {
+            return Err(ApiError::overloaded("the server is shutting down", 5));
+        }
         let now = self.inner.connections.fetch_add(1, Ordering::AcqRel);
         let admission = Admission { inner: self.inner.clone(), system };
         *self.inner.by_system.lock().entry(system).or_default() += 1;
@@ -166,10 +199,10 @@ impl Gateway {
             Ok(admission) => admission,
             Err(error) => return error.into_response(),
         };
-        let (heartbeat, idle_timeout) = (self.inner.heartbeat, self.inner.idle_timeout);
+        let (heartbeat, idle_timeout, closed) = (self.inner.heartbeat, self.inner.idle_timeout, self.closed());
         upgrade
             .max_message_size(CLIENT_FRAME_BYTES_MAX)
-            .on_upgrade(move |socket| run_websocket(socket, admission, heartbeat, idle_timeout, initial_credit, handler))
+            .on_upgrade(move |socket| run_websocket(socket, admission, heartbeat, idle_timeout, closed, initial_credit, handler))
     }
 
     /// Serve `events` as Server-Sent Events with keep-alive comments.
@@ -181,7 +214,7 @@ impl Gateway {
             Ok(admission) => admission,
             Err(error) => return error.into_response(),
         };
-        let stream = events.map(move |event| {
+        let stream = events.take_until(self.closed()).map(move |event| {
             let _alive = &admission;
             Ok::<Event, Infallible>(event)
         });
@@ -189,8 +222,15 @@ impl Gateway {
     }
 }
 
-async fn run_websocket<F, Fut>(socket: WebSocket, admission: Admission, heartbeat: Duration, idle_timeout: Duration, initial_credit: Option<usize>, handler: F)
-where
+async fn run_websocket<F, Fut>(
+    socket: WebSocket,
+    admission: Admission,
+    heartbeat: Duration,
+    idle_timeout: Duration,
+    closed: impl Future<Output = ()>,
+    initial_credit: Option<usize>,
+    handler: F,
+) where
     F: FnOnce(WsConnection) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -199,7 +239,9 @@ where
     let (incoming_tx, incoming_rx) = mpsc::channel::<serde_json::Value>(INBOUND_FRAMES_MAX);
     let credit = initial_credit.map(|n| Arc::new(Semaphore::new(n.min(CREDIT_MAX))));
     let connection = WsConnection { outgoing: outgoing_tx.clone(), incoming: incoming_rx, credit: credit.clone() };
-    let handler_task = tokio::spawn(handler(connection));
+    let mut handler_task = tokio::spawn(handler(connection));
+    let mut handler_done = false;
+    tokio::pin!(closed);
 
     let writer = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(heartbeat);
@@ -217,7 +259,16 @@ where
     });
 
     loop {
-        let frame = match tokio::time::timeout(idle_timeout, stream.next()).await {
+        // A handler that returns has nothing more to say: close rather than keep a silent socket.
+        let next = tokio::select! {
+            _ = &mut handler_task, if !handler_done => {
+                handler_done = true;
+                break;
+            }
+            _ = &mut closed => break,
+            next = tokio::time::timeout(idle_timeout, stream.next()) => next,
+        };
+        let frame = match next {
             Err(_) | Ok(None) | Ok(Some(Err(_))) => break,
             Ok(Some(Ok(frame))) => frame,
         };
@@ -251,12 +302,19 @@ where
         credit.close();
     }
     // The handler sees `recv() == None` and its sends fail; give it a moment, then stop it.
-    let abort = handler_task.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(5), handler_task).await.is_err() {
+    if !handler_done {
+        let abort = handler_task.abort_handle();
+        if tokio::time::timeout(HANDLER_STOP_TIMEOUT, handler_task).await.is_err() {
+            abort.abort();
+        }
+    }
+    // With every sender gone the writer flushes what is queued and sends a close frame; a peer
+    // that does not read gets the TCP connection closed under it instead.
+    drop(outgoing_tx);
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(CLOSE_TIMEOUT, writer).await.is_err() {
         abort.abort();
     }
-    drop(outgoing_tx);
-    writer.abort();
     drop(admission);
 }
 

@@ -88,6 +88,11 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
 }
 
+async fn method_not_allowed(request: Request) -> ApiError {
+    let message = format!("{} is not allowed on {} (the Allow header lists what is)", request.method(), request.uri().path());
+    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+}
+
 #[derive(Clone)]
 struct Overload {
     in_flight: Arc<AtomicUsize>,
@@ -128,6 +133,7 @@ pub fn router(config: &ServerConfig, systems: Vec<SystemApi>, extra: Router) -> 
         .route("/metrics", get(metrics_layer::render))
         .merge(extra)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(config.body_bytes_max))
         .layer(middleware::from_fn_with_state(Arc::new(scopes), auth::require_token))
         .layer(middleware::from_fn_with_state(overload, shed_overload))

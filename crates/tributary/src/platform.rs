@@ -126,6 +126,12 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     });
 
     println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display());
+    // WebSockets and SSE streams never finish on their own: close them, or they hold the drain.
+    let closing = gateway.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.close();
+    };
     tributary_server::serve(listener, app, shutdown).await?;
     upkeep.abort();
     for system in &running {
