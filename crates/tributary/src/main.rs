@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Up(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(platform::up(platform::UpConfig { listen: args.listen, data: args.data, tokens: args.tokens }))?;
+            runtime.block_on(platform::up(platform::UpConfig { listen: args.listen, data: args.data, tokens: args.tokens, announce: true }))?;
         }
         Command::Systems { json } => systems(json)?,
         Command::Check { system, json } => {

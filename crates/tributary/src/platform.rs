@@ -30,6 +30,9 @@ pub struct UpConfig {
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub tokens: Vec<ApiToken>,
+    /// Say on stdout where the dashboard is and when the server stopped (off when embedded in
+    /// a command whose stdout is JSON).
+    pub announce: bool,
 }
 
 /// The dashboard's view of one system of the catalogue.
@@ -125,7 +128,9 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
         }
     });
 
-    println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display());
+    if config.announce {
+        println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display());
+    }
     // WebSockets and SSE streams never finish on their own: close them, or they hold the drain.
     let closing = gateway.clone();
     let shutdown = async move {
@@ -139,6 +144,8 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     }
     drop(running);
     tokio::task::spawn_blocking(move || engine.close()).await?.context("closing the engine")?;
-    println!("Tributary stopped cleanly");
+    if config.announce {
+        println!("Tributary stopped cleanly");
+    }
     Ok(())
 }

@@ -35,7 +35,7 @@ async fn start(tokens: Vec<ApiToken>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = UpConfig { listen: addr, data: data.path().join("data"), tokens };
+    let config = UpConfig { listen: addr, data: data.path().join("data"), tokens, announce: true };
     let task = tokio::spawn(run(config, listener, async move {
         let _ = stopped.await;
     }));

@@ -98,7 +98,7 @@ pub async fn run(args: &SystemArgs) -> anyhow::Result<SystemReport> {
             let machine = Machine::probe(data.path());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let address = listener.local_addr()?;
-            let config = crate::platform::UpConfig { listen: address, data: data.path().to_path_buf(), tokens: Vec::new() };
+            let config = crate::platform::UpConfig { listen: address, data: data.path().to_path_buf(), tokens: Vec::new(), announce: false };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let handle = tokio::spawn(crate::platform::run(config, listener, async move {
                 let _ = stopped.await;
