@@ -140,12 +140,7 @@ fn settle_answer(verb: &str, receipts: &[Receipt], outcomes: &[ReceiptOutcome]) 
 async fn ack(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<AckRequest>, ApiError>) -> Result<Response, ApiError> {
     let result = async {
         let request = body?.0;
-        let settle = process::settle(request.group, request.receipts)?;
-        let queue = mq.queue(&queue)?;
-        let (group, receipts) = (settle.group.clone(), settle.receipts.clone());
-        let outcomes = blocking(move || queue.ack(&group, &receipts)).await?;
-        mq.settled(&settle.receipts, &outcomes, true);
-        Ok(settle_answer("acked", &settle.receipts, &outcomes))
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Ack, |queue, group, receipts| queue.ack(group, receipts)).await
     }
     .await;
     mq.counted(result)
@@ -162,12 +157,7 @@ async fn nack(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<NackRe
     let result = async {
         let request = body?.0;
         let delay_ms = process::nack_delay(request.delay_ms)?;
-        let settle = process::settle(request.group, request.receipts)?;
-        let queue = mq.queue(&queue)?;
-        let (group, receipts) = (settle.group.clone(), settle.receipts.clone());
-        let outcomes = blocking(move || queue.nack(&group, &receipts, delay_ms)).await?;
-        mq.settled(&settle.receipts, &outcomes, false);
-        Ok(settle_answer("nacked", &settle.receipts, &outcomes))
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Nack, move |queue, group, receipts| queue.nack(group, receipts, delay_ms)).await
     }
     .await;
     mq.counted(result)
@@ -183,14 +173,40 @@ async fn extend(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Exte
     let result = async {
         let request = body?.0;
         let lease_ms = process::extend_lease(request.lease_ms)?;
-        let settle = process::settle(request.group, request.receipts)?;
-        let queue = mq.queue(&queue)?;
-        let (group, receipts) = (settle.group.clone(), settle.receipts.clone());
-        let outcomes = blocking(move || queue.extend(&group, &receipts, lease_ms)).await?;
-        Ok(settle_answer("extended", &settle.receipts, &outcomes))
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Extend, move |queue, group, receipts| queue.extend(group, receipts, lease_ms))
+            .await
     }
     .await;
     mq.counted(result)
+}
+
+/// What a settle request does to its receipts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SettleVerb {
+    Ack,
+    Nack,
+    Extend,
+}
+
+/// The shared path of ack, nack and extend: validate, run the engine call off the async
+/// workers, account, answer with per-receipt outcomes.
+async fn settle_with<F>(mq: &Arc<MessageQueue>, queue: &str, group: String, receipts: Vec<String>, verb: SettleVerb, operation: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(&Queue, &str, &[Receipt]) -> Result<Vec<ReceiptOutcome>, QueueError> + Send + 'static,
+{
+    let settle = process::settle(group, receipts)?;
+    let queue = mq.queue(queue)?;
+    let (group, receipts) = (settle.group.clone(), settle.receipts.clone());
+    let outcomes = blocking(move || operation(&queue, &group, &receipts)).await?;
+    if verb != SettleVerb::Extend {
+        mq.settled(&settle.receipts, &outcomes, verb == SettleVerb::Ack);
+    }
+    let word = match verb {
+        SettleVerb::Ack => "acked",
+        SettleVerb::Nack => "nacked",
+        SettleVerb::Extend => "extended",
+    };
+    Ok(settle_answer(word, &settle.receipts, &outcomes))
 }
 
 /// Every queue with its depth, in-flight and dead-lettered counts.
