@@ -9,8 +9,9 @@
 //! then shares the machine's cores with the server, as a single-node deployment would).
 //!
 //! Scenarios: `basic-message-queue` (a publisher at the rate, `--consumers` workers receiving
-//! with long polls and acking each message; success = every message consumed exactly once).
-//! Others are not written yet.
+//! with long polls and acking each message; success = every message consumed exactly once) and
+//! `simple-pubsub` (the seed's subscriptions registered, publishes in batches, one live SSE
+//! subscriber that must get every message once). Others are not written yet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +49,12 @@ pub struct SystemArgs {
     /// Bytes of payload per message.
     #[arg(long, default_value_t = 200)]
     pub message_bytes: usize,
+    /// Pub/sub scenarios: subscriptions registered before the load (default: the seed's count).
+    #[arg(long)]
+    pub subscriptions: Option<usize>,
+    /// Messages per publish request (pub/sub scenarios publish in batches).
+    #[arg(long, default_value_t = 10)]
+    pub publish_batch: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -113,7 +120,11 @@ pub async fn run(args: &SystemArgs) -> anyhow::Result<SystemReport> {
             let consumers = args.consumers.unwrap_or(spec.constants.get("consumer_count").and_then(|c| c.value).map_or(3, |v| v as usize));
             queue_scenario(&client, &base, args, rate, consumers).await?
         }
-        other => bail!("no bench scenario for {other} yet (written: basic-message-queue)"),
+        "simple-pubsub" => {
+            let subscriptions = args.subscriptions.unwrap_or(spec.constants.get("subscribers").and_then(|c| c.value).map_or(1_000_000, |v| v as usize));
+            pubsub_scenario(&client, &base, args, rate, subscriptions).await?
+        }
+        other => bail!("no bench scenario for {other} yet (written: basic-message-queue, simple-pubsub)"),
     };
     if let Some((stop, handle, data)) = _server_guard {
         let _ = stop.send(());
@@ -176,6 +187,120 @@ struct Measured {
     lost: u64,
     duplicated: u64,
     consumers: usize,
+}
+
+/// Subscriptions registered per request while preparing a pub/sub run.
+const REGISTER_BATCH: usize = 10_000;
+
+/// simple-pubsub: register `subscriptions` wildcard subscriptions that the load does not match
+/// (they sit in the trie, as the seed's million subscribers would), then publish at `rate` in
+/// batches while one live SSE subscriber on `bench.>` receives everything; latency runs from a
+/// batch's intended send time to the subscriber reading each message.
+async fn pubsub_scenario(client: &reqwest::Client, base: &str, args: &SystemArgs, rate: u64, subscriptions: usize) -> anyhow::Result<Measured> {
+    use futures_util::StreamExt;
+    let mut registered = 0;
+    while registered < subscriptions {
+        let n = REGISTER_BATCH.min(subscriptions - registered);
+        let batch: Vec<_> = (registered..registered + n)
+            .map(|i| json!({"name": format!("idle-{i}"), "patterns": [format!("tenant.{}.device.{i}.*", i % 1000)], "policy": "drop_oldest"}))
+            .collect();
+        let response = client.post(format!("{base}/v1/pubsub/subscriptions:batch")).json(&json!({"subscriptions": batch})).send().await?;
+        anyhow::ensure!(response.status().is_success(), "registering subscriptions: {}", response.text().await.unwrap_or_default());
+        registered += n;
+    }
+    let put = client.put(format!("{base}/v1/pubsub/subscriptions/bench-live")).json(&json!({"patterns": ["bench.>"], "policy": "catch_up", "buffer": 100_000})).send().await?;
+    anyhow::ensure!(put.status().is_success(), "creating the live subscription: {}", put.text().await.unwrap_or_default());
+
+    let batch = args.publish_batch.max(1);
+    let total = rate * (args.warmup_seconds + args.seconds);
+    let warmup = rate * args.warmup_seconds;
+    let schedule = Schedule::new(Instant::now() + Duration::from_millis(300), rate);
+    let errors = Arc::new(AtomicU64::new(0));
+    let seen: Arc<Mutex<HashMap<u64, u32>>> = Arc::new(Mutex::new(HashMap::with_capacity(total as usize)));
+    let end_to_end = Arc::new(Mutex::new(LatencyHistogram::new()));
+    let consumed = Arc::new(AtomicU64::new(0));
+    let events = client.get(format!("{base}/v1/pubsub/subscriptions/bench-live/events")).send().await?;
+    anyhow::ensure!(events.status().is_success(), "opening the SSE stream: {}", events.status());
+    let reader = {
+        let (seen, end_to_end, consumed) = (seen.clone(), end_to_end.clone(), consumed.clone());
+        tokio::spawn(async move {
+            let mut stream = events.bytes_stream();
+            let mut pending = String::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                pending.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = pending.find('\n') {
+                    let line: String = pending.drain(..=end).collect();
+                    let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
+                    let (Some(seq), Some(intended)) = (value["data"]["seq"].as_u64(), value["data"]["t"].as_u64()) else { continue };
+                    let now_ns = schedule.elapsed_ns();
+                    let first = {
+                        let mut seen = seen.lock();
+                        let n = seen.entry(seq).or_insert(0);
+                        *n += 1;
+                        *n == 1
+                    };
+                    if first && seq >= warmup {
+                        end_to_end.lock().record_ns(now_ns.saturating_sub(intended));
+                    }
+                    consumed.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        })
+    };
+
+    let publish = Arc::new(Mutex::new(LatencyHistogram::new()));
+    let acknowledged: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISH_IN_FLIGHT_MAX));
+    let padding = "x".repeat(args.message_bytes.saturating_sub(40));
+    let mut sent = 0u64;
+    let mut first = 0u64;
+    while first < total {
+        let intended = schedule.intended_ns(first);
+        let now = schedule.elapsed_ns();
+        if intended > now {
+            tokio::time::sleep(Duration::from_nanos(intended - now)).await;
+        }
+        let last = (first + batch).min(total);
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            errors.fetch_add(1, Ordering::Relaxed);
+            first = last;
+            continue;
+        };
+        let messages: Vec<_> = (first..last).map(|seq| json!({"subject": format!("bench.{}", seq % 100), "data": {"seq": seq, "t": intended, "pad": padding}})).collect();
+        sent += last - first;
+        let (client, base, publish, errors, acknowledged) = (client.clone(), base.to_string(), publish.clone(), errors.clone(), acknowledged.clone());
+        let seqs = first..last;
+        tokio::spawn(async move {
+            match client.post(format!("{base}/v1/pubsub/publish")).json(&json!({"messages": messages})).send().await {
+                Ok(r) if r.status() == reqwest::StatusCode::CREATED => {
+                    acknowledged.lock().extend(seqs.clone());
+                    if seqs.start >= warmup {
+                        publish.lock().record_ns_n(schedule.elapsed_ns().saturating_sub(intended), seqs.end - seqs.start);
+                    }
+                }
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+        first = last;
+    }
+    let _ = in_flight.acquire_many(PUBLISH_IN_FLIGHT_MAX as u32).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while consumed.load(Ordering::Acquire) < sent {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    reader.abort();
+    let seen = seen.lock();
+    let lost = acknowledged.lock().iter().filter(|seq| !seen.contains_key(seq)).count() as u64;
+    let duplicated = seen.values().filter(|n| **n > 1).count() as u64;
+    let end_to_end = end_to_end.lock().clone();
+    let publish = publish.lock().clone();
+    Ok(Measured { measured_messages: end_to_end.count(), end_to_end, publish, sent, errors: errors.load(Ordering::Relaxed), lost, duplicated, consumers: 1 })
 }
 
 async fn queue_scenario(client: &reqwest::Client, base: &str, args: &SystemArgs, rate: u64, consumers: usize) -> anyhow::Result<Measured> {
