@@ -29,3 +29,6 @@ pub use config::{Durability, LogConfig, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX
 pub use error::{LogError, Result};
 pub use log::{Appended, CompactionReport, Log, PendingAppend, RecoveryReport, RetentionReport};
 pub use producers::{PRODUCER_BATCHES_CACHED, PRODUCERS_MAX};
+/// Durable small-file writes (temporary file, fsync, rename, fsync of the folder), shared with
+/// the engine's metadata files.
+pub use segment::{sync_dir, write_atomically};

@@ -125,15 +125,7 @@ impl QueueConfig {
         };
         let bytes = postcard::to_stdvec(&stored).expect("a config always encodes");
         let path = dir.join(CONFIG_FILE);
-        let tmp = dir.join(format!("{CONFIG_FILE}.tmp"));
-        {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&tmp).map_err(io(|| format!("creating {}", tmp.display())))?;
-            file.write_all(&bytes).map_err(io(|| format!("writing {}", tmp.display())))?;
-            file.sync_all().map_err(io(|| format!("syncing {}", tmp.display())))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io(|| format!("renaming {}", tmp.display())))?;
-        sync_dir(dir)
+        tributary_log::write_atomically(dir, &path, &bytes).map_err(io(|| format!("writing {}", path.display())))
     }
 
     pub(crate) fn load(dir: &Path) -> Result<QueueConfig> {
@@ -161,7 +153,7 @@ impl QueueConfig {
 pub(crate) const CONFIG_FILE: &str = "queue.config";
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(|| format!("syncing {}", dir.display())))
+    tributary_log::sync_dir(dir).map_err(io(|| format!("syncing {}", dir.display())))
 }
 
 #[derive(Serialize, Deserialize)]

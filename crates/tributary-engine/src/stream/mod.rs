@@ -215,15 +215,8 @@ impl Topics {
     }
 }
 
-pub(crate) fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |context: String| move |source| StreamError::Io { context, source };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    file.write_all(bytes).map_err(io(format!("writing {}", tmp.display())))?;
-    file.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    tributary_log::write_atomically(dir, path, bytes).map_err(|source| StreamError::Io { context: format!("writing {}", path.display()), source })
 }
 
 #[cfg(test)]
