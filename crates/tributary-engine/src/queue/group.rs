@@ -541,29 +541,21 @@ impl Group {
         let _ = core;
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        let mut outcomes = Vec::with_capacity(receipts.len());
         let mut items = Vec::new();
-        for receipt in receipts {
-            let outcome = match self.locate(state, receipt) {
-                Err(outcome) => outcome,
-                Ok((l, index, _)) => {
-                    let level = &mut state.levels[l];
-                    let entry = &level.entries[index];
-                    match &entry.meta.state {
-                        State::Acquired { consumer, .. } => {
-                            let consumer = consumer.clone();
-                            release_consumer(&mut state.consumers, &consumer);
-                        }
-                        State::Available { .. } => {}
-                        State::Acked | State::Archived => unreachable!("locate refuses done entries"),
-                    }
-                    level.finish(index, State::Acked);
-                    items.push((l as u8, level.start + index as u64));
-                    ReceiptOutcome::Ok
+        let outcomes = self.settle_each(state, receipts, |state, l, index| {
+            let level = &mut state.levels[l];
+            match &level.entries[index].meta.state {
+                State::Acquired { consumer, .. } => {
+                    let consumer = consumer.clone();
+                    release_consumer(&mut state.consumers, &consumer);
                 }
-            };
-            outcomes.push(outcome);
-        }
+                State::Available { .. } => {}
+                State::Acked | State::Archived => unreachable!("locate refuses done entries"),
+            }
+            level.finish(index, State::Acked);
+            items.push((l as u8, level.start + index as u64));
+            ReceiptOutcome::Ok
+        });
         let mut pending = Vec::new();
         if !items.is_empty() {
             state.acked_total += items.len() as u64;
@@ -579,39 +571,33 @@ impl Group {
         let now = core.clock.now_ms();
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        let mut outcomes = Vec::with_capacity(receipts.len());
         let mut released = Vec::new();
         let mut to_archive = Vec::new();
-        for receipt in receipts {
-            let outcome = match self.locate(state, receipt) {
-                Err(outcome) => outcome,
-                Ok((l, index, _)) => {
-                    let level = &mut state.levels[l];
-                    let entry = &level.entries[index];
-                    let offset = level.start + index as u64;
-                    match &entry.meta.state {
-                        State::Acquired { consumer, .. } => {
-                            let consumer = consumer.clone();
-                            let count = entry.meta.count;
-                            release_consumer(&mut state.consumers, &consumer);
-                            if count >= core.config.deliveries_max {
-                                level.make_available(index, now);
-                                to_archive.push((l, index));
-                            } else {
-                                let delay = delay_ms.unwrap_or_else(|| core.config.backoff.delay_ms(count, offset ^ (u64::from(self.hash) << 32) ^ u64::from(count)));
-                                let at_ms = now.saturating_add(delay);
-                                level.make_available(index, at_ms);
-                                released.push((l as u8, offset, count, at_ms));
-                            }
-                            ReceiptOutcome::Ok
-                        }
-                        // The lease expired already: nothing to release.
-                        _ => ReceiptOutcome::Stale,
+        let hash = self.hash;
+        let outcomes = self.settle_each(state, receipts, |state, l, index| {
+            let level = &mut state.levels[l];
+            let entry = &level.entries[index];
+            let offset = level.start + index as u64;
+            match &entry.meta.state {
+                State::Acquired { consumer, .. } => {
+                    let consumer = consumer.clone();
+                    let count = entry.meta.count;
+                    release_consumer(&mut state.consumers, &consumer);
+                    if count >= core.config.deliveries_max {
+                        level.make_available(index, now);
+                        to_archive.push((l, index));
+                    } else {
+                        let delay = delay_ms.unwrap_or_else(|| core.config.backoff.delay_ms(count, offset ^ (u64::from(hash) << 32) ^ u64::from(count)));
+                        let at_ms = now.saturating_add(delay);
+                        level.make_available(index, at_ms);
+                        released.push((l as u8, offset, count, at_ms));
                     }
+                    ReceiptOutcome::Ok
                 }
-            };
-            outcomes.push(outcome);
-        }
+                // The lease expired already: nothing to release.
+                _ => ReceiptOutcome::Stale,
+            }
+        });
         let mut pending = Vec::new();
         if !released.is_empty() {
             pending.push(self.journal(state, &JournalRecord::Release { items: released })?);
@@ -628,26 +614,19 @@ impl Group {
         let deadline = now.saturating_add(lease_ms);
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        let mut outcomes = Vec::with_capacity(receipts.len());
         let mut items = Vec::new();
-        for receipt in receipts {
-            let outcome = match self.locate(state, receipt) {
-                Err(outcome) => outcome,
-                Ok((l, index, _)) => {
-                    let level = &mut state.levels[l];
-                    let offset = level.start + index as u64;
-                    match &mut level.entries[index].meta.state {
-                        State::Acquired { deadline_ms, .. } => {
-                            *deadline_ms = deadline;
-                            items.push((l as u8, offset));
-                            ReceiptOutcome::Ok
-                        }
-                        _ => ReceiptOutcome::Stale,
-                    }
+        let outcomes = self.settle_each(state, receipts, |state, l, index| {
+            let level = &mut state.levels[l];
+            let offset = level.start + index as u64;
+            match &mut level.entries[index].meta.state {
+                State::Acquired { deadline_ms, .. } => {
+                    *deadline_ms = deadline;
+                    items.push((l as u8, offset));
+                    ReceiptOutcome::Ok
                 }
-            };
-            outcomes.push(outcome);
-        }
+                _ => ReceiptOutcome::Stale,
+            }
+        });
         let mut pending = Vec::new();
         if !items.is_empty() {
             state.next_expiry_ms = state.next_expiry_ms.min(deadline);
@@ -667,6 +646,18 @@ impl Group {
     }
 
     /// The window entry a receipt names, if the receipt still holds it: `(level, index, attempt)`.
+    /// Apply `settle` to each receipt that names a live delivery of this group (its level and
+    /// window index); receipts that do not get their outcome from [`Group::locate`].
+    fn settle_each(&self, state: &mut GroupState, receipts: &[Receipt], mut settle: impl FnMut(&mut GroupState, usize, usize) -> ReceiptOutcome) -> Vec<ReceiptOutcome> {
+        receipts
+            .iter()
+            .map(|receipt| match self.locate(state, receipt) {
+                Err(outcome) => outcome,
+                Ok((l, index, _)) => settle(state, l, index),
+            })
+            .collect()
+    }
+
     fn locate(&self, state: &GroupState, receipt: &Receipt) -> Result<(usize, usize, u32), ReceiptOutcome> {
         let parts = receipt.parse().ok_or(ReceiptOutcome::Invalid)?;
         if parts.group_hash != self.hash || parts.id.priority >= QUEUE_PRIORITY_LEVELS || parts.attempt == 0 {
