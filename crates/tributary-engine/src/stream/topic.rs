@@ -170,7 +170,9 @@ impl Topic {
         for (p, indexes) in by_partition.iter().enumerate().filter(|(_, ix)| !ix.is_empty()) {
             let p = p as u32;
             let log = self.log(p)?;
-            let batch: Vec<Record> = if indexes.len() == records.len() { records.to_vec() } else { indexes.iter().map(|&i| records[i].clone()).collect() };
+            // All on one partition (the common case): append the caller's slice as it is.
+            let batch: std::borrow::Cow<[Record]> =
+                if indexes.len() == records.len() { records.into() } else { indexes.iter().map(|&i| records[i].clone()).collect::<Vec<_>>().into() };
             pending.push((p, indexes, log.append_pending(&batch, 0, 0).map_err(|e| self.partition_error(p, e))?));
         }
         let mut out = vec![Produced { partition: 0, offset: 0 }; records.len()];
