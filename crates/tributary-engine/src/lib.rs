@@ -13,6 +13,7 @@
 //! their guarantees are the [`conformance`] suite (feature `conformance`, which brings tokio for
 //! its timers).
 
+mod backend;
 pub mod cache;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -22,5 +23,6 @@ pub mod pubsub;
 pub mod queue;
 pub mod stream;
 
+pub use backend::{BoxFuture, Gap};
 pub use engine::{Engine, EngineError};
 pub use error::{Result, StreamError};

@@ -75,7 +75,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{CacheError, CacheResult};
 pub use snapshot::{LoadReport, SnapshotReport};
 pub use sorted_set::Order;
-pub use store::{CacheStore, Gap, StoreFuture, check_bounds, check_key, check_member, check_score, check_value, ttl_ms};
+pub use store::{CacheStore, StoreFuture, check_bounds, check_key, check_member, check_score, check_value, ttl_ms};
 
 use shard::{Capacity, Shard, Value};
 use sorted_set::SortedSet;

@@ -8,26 +8,18 @@
 //! give is stated by its [`CacheStore::gaps`] and skipped, by name, in the conformance suite
 //! (`tributary_engine::conformance`, feature `conformance`).
 
-use std::future::Future;
 use std::ops::Bound;
-use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tributary_core::limits::{CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_TTL_MS_MAX, CACHE_VALUE_BYTES_MAX};
 
+use crate::{BoxFuture, Gap};
+
 use super::{Cache, CacheError, CacheResult, KeyType, Limit, Order, Ttl};
 
-/// A boxed future, as the async methods of a `dyn CacheStore` return.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = CacheResult<T>> + Send + 'a>>;
-
-/// A guarantee of the interface that a backend does not give, with the reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gap {
-    /// The conformance case it concerns (its name in the suite).
-    pub case: &'static str,
-    pub reason: &'static str,
-}
+/// What the async methods of a `dyn CacheStore` return.
+pub type StoreFuture<'a, T> = BoxFuture<'a, CacheResult<T>>;
 
 /// The cache interface. The embedded [`Cache`] documents each operation's semantics; every
 /// backend follows them (Redis semantics: WRONGTYPE, counters are decimal strings, sorted-set

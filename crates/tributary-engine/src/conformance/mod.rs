@@ -7,8 +7,10 @@
 //! | interface | cases |
 //! |---|---|
 //! | cache ([`crate::cache::CacheStore`]) | [`cache::CASES`] |
+//! | stream ([`crate::stream::StreamStore`]) | [`stream::CASES`] |
 
 pub mod cache;
+pub mod stream;
 
 /// What one run of a suite found.
 #[derive(Debug, Default)]
