@@ -24,6 +24,10 @@ pub enum StreamError {
     Log(#[from] LogError),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// A distributed backend could not answer (connection lost, timeout, an unexpected reply).
+    /// Whether a write took effect is unknown.
+    #[error("{backend} backend: {message}")]
+    Backend { backend: &'static str, message: String },
 }
 
 pub type Result<T, E = StreamError> = std::result::Result<T, E>;

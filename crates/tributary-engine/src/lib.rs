@@ -8,14 +8,21 @@
 //! | [`cache`] | state that is read far more than written: KV with TTL, counters, leaderboards |
 //!
 //! The engine knows nothing of HTTP, JSON wire formats or tokio: it is synchronous, and the
-//! server crate puts a network in front of it.
+//! server crate puts a network in front of it. The interfaces that distributed backends also
+//! implement ([`cache::CacheStore`]) return futures, which the embedded engine completes at once;
+//! their guarantees are the [`conformance`] suite (feature `conformance`, which brings tokio for
+//! its timers).
 
+mod backend;
 pub mod cache;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod engine;
 mod error;
 pub mod pubsub;
 pub mod queue;
 pub mod stream;
 
+pub use backend::{BoxFuture, Gap};
 pub use engine::{Engine, EngineError};
 pub use error::{Result, StreamError};

@@ -118,6 +118,7 @@ impl From<StreamError> for ApiError {
             }
             StreamError::Partition { source, .. } | StreamError::Log(source) => ApiError { message, ..ApiError::from(source) },
             StreamError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
+            StreamError::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message),
         }
     }
 }

@@ -28,6 +28,10 @@ pub enum CacheError {
     InvalidTtl { ms: u128, max_ms: u64 },
     #[error("cache is full ({max_entries} entries) and its eviction policy is Refuse")]
     Full { max_entries: usize },
+    /// The backend could not answer (connection lost, timeout, a reply of the wrong shape).
+    /// Whether the operation took effect is unknown; retry only idempotent operations.
+    #[error("{backend} backend: {message}")]
+    Backend { backend: &'static str, message: String },
     #[error("snapshot {path}: {source}")]
     SnapshotIo { path: PathBuf, source: std::io::Error },
     #[error("snapshot {path} is corrupt: {reason}; nothing was loaded")]

@@ -54,6 +54,7 @@ mod error;
 mod shard;
 mod snapshot;
 mod sorted_set;
+mod store;
 #[cfg(test)]
 mod tests;
 
@@ -67,16 +68,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tributary_core::key_hash;
-use tributary_core::limits::{
-    CACHE_COLLECTION_LEN_MAX, CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_SHARDS_DEFAULT, CACHE_SHARDS_MAX,
-    CACHE_TTL_MS_MAX, CACHE_VALUE_BYTES_MAX,
-};
+use tributary_core::limits::{CACHE_COLLECTION_LEN_MAX, CACHE_SHARDS_DEFAULT, CACHE_SHARDS_MAX};
 
 pub use bench::{CacheBench, bench_cache};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{CacheError, CacheResult};
 pub use snapshot::{LoadReport, SnapshotReport};
 pub use sorted_set::Order;
+pub use store::{CacheStore, StoreFuture, check_bounds, check_key, check_member, check_score, check_value, ttl_ms};
 
 use shard::{Capacity, Shard, Value};
 use sorted_set::SortedSet;
@@ -529,9 +528,7 @@ impl Cache {
     pub fn zadd(&self, key: &[u8], member: &[u8], score: f64) -> CacheResult<bool> {
         check_key(key)?;
         check_member(member)?;
-        if score.is_nan() {
-            return Err(CacheError::NanScore);
-        }
+        check_score(score)?;
         self.with_zset(key, |z| {
             if z.score(member).is_none() {
                 check_collection(z.len())?;
@@ -544,9 +541,7 @@ impl Cache {
     pub fn zincr_by(&self, key: &[u8], member: &[u8], delta: f64) -> CacheResult<f64> {
         check_key(key)?;
         check_member(member)?;
-        if delta.is_nan() {
-            return Err(CacheError::NanScore);
-        }
+        check_score(delta)?;
         self.with_zset(key, |z| {
             let current = match z.score(member) {
                 Some(s) => s,
@@ -664,10 +659,7 @@ impl Cache {
 
     /// The absolute deadline `ttl` from now.
     fn deadline(&self, ttl: Duration) -> CacheResult<i64> {
-        let ms = ttl.as_nanos().div_ceil(1_000_000);
-        if ms == 0 || ms > u128::from(CACHE_TTL_MS_MAX) {
-            return Err(CacheError::InvalidTtl { ms, max_ms: CACHE_TTL_MS_MAX });
-        }
+        let ms = store::ttl_ms(ttl)?;
         Ok(self.clock.now_ms().saturating_add(ms as i64))
     }
 
@@ -687,26 +679,8 @@ fn wrong_type(expected: KeyType, found: &Value) -> CacheError {
     CacheError::WrongType { expected, found: found.key_type() }
 }
 
-fn check_key(key: &[u8]) -> CacheResult<()> {
-    if key.len() > CACHE_KEY_BYTES_MAX {
-        return Err(CacheError::KeyTooLarge { len: key.len(), max: CACHE_KEY_BYTES_MAX });
-    }
-    Ok(())
-}
 
-fn check_member(member: &[u8]) -> CacheResult<()> {
-    if member.len() > CACHE_MEMBER_BYTES_MAX {
-        return Err(CacheError::MemberTooLarge { len: member.len(), max: CACHE_MEMBER_BYTES_MAX });
-    }
-    Ok(())
-}
 
-fn check_value(value: &[u8]) -> CacheResult<()> {
-    if value.len() > CACHE_VALUE_BYTES_MAX {
-        return Err(CacheError::ValueTooLarge { len: value.len(), max: CACHE_VALUE_BYTES_MAX });
-    }
-    Ok(())
-}
 
 fn check_collection(len: usize) -> CacheResult<()> {
     if len >= CACHE_COLLECTION_LEN_MAX {
@@ -715,13 +689,6 @@ fn check_collection(len: usize) -> CacheResult<()> {
     Ok(())
 }
 
-fn check_bounds(min: Bound<f64>, max: Bound<f64>) -> CacheResult<()> {
-    let nan = |b: Bound<f64>| matches!(b, Bound::Included(x) | Bound::Excluded(x) if x.is_nan());
-    if nan(min) || nan(max) {
-        return Err(CacheError::NanScore);
-    }
-    Ok(())
-}
 
 fn parse_i64(bytes: &[u8]) -> CacheResult<i64> {
     std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()).ok_or(CacheError::NotAnInteger)

@@ -16,6 +16,7 @@
 //! cooperative (incremental) rebalancing: a rebalance reassigns every partition.
 
 mod groups;
+mod store;
 mod topic;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use parking_lot::RwLock;
 use tributary_core::limits;
 
 pub use groups::{GROUP_MEMBERS_MAX, Membership, PartitionLag, SESSION_TIMEOUT_MS_DEFAULT, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
+pub use store::{STREAM_FETCH_BYTES_MAX, StreamFuture, StreamStore};
 pub use topic::{Produced, Topic, TopicConfig};
 
 use crate::error::{Result, StreamError};
@@ -53,6 +55,12 @@ pub struct Topics {
 }
 
 const TOPIC_FILE: &str = "topic.json";
+
+impl std::fmt::Debug for Topics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topics").field("dir", &self.dir).field("topics", &self.topics.read().len()).finish()
+    }
+}
 
 impl Topics {
     /// Open every topic under `dir` (creating `dir` if needed).

@@ -1,0 +1,288 @@
+//! The stream interface's guarantees ([`StreamStore`]), one case each. Every case works on
+//! topics of its own (`<namespace>-<case>`), deleted at its end.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tributary_core::{Header, Record, StoredRecord, now_ms, partition_for_key};
+
+use super::Report;
+use tributary_log::LogError;
+
+use crate::StreamError;
+use crate::stream::{StreamStore, TopicConfig};
+
+type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// One guarantee.
+pub struct Case {
+    pub name: &'static str,
+    pub guarantee: &'static str,
+    run: for<'a> fn(&'a dyn StreamStore, String) -> CaseFuture<'a>,
+}
+
+/// Every case, in the order they run.
+pub const CASES: &[Case] = &[
+    Case { name: "round_trip", guarantee: "a record comes back as it went in (key, value, tombstone, empty value, headers in order, timestamp); a fetch past the end is OffsetOutOfRange", run: round_trip },
+    Case { name: "stamped", guarantee: "a record produced with timestamp 0 is stamped with the append time", run: stamped },
+    Case { name: "contiguous", guarantee: "offsets start at 0, are contiguous, and follow the order of a produce", run: contiguous },
+    Case { name: "keyed", guarantee: "a keyed record goes to partition_for_key, and a key's records keep their order", run: keyed },
+    Case { name: "unkeyed", guarantee: "the unkeyed records of one produce land together on one partition", run: unkeyed },
+    Case { name: "seek_time", guarantee: "seek_timestamp gives the first offset at or after a time, the end past the last", run: seek_time },
+    Case { name: "errors", guarantee: "unknown topics and partitions, conflicting configurations and bad names are refused by name", run: errors },
+    Case { name: "commits", guarantee: "committed offsets are per group and partition, and cannot pass the end", run: commits },
+    Case { name: "delete", guarantee: "a deleted topic is gone with its data and commits; one created again starts empty", run: delete },
+];
+
+/// Runs every case against `store`, with topics under `namespace` (unique per run; keep it short:
+/// topic names are at most `NAME_BYTES_MAX` bytes).
+pub async fn run(store: &dyn StreamStore, namespace: &str) -> Report {
+    let mut report = Report { backend: store.backend(), ..Report::default() };
+    for case in CASES {
+        if let Some(gap) = store.gaps().iter().find(|g| g.case == case.name) {
+            report.skipped.push((case.name, gap.reason));
+            continue;
+        }
+        let topic = format!("{namespace}-{}", case.name.replace('_', "-"));
+        let result = (case.run)(store, topic.clone()).await;
+        let _ = store.delete_topic(&topic).await;
+        match result {
+            Ok(()) => report.passed.push(case.name),
+            Err(why) => report.failed.push((case.name, why)),
+        }
+    }
+    report
+}
+
+macro_rules! check {
+    ($cond:expr, $($what:tt)+) => {
+        if !$cond {
+            return Err(format!($($what)+));
+        }
+    };
+}
+
+macro_rules! check_eq {
+    ($left:expr, $right:expr) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            return Err(format!("{} was {:?}, expected {:?}", stringify!($left), left, right));
+        }
+    }};
+}
+
+fn ok<T>(result: crate::Result<T>, what: &str) -> Result<T, String> {
+    result.map_err(|e| format!("{what}: {e}"))
+}
+
+fn refused<T: std::fmt::Debug>(result: crate::Result<T>, what: &str, expected: fn(&StreamError) -> bool) -> Result<(), String> {
+    match result {
+        Err(e) if expected(&e) => Ok(()),
+        other => Err(format!("{what}: expected a specific refusal, got {other:?}")),
+    }
+}
+
+fn topic_config(partitions: u32) -> TopicConfig {
+    TopicConfig { partitions, ..TopicConfig::default() }
+}
+
+fn value(record: &StoredRecord) -> String {
+    record.value.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+}
+
+fn round_trip(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        let headers = vec![
+            Header { name: "trace".into(), value: Bytes::from_static(b"abc") },
+            Header { name: "content-type".into(), value: Bytes::from_static(b"application/json") },
+            Header { name: "trace".into(), value: Bytes::from_static(b"second") },
+        ];
+        let sent = vec![
+            Record { key: Some(Bytes::from_static(b"user-1")), value: Some(Bytes::from_static(b"{\"n\":1}")), headers: headers.clone(), timestamp_ms: 1_700_000_000_123 },
+            Record { key: Some(Bytes::from_static(b"user-1")), value: None, headers: Vec::new(), timestamp_ms: 1_700_000_000_124 },
+            Record { key: None, value: Some(Bytes::new()), headers: Vec::new(), timestamp_ms: 1_700_000_000_125 },
+            Record { key: None, value: Some(Bytes::from(vec![0u8, 255, 10, 13])), headers: Vec::new(), timestamp_ms: 1_700_000_000_126 },
+        ];
+        let produced = ok(s.produce(&topic, sent.clone()).await, "produce")?;
+        check_eq!(produced.iter().map(|p| (p.partition, p.offset)).collect::<Vec<_>>(), vec![(0, 0), (0, 1), (0, 2), (0, 3)]);
+        let got = ok(s.fetch(&topic, 0, 0, 100).await, "fetch")?;
+        check_eq!(got.len(), sent.len());
+        for (i, (record, want)) in got.iter().zip(&sent).enumerate() {
+            check_eq!(record.offset, i as u64);
+            check_eq!(record.key, want.key);
+            check_eq!(record.value, want.value);
+            check_eq!(record.headers, want.headers);
+            check_eq!(record.timestamp_ms, want.timestamp_ms);
+        }
+        let one = ok(s.fetch(&topic, 0, 1, 1).await, "fetch one")?;
+        check_eq!(one.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![1]);
+        check!(ok(s.fetch(&topic, 0, 4, 10).await, "fetch at the end")?.is_empty(), "a fetch at the end returned records");
+        let out_of_range = |e: &StreamError| matches!(e, StreamError::Partition { source: LogError::OffsetOutOfRange { requested: 40, start: 0, end: 4 }, .. });
+        refused(s.fetch(&topic, 0, 40, 10).await, "fetch past the end", out_of_range)?;
+        check_eq!(ok(s.offsets(&topic, 0).await, "offsets")?, (0, 4));
+        Ok(())
+    })
+}
+
+fn stamped(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        let before = now_ms();
+        ok(s.produce(&topic, vec![Record::from_value("x")]).await, "produce")?;
+        let after = now_ms();
+        let got = ok(s.fetch(&topic, 0, 0, 1).await, "fetch")?;
+        let stamp = got.first().map(|r| r.timestamp_ms).ok_or("the record is missing")?;
+        check!(stamp >= before - 1 && stamp <= after + 1, "stamped {stamp}, produced between {before} and {after}");
+        Ok(())
+    })
+}
+
+fn contiguous(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        check_eq!(ok(s.offsets(&topic, 0).await, "offsets of an empty topic")?, (0, 0));
+        let first: Vec<Record> = (0..300).map(|i| Record::from_value(format!("m{i}"))).collect();
+        let produced = ok(s.produce(&topic, first).await, "produce")?;
+        check_eq!(produced.iter().map(|p| p.offset).collect::<Vec<_>>(), (0..300).collect::<Vec<u64>>());
+        let produced = ok(s.produce(&topic, vec![Record::from_value("m300"), Record::from_value("m301")]).await, "produce")?;
+        check_eq!(produced.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![300, 301]);
+        let mut offset = 0;
+        while offset < 302 {
+            let batch = ok(s.fetch(&topic, 0, offset, 64).await, "fetch")?;
+            check!(!batch.is_empty() && batch.len() <= 64, "a fetch of at most 64 from {offset} returned {}", batch.len());
+            for record in &batch {
+                check_eq!(record.offset, offset);
+                check_eq!(value(record), format!("m{offset}"));
+                offset += 1;
+            }
+        }
+        check_eq!(ok(s.offsets(&topic, 0).await, "offsets")?, (0, 302));
+        Ok(())
+    })
+}
+
+fn keyed(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(4)).await, "create")?;
+        check_eq!(ok(s.partitions(&topic).await, "partitions")?, 4);
+        let records: Vec<Record> = (0..40).map(|i| Record::keyed(format!("key-{}", i % 10), format!("{i}"))).collect();
+        let produced = ok(s.produce(&topic, records).await, "produce")?;
+        for (i, p) in produced.iter().enumerate() {
+            let key = format!("key-{}", i % 10);
+            check_eq!(p.partition, partition_for_key(key.as_bytes(), 4));
+        }
+        for partition in 0..4 {
+            let got = ok(s.fetch(&topic, partition, 0, 100).await, "fetch")?;
+            let mut last_per_key = std::collections::HashMap::new();
+            for record in got {
+                let key = record.key.clone().ok_or("a keyed record came back without its key")?;
+                check_eq!(partition_for_key(&key, 4), partition);
+                let n: i64 = value(&record).parse().map_err(|_| "a value is not the number sent")?;
+                let last = last_per_key.insert(key, n);
+                check!(last.is_none_or(|last| last < n), "records of one key came back out of order");
+            }
+        }
+        Ok(())
+    })
+}
+
+fn unkeyed(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(3)).await, "create")?;
+        for batch in 0..3 {
+            let produced = ok(s.produce(&topic, vec![Record::from_value(format!("{batch}a")), Record::from_value(format!("{batch}b"))]).await, "produce")?;
+            check!(produced[0].partition == produced[1].partition, "one produce's unkeyed records went to two partitions");
+            check_eq!(produced[1].offset, produced[0].offset + 1);
+        }
+        Ok(())
+    })
+}
+
+fn seek_time(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        ok(s.produce(&topic, vec![Record::from_value("early"), Record::from_value("early too")]).await, "produce")?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let between = now_ms();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        ok(s.produce(&topic, vec![Record::from_value("late")]).await, "produce")?;
+        check_eq!(ok(s.seek_timestamp(&topic, 0, between).await, "seek between")?, 2);
+        check_eq!(ok(s.seek_timestamp(&topic, 0, 0).await, "seek to the start")?, 0);
+        check_eq!(ok(s.seek_timestamp(&topic, 0, now_ms() + 60_000).await, "seek past the last")?, 3);
+        Ok(())
+    })
+}
+
+fn errors(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        let missing = format!("{topic}-missing");
+        let not_found = |e: &StreamError| matches!(e, StreamError::TopicNotFound(_));
+        refused(s.fetch(&missing, 0, 0, 1).await, "fetch from a missing topic", not_found)?;
+        refused(s.produce(&missing, vec![Record::from_value("x")]).await, "produce to a missing topic", not_found)?;
+        refused(s.partitions(&missing).await, "partitions of a missing topic", not_found)?;
+        ok(s.create_topic(&topic, topic_config(2)).await, "create")?;
+        ok(s.create_topic(&topic, topic_config(2)).await, "create again, the same")?;
+        refused(s.create_topic(&topic, topic_config(3)).await, "create again, different", |e| matches!(e, StreamError::TopicExists { .. }))?;
+        check_eq!(ok(s.partitions(&topic).await, "partitions")?, 2);
+        let no_partition = |e: &StreamError| matches!(e, StreamError::PartitionNotFound { partition: 2, .. });
+        refused(s.fetch(&topic, 2, 0, 1).await, "fetch from partition 2 of 2", no_partition)?;
+        refused(s.offsets(&topic, 2).await, "offsets of partition 2 of 2", no_partition)?;
+        refused(s.create_topic("bad name!", topic_config(1)).await, "a name with a space", |e| matches!(e, StreamError::Invalid(_)))?;
+        refused(s.create_topic(&format!("{topic}-zero"), topic_config(0)).await, "zero partitions", |e| matches!(e, StreamError::Invalid(_)))?;
+        Ok(())
+    })
+}
+
+fn commits(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(2)).await, "create")?;
+        ok(s.produce(&topic, (0..5).map(|i| Record::from_value(format!("{i}"))).collect()).await, "produce")?;
+        let p = ok(s.produce(&topic, vec![Record::keyed("k", "v")]).await, "produce")?[0].partition;
+        let other = 1 - p;
+        let p_end = ok(s.offsets(&topic, p).await, "offsets")?.1;
+        check_eq!(ok(s.committed(&topic, "billing", p).await, "committed before any commit")?, None);
+        ok(s.commit(&topic, "billing", p, 1).await, "commit")?;
+        check_eq!(ok(s.committed(&topic, "billing", p).await, "committed")?, Some(1));
+        ok(s.commit(&topic, "billing", p, p_end).await, "commit the end")?;
+        check_eq!(ok(s.committed(&topic, "billing", p).await, "committed")?, Some(p_end));
+        ok(s.commit(&topic, "billing", p, 0).await, "commit back to 0 (a reset)")?;
+        check_eq!(ok(s.committed(&topic, "billing", p).await, "committed after a reset")?, Some(0));
+        check_eq!(ok(s.committed(&topic, "audit", p).await, "another group")?, None);
+        check_eq!(ok(s.committed(&topic, "billing", other).await, "another partition")?, None);
+        refused(s.commit(&topic, "billing", p, p_end + 1).await, "a commit past the end", |e| matches!(e, StreamError::Invalid(_)))?;
+        check_eq!(ok(s.committed(&topic, "billing", p).await, "committed after a refused commit")?, Some(0));
+        Ok(())
+    })
+}
+
+fn delete(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        ok(s.produce(&topic, vec![Record::from_value("a"), Record::from_value("b")]).await, "produce")?;
+        ok(s.commit(&topic, "g", 0, 2).await, "commit")?;
+        ok(s.delete_topic(&topic).await, "delete")?;
+        refused(s.fetch(&topic, 0, 0, 10).await, "fetch from a deleted topic", |e| matches!(e, StreamError::TopicNotFound(_)))?;
+        refused(s.delete_topic(&topic).await, "delete again", |e| matches!(e, StreamError::TopicNotFound(_)))?;
+        ok(s.create_topic(&topic, topic_config(1)).await, "create again")?;
+        check_eq!(ok(s.offsets(&topic, 0).await, "offsets")?, (0, 0));
+        check!(ok(s.fetch(&topic, 0, 0, 10).await, "fetch")?.is_empty(), "a topic created again still has records");
+        check_eq!(ok(s.committed(&topic, "g", 0).await, "committed")?, None);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn the_embedded_engine_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = crate::stream::Topics::open(dir.path()).unwrap();
+        let report = super::run(&topics, "conf").await;
+        println!("{report}");
+        report.assert_conforms();
+        assert_eq!(report.passed.len(), super::CASES.len(), "the embedded engine declares no gap");
+    }
+}

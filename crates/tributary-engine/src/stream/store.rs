@@ -1,0 +1,95 @@
+//! [`StreamStore`]: the stream interface every backend gives (topics of partitions, produce,
+//! fetch by offset, seek by time, committed offsets per group), so a system written against it
+//! runs on the embedded [`Topics`] and on NATS JetStream (`tributary-nats`).
+//!
+//! The contract, which the conformance suite (`conformance::stream`) checks on every backend:
+//! - Offsets of a partition start at 0 and are contiguous; a produce returns the offset of each
+//!   record, and records of one produce that share a partition keep their order.
+//! - A keyed record goes to partition [`partition_for_key`](tributary_core::partition_for_key) (the stable
+//!   [`tributary_core::key_hash`]), the same on every backend, so nodes agree; the unkeyed
+//!   records of one produce go together to one partition, chosen in turn per call.
+//! - A record comes back as it went in: key, value (a tombstone `None` stays `None`, an empty
+//!   value stays empty), headers in order, and its timestamp (0 on produce means "stamp it").
+//! - `seek_timestamp` gives the first offset whose timestamp is at or after the time.
+//! - A committed offset is durable and per (topic, group, partition); groups are independent.
+//!
+//! Consumer-group membership (join, heartbeat, rebalancing) is not part of this interface yet:
+//! it stays on [`Topics`].
+
+use tributary_core::{Record, StoredRecord};
+
+use super::{Produced, Topics, TopicConfig};
+use crate::{BoxFuture, Gap, Result};
+
+/// Bytes one fetch returns at most (besides the record count).
+pub const STREAM_FETCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// What the async methods of a `dyn StreamStore` return.
+pub type StreamFuture<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// The stream interface. See the module docs for its contract.
+pub trait StreamStore: Send + Sync + std::fmt::Debug {
+    /// `"embedded"`, `"nats"`, ...
+    fn backend(&self) -> &'static str;
+    /// The guarantees this backend does not give. Empty for the embedded engine.
+    fn gaps(&self) -> &'static [Gap] {
+        &[]
+    }
+    /// Creates a topic; creating one that exists with the same configuration is a no-op, with
+    /// another is [`StreamError::TopicExists`](crate::StreamError::TopicExists).
+    fn create_topic<'a>(&'a self, name: &'a str, config: TopicConfig) -> StreamFuture<'a, ()>;
+    fn delete_topic<'a>(&'a self, name: &'a str) -> StreamFuture<'a, ()>;
+    fn partitions<'a>(&'a self, topic: &'a str) -> StreamFuture<'a, u32>;
+    /// Appends `records` durably and returns where each went, in the order given.
+    fn produce<'a>(&'a self, topic: &'a str, records: Vec<Record>) -> StreamFuture<'a, Vec<Produced>>;
+    /// At most `max_records` records from `offset` on: none at the end, and
+    /// [`LogError::OffsetOutOfRange`](tributary_log::LogError::OffsetOutOfRange) (in
+    /// [`StreamError::Partition`](crate::StreamError::Partition)) before the start or past the end.
+    fn fetch<'a>(&'a self, topic: &'a str, partition: u32, offset: u64, max_records: usize) -> StreamFuture<'a, Vec<StoredRecord>>;
+    /// (first offset held, next offset to be written).
+    fn offsets<'a>(&'a self, topic: &'a str, partition: u32) -> StreamFuture<'a, (u64, u64)>;
+    /// The first offset whose timestamp is at or after `timestamp_ms` (the end if none).
+    fn seek_timestamp<'a>(&'a self, topic: &'a str, partition: u32, timestamp_ms: i64) -> StreamFuture<'a, u64>;
+    /// Durably records `offset` (the next offset to read) for `group`.
+    fn commit<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, ()>;
+    fn committed<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32) -> StreamFuture<'a, Option<u64>>;
+}
+
+/// The embedded engine. Each call runs when the future is polled, on the polling thread, and
+/// a produce waits for its fsync there (about a millisecond): on an async runtime, call it where
+/// blocking is allowed (the server's `blocking()`).
+impl StreamStore for Topics {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+    fn create_topic<'a>(&'a self, name: &'a str, config: TopicConfig) -> StreamFuture<'a, ()> {
+        Box::pin(async move { self.create(name, config).map(|_| ()) })
+    }
+    fn delete_topic<'a>(&'a self, name: &'a str) -> StreamFuture<'a, ()> {
+        Box::pin(async move { self.delete(name) })
+    }
+    fn partitions<'a>(&'a self, topic: &'a str) -> StreamFuture<'a, u32> {
+        Box::pin(async move { Ok(self.get(topic)?.partition_count()) })
+    }
+    fn produce<'a>(&'a self, topic: &'a str, records: Vec<Record>) -> StreamFuture<'a, Vec<Produced>> {
+        Box::pin(async move { self.get(topic)?.produce(&records) })
+    }
+    fn fetch<'a>(&'a self, topic: &'a str, partition: u32, offset: u64, max_records: usize) -> StreamFuture<'a, Vec<StoredRecord>> {
+        Box::pin(async move { self.get(topic)?.fetch(partition, offset, max_records, STREAM_FETCH_BYTES_MAX) })
+    }
+    fn offsets<'a>(&'a self, topic: &'a str, partition: u32) -> StreamFuture<'a, (u64, u64)> {
+        Box::pin(async move { self.get(topic)?.offsets(partition) })
+    }
+    fn seek_timestamp<'a>(&'a self, topic: &'a str, partition: u32, timestamp_ms: i64) -> StreamFuture<'a, u64> {
+        Box::pin(async move { self.get(topic)?.seek_timestamp(partition, timestamp_ms) })
+    }
+    fn commit<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, ()> {
+        Box::pin(async move { Topics::commit(self, topic, group, None, &[(partition, offset)]) })
+    }
+    fn committed<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32) -> StreamFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            self.get(topic)?;
+            Ok(Topics::committed(self, topic, group, partition))
+        })
+    }
+}

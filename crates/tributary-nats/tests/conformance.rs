@@ -1,0 +1,48 @@
+//! The stream conformance suite against the machine's NATS with JetStream (127.0.0.1:4222, or
+//! `TRIBUTARY_TEST_NATS_URL`), started or checked by `.ci/run`.
+
+use tributary_core::Record;
+use tributary_engine::conformance;
+use tributary_engine::stream::{StreamStore, TopicConfig};
+use tributary_nats::NatsStreams;
+
+fn nats_url() -> String {
+    std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A namespace no other run uses.
+fn namespace(what: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("test-{what}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_conforms_to_the_stream_interface() {
+    let streams = NatsStreams::connect(&nats_url(), &namespace("conf")).await.expect("NATS answers (is it running with -js on 127.0.0.1:4222?)");
+    let report = conformance::stream::run(&streams, "conf").await;
+    streams.delete_namespace().await.unwrap();
+    println!("{report}");
+    report.assert_conforms();
+    assert_eq!(report.passed.len() + report.skipped.len(), conformance::stream::CASES.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_see_one_topic_and_its_commits() {
+    let shared = namespace("nodes");
+    let a = NatsStreams::connect(&nats_url(), &shared).await.unwrap();
+    let b = NatsStreams::connect(&nats_url(), &shared).await.unwrap();
+    a.create_topic("orders", TopicConfig { partitions: 2, ..TopicConfig::default() }).await.unwrap();
+    let produced = b.produce("orders", vec![Record::keyed("customer-7", "first"), Record::keyed("customer-7", "second")]).await.unwrap();
+    let partition = produced[0].partition;
+    let read = a.fetch("orders", partition, produced[0].offset, 10).await.unwrap();
+    assert_eq!(read.iter().map(|r| r.value.clone().unwrap()).collect::<Vec<_>>(), vec!["first", "second"]);
+    a.commit("orders", "billing", partition, produced[1].offset + 1).await.unwrap();
+    assert_eq!(b.committed("orders", "billing", partition).await.unwrap(), Some(produced[1].offset + 1));
+    a.delete_namespace().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_nats_is_a_backend_error() {
+    let error = NatsStreams::connect("nats://127.0.0.1:1", "x").await.expect_err("nothing listens on port 1");
+    assert!(matches!(error, tributary_engine::StreamError::Backend { backend: "nats", .. }), "{error:?}");
+}
