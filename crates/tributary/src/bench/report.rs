@@ -137,7 +137,7 @@ const WIDTH: f64 = 800.0;
 const HEIGHT: f64 = 320.0;
 const LEFT: f64 = 60.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 30.0;
+const TOP: f64 = 40.0;
 const BOTTOM: f64 = 40.0;
 
 /// p50, p99 and max per second on a logarithmic latency axis, the seed's target as a dashed line,
@@ -176,22 +176,22 @@ pub fn latency_svg(r: &SystemReport) -> String {
         svg,
         "<line x1=\"{LEFT}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"green\" stroke-dasharray=\"6 4\"/><text x=\"{1}\" y=\"{2:.1}\" text-anchor=\"end\" fill=\"green\">target P{3} &lt; {4} ms</text>",
         y(r.target.latency_ms),
-        WIDTH - RIGHT,
-        y(r.target.latency_ms) - 4.0,
+        WIDTH - RIGHT - 4.0,
+        y(r.target.latency_ms) + 13.0,
         r.target.percentile,
         trim(r.target.latency_ms)
     );
     // Faults.
-    for f in &r.faults {
-        let _ = writeln!(svg, "<line x1=\"{0:.1}\" y1=\"{TOP}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"orange\"/><text x=\"{2:.1}\" y=\"{3}\" fill=\"orange\">{4}</text>", x(f.at_s), HEIGHT - BOTTOM, x(f.at_s) + 3.0, TOP + 12.0, f.kind);
+    for (i, f) in r.faults.iter().enumerate() {
+        let _ = writeln!(svg, "<line x1=\"{0:.1}\" y1=\"{TOP}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"orange\"/><text x=\"{2:.1}\" y=\"{3}\" fill=\"orange\">{4}</text>", x(f.at_s), HEIGHT - BOTTOM, x(f.at_s) + 3.0, TOP + 12.0 + 12.0 * (i % 2) as f64, f.kind);
     }
     // Series: points at the middle of each second.
     let lines: [(&str, &str, fn(&super::scenarios::SecondSummary) -> f64); 3] = [("p50", "steelblue", |s| s.p50_ms), ("p99", "crimson", |s| s.p99_ms), ("max", "#999", |s| s.max_ms)];
     for (i, (name, color, value)) in lines.into_iter().enumerate() {
         let points: Vec<String> = series.iter().map(|s| format!("{:.1},{:.1}", x(s.second as f64 + 0.5), y(value(s)))).collect();
         let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>", points.join(" "));
-        let legend_y = TOP + 4.0 + 14.0 * i as f64;
-        let _ = writeln!(svg, "<text x=\"{}\" y=\"{legend_y}\" fill=\"{color}\">{name}</text>", LEFT + 8.0);
+        let legend_x = LEFT + 120.0 + 50.0 * i as f64;
+        let _ = writeln!(svg, "<line x1=\"{legend_x}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{name}</text>", TOP - 12.0, legend_x + 14.0, legend_x + 18.0, TOP - 8.0);
     }
     svg.push_str("</svg>\n");
     svg

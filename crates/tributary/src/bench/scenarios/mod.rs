@@ -263,6 +263,8 @@ pub struct Run {
     pub client: reqwest::Client,
     /// Unique per process and phase (`bench-1234-normal`): name queues and topics after it.
     pub name: String,
+    /// `normal`, `peak` or `failure`.
+    pub phase: &'static str,
     pub schedule: Schedule,
     /// Messages the phase sends in all (warm-up included); `seq` runs over `0..total`.
     pub total: u64,
@@ -298,6 +300,7 @@ impl Run {
             base: phase.base.trim_end_matches('/').to_string(),
             client: phase.client.clone(),
             name: format!("bench-{}-{}", std::process::id(), phase.label),
+            phase: phase.name,
             schedule: Schedule::new(Instant::now() + START_DELAY, phase.rate.max(1)),
             total,
             warmup: phase.rate * phase.warmup_seconds,
@@ -390,8 +393,9 @@ pub struct Measured {
 /// How long receivers keep going after the last publish to collect stragglers.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends in flight (retrying ones included) before the publisher counts an error instead of
-/// piling up.
-const PUBLISH_IN_FLIGHT_MAX: usize = 50_000;
+/// piling up. Each in-process request holds two file descriptors (client and server side), and
+/// the machine allows 20,000 per process: more in flight turns an overload into `EMFILE`.
+const PUBLISH_IN_FLIGHT_MAX: usize = 4_000;
 /// Time between attaching the receivers and the first intended send.
 const START_DELAY: Duration = Duration::from_millis(300);
 /// With [`Phase::retry`], how long after its intended time a send is still retried.
