@@ -66,7 +66,11 @@ async fn receive(State(fake): State<Arc<Fake>>, Path(_queue): Path<String>, Json
     let max = request["max"].as_u64().unwrap_or(1) as usize;
     let deadline = Instant::now() + Duration::from_millis(request["wait_ms"].as_u64().unwrap_or(0));
     loop {
-        let batch: Vec<Value> = {
+        // Through the gate only when there is something to take: idle polls would crowd it.
+        let waiting = !fake.queue.lock().is_empty();
+        let batch: Vec<Value> = if !waiting {
+            Vec::new()
+        } else {
             let _gate = fake.gate.lock().await;
             let mut queue = fake.queue.lock();
             let n = max.min(queue.len());
@@ -105,33 +109,42 @@ async fn bench(words: &[&str]) -> Vec<SystemReport> {
     run(&args).await.expect("the bench runs")
 }
 
-/// 1,000 msgs/s for 1 s of warm-up and 3 measured; two workers.
+/// The benches of this file run one at a time: each is a load test, and the machine's cores
+/// are what it measures.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// 500 msgs/s for 1 s of warm-up and 3 measured; two workers.
 async fn bench_fake(faults: Faults) -> SystemReport {
     let url = fake_queue(faults).await;
-    let mut reports = bench(&["basic-message-queue", "--target", &url, "--rate", "1000", "--warmup-seconds", "1", "--seconds", "3", "--consumers", "2", "--json"]).await;
+    let mut reports = bench(&["basic-message-queue", "--target", &url, "--rate", "500", "--warmup-seconds", "1", "--seconds", "3", "--consumers", "2", "--json"]).await;
     assert_eq!(reports.len(), 1);
     reports.remove(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_second_stall_shows_in_p99_and_max_though_a_closed_loop_client_would_hide_it() {
-    // Message 2,000 is published 1 s into the measured window and holds the server for 500 ms.
-    let report = bench_fake(Faults { stall_at: Some(2_000), ..Faults::default() }).await;
+    let _serial = serial();
+    // Message 1,000 is published 1 s into the measured window and holds the server for 500 ms.
+    let report = bench_fake(Faults { stall_at: Some(1_000), ..Faults::default() }).await;
     let l = report.latency_ms;
-    assert_eq!(l.count, 3_000, "every measured message was timed: {report:?}");
+    assert_eq!(l.count, 1_500, "every measured message was timed: {report:?}");
     assert!(l.max >= 450.0, "the stalled message itself: {l:?}");
-    assert!(l.p99 >= 300.0, "the ~500 messages intended during the stall all waited for it: {l:?}");
-    assert!(l.p50 < 100.0, "most messages were not delayed: {l:?}");
+    assert!(l.p99 >= 300.0, "the ~250 messages intended during the stall all waited for it: {l:?}");
+    assert!(l.p50 < l.p99 / 2.0, "most messages were not delayed: {l:?}");
     assert_eq!((report.lost, report.duplicated, report.errors), (0, 0, 0));
     let per_second_max = report.series.iter().map(|s| s.max_ms).fold(0.0, f64::max);
     assert!(per_second_max >= 450.0, "the per-second series shows the stall too: {:?}", report.series);
 
     // The same stall timed by a closed-loop client (each request from its own send): one slow
-    // request in 3,000, below p99.
-    let url = fake_queue(Faults { stall_at: Some(2_000), ..Faults::default() }).await;
+    // request in 2,000, below p99.
+    let url = fake_queue(Faults { stall_at: Some(1_000), ..Faults::default() }).await;
     let client = reqwest::Client::new();
     let mut closed_loop = LatencyHistogram::new();
-    for seq in 0..3_000u64 {
+    for seq in 0..2_000u64 {
         let began = Instant::now();
         let response = client.post(format!("{url}/v1/queues/q/messages")).json(&json!({"messages": [{"body": {"seq": seq}}]})).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
@@ -144,7 +157,8 @@ async fn a_half_second_stall_shows_in_p99_and_max_though_a_closed_loop_client_wo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_acknowledged_and_never_delivered_is_lost_and_one_delivered_twice_is_duplicated() {
-    let report = bench_fake(Faults { drop: Some(1_500), duplicate: Some(1_700), ..Faults::default() }).await;
+    let _serial = serial();
+    let report = bench_fake(Faults { drop: Some(1_000), duplicate: Some(1_200), ..Faults::default() }).await;
     assert_eq!(report.lost, 1, "{report:?}");
     assert_eq!(report.duplicated, 1, "{report:?}");
     assert_eq!(report.errors, 0);
@@ -152,15 +166,17 @@ async fn a_message_acknowledged_and_never_delivered_is_lost_and_one_delivered_tw
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_faithful_server_loses_and_duplicates_nothing_and_meets_the_rate() {
+async fn a_faithful_server_loses_and_duplicates_nothing_and_carries_the_rate() {
+    let _serial = serial();
     let report = bench_fake(Faults::default()).await;
     assert_eq!((report.lost, report.duplicated, report.unexpected, report.errors), (0, 0, 0, 0), "{report:?}");
-    assert!(report.achieved_rate >= 990.0, "{report:?}");
-    assert_eq!(report.messages, 4_000);
+    assert!(report.achieved_rate >= 495.0, "{report:?}");
+    assert_eq!(report.messages, 2_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_failure_phase_restarts_the_server_and_kills_a_worker_and_loses_nothing() {
+    let _serial = serial();
     let reports = bench(&["basic-message-queue", "--phase", "failure", "--rate", "200", "--warmup-seconds", "1", "--failure-seconds", "8", "--json"]).await;
     let report = &reports[0];
     assert_eq!(report.phase, "failure");
@@ -180,6 +196,7 @@ async fn the_queue_failure_phase_restarts_the_server_and_kills_a_worker_and_lose
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_subscribers_resume_across_a_restart_with_no_gap_and_no_duplicate() {
+    let _serial = serial();
     let reports = bench(&["simple-pubsub", "--phase", "failure", "--rate", "200", "--subscriptions", "100", "--warmup-seconds", "1", "--failure-seconds", "6", "--json"]).await;
     let report = &reports[0];
     let kinds: Vec<&str> = report.faults.iter().map(|f| f.kind).collect();
