@@ -36,6 +36,8 @@ enum Command {
     /// Benchmarks: load generators with a verdict against their targets.
     #[command(subcommand)]
     Bench(Bench),
+    /// Nodes, partitions and cost for the seed's rates, from a `bench SYSTEM --report DIR`.
+    Plan(tributary::bench::plan::PlanArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,7 +52,8 @@ enum Bench {
     Cache(Json<CacheArgs>),
     /// Fill a log to a size, close it, and time reopening it and the first durable append.
     Reopen(Json<ReopenArgs>),
-    /// `tributary bench SYSTEM [--target URL] [--rate R] ...`: a system over its HTTP API.
+    /// `tributary bench SYSTEM [--phase normal|peak|failure|all] [--target URL] [--rate R] [--report DIR] ...`:
+    /// a system over its HTTP API.
     #[command(external_subcommand)]
     System(Vec<String>),
 }
@@ -142,14 +145,28 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::System(words)) => {
             let command = SystemCommand::try_parse_from(std::iter::once("tributary-bench".to_string()).chain(words)).unwrap_or_else(|e| e.exit());
             let runtime = tokio::runtime::Runtime::new()?;
-            let report = runtime.block_on(tributary::bench::system::run(&command.args))?;
+            let reports = runtime.block_on(tributary::bench::system::run(&command.args))?;
             if command.args.json {
-                print_json(&report)?;
+                for report in &reports {
+                    println!("{}", serde_json::to_string(report)?);
+                }
             } else {
-                let l = &report.latency_ms;
-                println!("{} ({}): offered {:.0}/s, achieved {:.0}/s, end-to-end ms p50 {:.2} p95 {:.2} p99 {:.2} max {:.2}; errors {}, lost {}, duplicated {}; target P{} < {} ms at {:.0}/s: {}",
-                    report.system, report.server, report.offered_rate, report.achieved_rate, l.p50, l.p95, l.p99, l.max, report.errors, report.lost, report.duplicated,
-                    report.target.percentile, report.target.latency_ms, report.target.rate, if report.target.met { "met" } else { "MISSED" });
+                print!("{}", tributary::bench::report::table(&reports));
+            }
+            if let Some(dir) = &command.args.report {
+                let line: Vec<String> = std::env::args().collect();
+                let written = tributary::bench::report::write(dir, &reports, &line.join(" "))?;
+                for path in written {
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+        }
+        Command::Plan(args) => {
+            let plan = tributary::bench::plan::run(&args)?;
+            if args.json {
+                print_json(&plan)?;
+            } else {
+                print!("{}", plan.human());
             }
         }
     }

@@ -9,7 +9,9 @@
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
 //! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
-//!   each system's load a small file in [`scenarios`].
+//!   each system's load a small file in [`scenarios`], in phases (normal, peak, failure);
+//!   [`report`] prints the table and writes JSON, Markdown and SVG latency plots.
+//! - [`plan`]: `tributary plan SYSTEM`, from a bench report to nodes, partitions and cost.
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 //!
 //! Not here yet: the peers (NATS JetStream, Redis Streams, RabbitMQ)
@@ -18,6 +20,8 @@
 pub mod components;
 pub mod engine;
 pub mod latency;
+pub mod plan;
+pub mod report;
 pub mod scenarios;
 pub mod system;
 

@@ -1,16 +1,28 @@
-//! basic-message-queue under load: one publisher at the rate, one message per `POST
-//! /v1/queues/{q}/messages`, and `--consumers` workers of one consumer group receiving with long
-//! polls (`max` 100) and acking each batch. Success: every acknowledged message consumed, once.
+//! basic-message-queue under load: producers publish jobs, one message per `POST
+//! /v1/queues/{q}/messages`, and `--consumers` workers of one consumer group receive with long
+//! polls (`max` 100) and ack each batch. Success: every acknowledged message consumed, once.
+//!
+//! Payloads look like a job queue's: a job type, a tenant (Zipf-skewed over 1,000 tenants, also
+//! the message key), a creation time, an attempt number and a body whose size varies around
+//! `--message-bytes` (half to one and a half times). Every publish carries `dedup_id`
+//! `{run}-{seq}`, so a client retrying through a restart does not enqueue a message twice.
+//!
+//! Failure phase: a worker dies holding its leases (it received a batch and never acks it); the
+//! queue must hand those messages to another worker once the leases run out (`FAILURE_LEASE_MS`
+//! there, the engine's 30 s elsewhere). The
+//! queue is at-least-once: an ack lost in a restart brings its message back, so duplicates are
+//! reported there, not failed.
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, padding};
+use super::{Run, Scenario, Zipf, mix, padding};
 use crate::bench::system::SystemArgs;
 
 pub struct BasicMessageQueue {
@@ -21,7 +33,18 @@ pub struct BasicMessageQueue {
 /// Consumers when neither `--consumers` nor the seed's `consumer_count` says.
 const CONSUMERS_DEFAULT: usize = 3;
 /// Bytes of a message body besides its padding.
-const BODY_OVERHEAD_BYTES: usize = 40;
+const BODY_OVERHEAD_BYTES: usize = 120;
+/// The workers' lease (the engine's default): how long a message stays with a worker that
+/// has not acked it.
+pub const LEASE_MS: u64 = 30_000;
+/// The lease in the failure phase, short so that a dead worker's messages come back within
+/// the run.
+pub const FAILURE_LEASE_MS: u64 = 5_000;
+/// Messages a worker asks for per receive.
+const RECEIVE_MAX: u64 = 100;
+const TENANTS: usize = 1_000;
+const JOB_TYPES: [&str; 5] = ["email.send", "invoice.render", "image.resize", "webhook.deliver", "report.export"];
+static TENANT_SKEW: LazyLock<Zipf> = LazyLock::new(|| Zipf::new(TENANTS, 1.0));
 
 impl Scenario for BasicMessageQueue {
     const SYSTEM: &'static str = "basic-message-queue";
@@ -29,11 +52,19 @@ impl Scenario for BasicMessageQueue {
     fn new(args: &SystemArgs, spec: &SystemSpec) -> anyhow::Result<Self> {
         let consumers = args.consumers.unwrap_or(spec.constants.get("consumer_count").and_then(|c| c.value).map_or(CONSUMERS_DEFAULT, |v| v as usize));
         anyhow::ensure!(consumers > 0, "--consumers must be at least 1");
-        Ok(BasicMessageQueue { consumers, padding: padding(args.message_bytes, BODY_OVERHEAD_BYTES) })
+        Ok(BasicMessageQueue { consumers, padding: padding(args.message_bytes * 3 / 2, BODY_OVERHEAD_BYTES) })
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({"consumers": self.consumers})
+        json!({"consumers": self.consumers, "lease_ms": LEASE_MS, "failure_lease_ms": FAILURE_LEASE_MS, "receive_max": RECEIVE_MAX, "tenants": TENANTS, "tenant_skew": "zipf 1.0", "dedup_id": true})
+    }
+
+    fn at_least_once(&self) -> bool {
+        true
+    }
+
+    fn kills_workers(&self) -> bool {
+        true
     }
 
     /// The queue is created by its first publish; groups by their first receive.
@@ -46,19 +77,45 @@ impl Scenario for BasicMessageQueue {
     }
 
     async fn send(&self, run: &Arc<Run>, seqs: Range<u64>) -> anyhow::Result<()> {
-        let messages: Vec<_> = seqs.map(|seq| json!({"body": {"seq": seq, "pad": self.padding}})).collect();
+        let messages: Vec<_> = seqs.map(|seq| self.message(run, seq)).collect();
         let response = run.client.post(format!("{}/v1/queues/{}/messages", run.base, run.name)).json(&json!({"messages": messages})).send().await?;
         anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "publish answered {}", response.status());
         Ok(())
     }
+
+    async fn finish(&self, run: &Arc<Run>) {
+        let _ = run.client.delete(format!("{}/v1/queues/{}", run.base, run.name)).send().await;
+    }
 }
 
-/// One worker: long-poll, record, ack, forever.
+impl BasicMessageQueue {
+    fn message(&self, run: &Run, seq: u64) -> serde_json::Value {
+        let random = mix(seq);
+        let tenant = format!("tenant-{}", TENANT_SKEW.key(seq));
+        // Between a third and all of the padding: bodies of 0.5× to 1.5× --message-bytes.
+        let pad = &self.padding[..self.padding.len() / 3 + (random % (self.padding.len() as u64 * 2 / 3 + 1)) as usize];
+        json!({
+            "key": tenant,
+            "dedup_id": format!("{}-{seq}", run.name),
+            "body": {
+                "seq": seq,
+                "type": JOB_TYPES[(random >> 32) as usize % JOB_TYPES.len()],
+                "tenant": tenant,
+                "created_ms": run.schedule.intended_ns(seq) / 1_000_000,
+                "attempt": 1,
+                "data": pad,
+            }
+        })
+    }
+}
+
+/// One worker: long-poll, record, ack, until aborted (or killed by the failure phase).
 async fn consume(run: Arc<Run>, consumer: String) {
     let receive = format!("{}/v1/queues/{}/receive", run.base, run.name);
     let ack = format!("{}/v1/queues/{}/ack", run.base, run.name);
+    let lease_ms = if run.phase == "failure" { FAILURE_LEASE_MS } else { LEASE_MS };
     loop {
-        let body = json!({"group": "bench", "consumer": consumer, "max": 100, "wait_ms": 500, "lease_ms": 30_000});
+        let body = json!({"group": "bench", "consumer": consumer, "max": RECEIVE_MAX, "wait_ms": 500, "lease_ms": lease_ms});
         let response = match run.client.post(&receive).json(&body).send().await {
             Ok(r) if r.status().is_success() => r,
             // Not published to yet.
@@ -77,6 +134,12 @@ async fn consume(run: Arc<Run>, consumer: String) {
             continue;
         };
         let messages = value["messages"].as_array().cloned().unwrap_or_default();
+        let seqs: Vec<u64> = messages.iter().filter_map(|m| m["body"]["seq"].as_u64()).collect();
+        if !seqs.is_empty() && run.kill_requested() {
+            // Dies holding the leases: nothing processed, nothing acked.
+            run.abandoned(&seqs);
+            return;
+        }
         let mut receipts = Vec::with_capacity(messages.len());
         for message in &messages {
             let Some(seq) = message["body"]["seq"].as_u64() else { continue };
