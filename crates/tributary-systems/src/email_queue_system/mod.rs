@@ -220,13 +220,19 @@ fn queue_config() -> QueueConfig {
     QueueConfig { deliveries_max: QUEUE_DELIVERIES_MAX_MAX, lease_ms_default: WORKER_LEASE_MS, ..QueueConfig::default() }
 }
 
+/// The queue, created if missing, with the senders' group (so that its depth counts from the
+/// first email, before any worker received).
 fn open_queue(engine: &Engine, name: &str) -> anyhow::Result<Arc<Queue>> {
-    if let Ok(queue) = engine.queues.get(name) {
-        return Ok(queue);
-    }
-    match engine.queues.create(name, queue_config()) {
-        Ok(queue) => Ok(queue),
-        Err(QueueError::AlreadyExists { .. }) => Ok(engine.queues.get(name)?),
+    let queue = match engine.queues.get(name) {
+        Ok(queue) => queue,
+        Err(_) => match engine.queues.create(name, queue_config()) {
+            Ok(queue) => queue,
+            Err(QueueError::AlreadyExists { .. }) => engine.queues.get(name)?,
+            Err(error) => return Err(error.into()),
+        },
+    };
+    match queue.create_group(SENDER_GROUP) {
+        Ok(()) | Err(QueueError::AlreadyExists { .. }) => Ok(queue),
         Err(error) => Err(error.into()),
     }
 }
@@ -965,7 +971,7 @@ impl System for EmailSystem {
     }
 
     fn status(&self) -> serde_json::Value {
-        let queue = |queue: &Queue| match queue.stats(None) {
+        let queue = |queue: &Queue| match queue.stats(Some(SENDER_GROUP)) {
             Ok(stats) => json!({"depth": stats.depth, "delayed": stats.delayed, "in_flight": stats.in_flight, "dead_lettered": stats.dead_lettered}),
             Err(error) => json!({"error": error.to_string()}),
         };

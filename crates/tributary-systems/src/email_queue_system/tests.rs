@@ -435,6 +435,8 @@ async fn accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_s
     app.configure(None, None, json!({"domain_rate": {"rate_per_s": 7.0, "burst": 3}})).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app.wait_for(&id, "queued").await["attempts"], 0);
+    let (_, overview) = app.get("/v1/email").await;
+    assert_eq!(overview["queues"]["transactional"]["depth"], 1, "{overview}");
     app.stop().await;
 
     let app = App::start(dir.path()).await;
