@@ -7,6 +7,7 @@
 //! | [`topology`] | a system's components and connections as data, and their structural validation |
 //! | [`metrics`] | live counters and latency percentiles of a running system, for the dashboard |
 //! | [`tiers`] | the design checkpoints as [`Rule`]s and [`check`], which grades a topology against them |
+//! | [`shaping`] | token buckets by key (rate and burst per key), shared by the systems that send to the outside world |
 //!
 //! What is deliberately not here (yet): wiring a topology into running workers, and anything
 //! that does IO. This crate reads no file at run time (the catalogue is embedded with
@@ -19,6 +20,7 @@
 pub mod catalogue;
 mod error;
 pub mod metrics;
+pub mod shaping;
 pub mod tiers;
 pub mod topology;
 

@@ -4,7 +4,8 @@
 //! ([`auth`]), the WebSocket/SSE connection gateway ([`gateway`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
 //! that answers bad bodies in our error format ([`json`]), overload protection, Prometheus
 //! metrics at `/metrics`, `/healthz`, and the OpenAPI document at `/openapi.json` assembled from
-//! the routes the systems contribute ([`SystemApi`]).
+//! the routes the systems contribute ([`SystemApi`]), and signed webhook POSTs to users'
+//! endpoints ([`webhook`]).
 //!
 //! What is not here: any system's own logic (that lives in `tributary-systems`, which hands its
 //! routes in), and any storage (the engine is passed in by the binary).
@@ -14,6 +15,7 @@ pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod json;
+pub mod webhook;
 mod metrics_layer;
 
 use std::net::SocketAddr;

@@ -14,6 +14,7 @@
 //! down into the runtime, the engine or the server.
 
 pub mod basic_message_queue;
+pub mod email_queue_system;
 pub mod simple_pubsub;
 
 use std::sync::Arc;
@@ -55,6 +56,7 @@ pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
+        Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start },
     ]
 }
 

@@ -51,6 +51,7 @@
 //! faults, and the report (`bench/system.rs`, `bench/report.rs`).
 
 pub mod basic_message_queue;
+pub mod email_queue_system;
 pub mod simple_pubsub;
 
 use std::future::Future;
@@ -169,6 +170,7 @@ pub fn registry() -> Vec<Entry> {
     vec![
         entry::<basic_message_queue::BasicMessageQueue>(),
         entry::<simple_pubsub::SimplePubsub>(),
+        entry::<email_queue_system::EmailQueueSystem>(),
     ]
 }
 
