@@ -11,13 +11,15 @@
 //!   durability.
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
-//! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`).
+//! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
+//!   each system's load a small file in [`scenarios`].
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 
 pub mod components;
 pub mod engine;
 pub mod latency;
 pub mod peers;
+pub mod scenarios;
 pub mod system;
 
 use std::path::Path;
