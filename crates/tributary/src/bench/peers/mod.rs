@@ -22,8 +22,8 @@
 //! in `durability` (`always`: fsync before the ack; `interval:<ms>`; `never`: no fsync before the
 //! ack; `memory`: not written to disk at all), the detail in `durability_label`. `--durability`
 //! asks for a class: it picks the RabbitMQ queue type and configures a peer started with
-//! `--spawn-peer`; a peer that cannot give the class asked for still runs, labelled with what it
-//! gave, and the summary says so.
+//! `--spawn-peer`; a peer that cannot give the class asked for (the machine's Redis keeps nothing
+//! on disk) still runs, and its report carries the class it gave, not the one asked for.
 //!
 //! Not here: the peers' own batching APIs beyond what a client does by default (JetStream has no
 //! batch publish in 2.9; RabbitMQ's stream protocol plugin is not used, only AMQP 0.9.1).
