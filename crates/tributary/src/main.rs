@@ -8,6 +8,7 @@ use tributary_runtime::Catalogue;
 use tributary_server::ApiToken;
 use tributary::bench::components::{self, CacheArgs, QueueArgs, ReopenArgs, SubscriptionsArgs};
 use tributary::bench::engine::{self, EngineArgs};
+use tributary::bench::peers::{self, PeerArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "tributary", version, about = "Streaming systems on one engine")]
@@ -42,7 +43,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
-    /// The embedded log alone: closed-loop throughput, or open-loop latency with --rate.
+    /// The embedded log alone: closed-loop throughput, or open-loop latency with --rate; with
+    /// --peer, the same workload against NATS JetStream, Redis Streams or RabbitMQ.
     Engine(EngineCommand),
     /// The work queue: publish and per-message acks with several consumers.
     Queue(Json<QueueArgs>),
@@ -105,6 +107,8 @@ fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
 struct EngineCommand {
     #[command(flatten)]
     args: EngineArgs,
+    #[command(flatten)]
+    peer: PeerArgs,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     json: bool,
@@ -131,7 +135,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench(Bench::Engine(command)) => {
-            let report = engine::run(&command.args)?;
+            let report = if command.peer.peer.is_some() { peers::run(&command.args, &command.peer)? } else { engine::run(&command.args)? };
             if command.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

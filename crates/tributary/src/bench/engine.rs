@@ -150,6 +150,16 @@ pub struct EngineReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_to_end_ms: Option<LatencySummary>,
     pub data_dir: PathBuf,
+    /// `--peer` runs: which peer ran the workload (`nats`, `redis`, `rabbitmq-quorum`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// `--peer` runs: the server's version as the server reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_version: Option<String>,
+    /// `--peer` runs: what the peer really did before acknowledging, in words (`durability`
+    /// holds its class: `always` = fsync before ack, `never` = no fsync, `memory` = not written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durability_label: Option<String>,
     pub machine: Machine,
     pub target: Targets,
 }
@@ -204,6 +214,9 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<EngineReport> {
         publish_ack_ms: measured.publish_ack.map(|h| h.summary()),
         end_to_end_ms: measured.end_to_end.map(|h| h.summary()),
         data_dir: data.path().to_path_buf(),
+        peer: None,
+        peer_version: None,
+        durability_label: None,
         machine,
         target: Targets::new("", Vec::new()),
     };
@@ -214,18 +227,18 @@ pub fn run(args: &EngineArgs) -> anyhow::Result<EngineReport> {
 
 /// The effective shape of a run, after defaults and limits.
 #[derive(Debug, Clone)]
-struct Plan {
-    message_bytes: usize,
-    batch: usize,
-    messages: u64,
-    partitions: u32,
-    producers: usize,
-    rate: Option<u64>,
-    fetch_bytes: usize,
+pub(crate) struct Plan {
+    pub(crate) message_bytes: usize,
+    pub(crate) batch: usize,
+    pub(crate) messages: u64,
+    pub(crate) partitions: u32,
+    pub(crate) producers: usize,
+    pub(crate) rate: Option<u64>,
+    pub(crate) fetch_bytes: usize,
 }
 
 impl Plan {
-    fn from_args(args: &EngineArgs) -> anyhow::Result<Plan> {
+    pub(crate) fn from_args(args: &EngineArgs) -> anyhow::Result<Plan> {
         let rate_mode = args.rate.is_some();
         let batch = args.batch.unwrap_or(if rate_mode { 1 } else { BATCH_DEFAULT_THROUGHPUT });
         let producers = args.producers.unwrap_or(if rate_mode { 1 } else { PRODUCERS_DEFAULT_THROUGHPUT });
@@ -266,18 +279,18 @@ impl Plan {
         Ok(Plan { message_bytes: args.message_bytes, batch, messages: args.messages, partitions: args.partitions, producers, rate: args.rate, fetch_bytes })
     }
 
-    fn batches(&self) -> u64 {
+    pub(crate) fn batches(&self) -> u64 {
         self.messages.div_ceil(self.batch as u64)
     }
 
     /// Records in batch `j` (the last one may be short).
-    fn batch_len(&self, j: u64) -> usize {
+    pub(crate) fn batch_len(&self, j: u64) -> usize {
         (self.messages - j * self.batch as u64).min(self.batch as u64) as usize
     }
 
     /// Partition of batch `j` of producer `producer` (its `k`-th batch): producers spread over
     /// partitions round robin, so every partition gets work whichever side is larger.
-    fn partition_of(&self, producer: usize, k: u64) -> usize {
+    pub(crate) fn partition_of(&self, producer: usize, k: u64) -> usize {
         ((producer as u64 + k * self.producers as u64) % u64::from(self.partitions)) as usize
     }
 }
@@ -556,10 +569,17 @@ impl DataDir {
 impl EngineReport {
     /// A few lines for a person at a terminal.
     pub fn human(&self) -> String {
+        let subject = match (&self.peer, &self.peer_version) {
+            (Some(peer), Some(version)) => format!("peer {peer} ({version})"),
+            _ => "engine".to_string(),
+        };
         let mut out = format!(
-            "engine bench ({} mode): durability {}, {} messages of {} bytes, batch {}, {} partition(s), {} producer(s)\n",
+            "{subject} bench ({} mode): durability {}, {} messages of {} bytes, batch {}, {} partition(s), {} producer(s)\n",
             self.mode, self.durability, self.messages, self.message_bytes, self.batch, self.partitions, self.producers
         );
+        if let Some(label) = &self.durability_label {
+            out += &format!("  durability: {label}\n");
+        }
         out += &format!("  produce  {:>12.0} msgs/s  {:>8.1} MB/s  ({:.2} s)\n", self.produce_msgs_per_s, self.produce_mb_per_s, self.produce_seconds);
         out += &format!("  consume  {:>12.0} msgs/s  {:>8.1} MB/s  ({:.2} s)\n", self.consume_msgs_per_s, self.consume_mb_per_s, self.consume_seconds);
         for (name, summary) in [("publish->ack", self.publish_ack_ms), ("end-to-end  ", self.end_to_end_ms)] {

@@ -6,6 +6,9 @@
 //!
 //! - [`engine`]: the embedded log alone (`tributary-log`), no network: closed-loop throughput
 //!   and open-loop publish/ack and end-to-end latency.
+//! - [`peers`]: the engine bench's workload against NATS JetStream, Redis Streams and RabbitMQ
+//!   on the same machine (`tributary bench engine --peer ...`), labelled with each peer's real
+//!   durability.
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
 //! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
@@ -13,13 +16,11 @@
 //!   [`report`] prints the table and writes JSON, Markdown and SVG latency plots.
 //! - [`plan`]: `tributary plan SYSTEM`, from a bench report to nodes, partitions and cost.
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
-//!
-//! Not here yet: the peers (NATS JetStream, Redis Streams, RabbitMQ)
-//! side by side; they will reuse [`latency`] and [`TargetCheck`].
 
 pub mod components;
 pub mod engine;
 pub mod latency;
+pub mod peers;
 pub mod plan;
 pub mod report;
 pub mod scenarios;
