@@ -15,6 +15,7 @@
 
 pub mod basic_message_queue;
 pub mod simple_pubsub;
+pub mod stock_price_updates;
 
 use std::sync::Arc;
 
@@ -55,6 +56,7 @@ pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
+        Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start },
     ]
 }
 
