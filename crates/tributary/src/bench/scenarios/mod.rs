@@ -39,6 +39,7 @@
 
 pub mod basic_message_queue;
 pub mod simple_pubsub;
+pub mod stock_price_updates;
 
 use std::future::Future;
 use std::ops::Range;
@@ -125,6 +126,7 @@ pub fn registry() -> Vec<Entry> {
     vec![
         entry::<basic_message_queue::BasicMessageQueue>(),
         entry::<simple_pubsub::SimplePubsub>(),
+        entry::<stock_price_updates::StockPriceUpdates>(),
     ]
 }
 
