@@ -3,9 +3,10 @@
 //!
 //! The seed asks for 1,000,000 ticks/s over 10,000 symbols with P99 < 10 ms for price updates
 //! (here: from the ingest request's intended send time to the tick in a subscriber's hands).
-//! The load sends binary batches in which every symbol ticks once with the next sequence
-//! number, so a subscriber can tell from `(symbol, seq)` which batch a tick came from, and a
-//! live WebSocket subscriber on a slice of the symbols checks every tick arrives once.
+//! The load (`crates/tributary/src/bench/scenarios/stock_price_updates.rs`) sends binary
+//! batches in which the symbols tick in turn, each with the next sequence number of its feed,
+//! so a subscriber can tell from `(symbol, seq)` which request a tick came from; a live
+//! WebSocket subscriber on a tenth of the symbols checks every tick arrives once.
 
 /// Ticks per second, open loop.
 pub const TICK_RATE_PER_S: u64 = 1_000_000;
@@ -16,12 +17,6 @@ pub const SYMBOLS: usize = 10_000;
 pub const SUBSCRIBERS: usize = 100_000;
 /// Latency the seed asks for, at the 99th percentile, in milliseconds.
 pub const DELIVERY_P99_MS_MAX: f64 = 10.0;
-
-/// The symbol of the `i`-th instrument of the load: `EXn.SYMm`, ten exchanges, so that
-/// patterns like `EX3.*` select a tenth.
-pub fn symbol(i: usize) -> String {
-    format!("EX{}.S{i:05}", i % 10)
-}
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Scenario {
