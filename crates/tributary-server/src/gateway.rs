@@ -112,6 +112,16 @@ impl WsConnection {
         self.send(message).await
     }
 
+    /// Send a data message already serialized as JSON text (a system that serializes each event
+    /// once for many connections joins them itself); with flow control on, waits for credit.
+    pub async fn send_data_text(&self, json: String) -> Result<(), Closed> {
+        if let Some(credit) = &self.credit {
+            let permit = credit.acquire().await.map_err(|_| Closed)?;
+            permit.forget();
+        }
+        self.outgoing.send(Message::Text(json.into())).await.map_err(|_| Closed)
+    }
+
     /// Credit the client has granted and not used.
     pub fn credit(&self) -> Option<usize> {
         self.credit.as_ref().map(|c| c.available_permits())

@@ -53,6 +53,7 @@
 pub mod basic_message_queue;
 pub mod email_queue_system;
 pub mod simple_pubsub;
+pub mod stock_price_updates;
 
 use std::future::Future;
 use std::ops::Range;
@@ -171,6 +172,7 @@ pub fn registry() -> Vec<Entry> {
         entry::<basic_message_queue::BasicMessageQueue>(),
         entry::<simple_pubsub::SimplePubsub>(),
         entry::<email_queue_system::EmailQueueSystem>(),
+        entry::<stock_price_updates::StockPriceUpdates>(),
     ]
 }
 
