@@ -103,6 +103,12 @@ impl WsConnection {
         self.outgoing.send(Message::Text(text.into())).await.map_err(|_| Closed)
     }
 
+    /// Send text that is already JSON (a system that builds its frames itself, without a
+    /// second serialization): needs no credit.
+    pub async fn send_text(&self, text: String) -> Result<(), Closed> {
+        self.outgoing.send(Message::Text(text.into())).await.map_err(|_| Closed)
+    }
+
     /// Send a data message: with flow control on, waits until the client has granted credit.
     pub async fn send_data(&self, message: &impl Serialize) -> Result<(), Closed> {
         if let Some(credit) = &self.credit {
