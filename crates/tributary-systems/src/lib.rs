@@ -14,6 +14,7 @@
 //! down into the runtime, the engine or the server.
 
 pub mod basic_message_queue;
+pub mod realtime_notifications;
 pub mod simple_pubsub;
 
 use std::sync::Arc;
@@ -54,6 +55,7 @@ pub struct Entry {
 pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
+        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
     ]
 }
