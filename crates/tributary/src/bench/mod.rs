@@ -8,15 +8,17 @@
 //!   and open-loop publish/ack and end-to-end latency.
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
-//! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`).
+//! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
+//!   each system's load a small file in [`scenarios`].
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 //!
-//! Not here yet: HTTP system benches and the peers (NATS JetStream, Redis Streams, RabbitMQ)
+//! Not here yet: the peers (NATS JetStream, Redis Streams, RabbitMQ)
 //! side by side; they will reuse [`latency`] and [`TargetCheck`].
 
 pub mod components;
 pub mod engine;
 pub mod latency;
+pub mod scenarios;
 pub mod system;
 
 use std::path::Path;
