@@ -301,34 +301,63 @@ impl Notifications {
     }
 
     /// Append validated records durably, fan them out, and return where each landed.
+    ///
+    /// Records go to their topic's partition, one batch per partition, all partitions written
+    /// in parallel (each waits for its own sync). If a partition fails, the others' batches are
+    /// still fanned out, the failed partition is resynchronised ([`Notifications::skip_to_log`])
+    /// and the error is returned: the publish may have been partly appended, and a retry may
+    /// deliver the appended part twice.
     pub fn publish(&self, mut records: Vec<Record>) -> Result<Vec<(u32, u64)>, StreamError> {
         let now_ms = tributary_core::now_ms();
         let accepted = Instant::now();
         for record in &mut records {
             record.timestamp_ms = now_ms;
         }
-        let produced = match self.log.produce(&records) {
-            Ok(produced) => produced,
-            Err(error) => {
-                self.metrics.error();
-                return Err(error);
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, record) in records.iter().enumerate() {
+            by_partition.entry(self.log.partition_for(record.key.as_deref(), 0)).or_default().push(i);
+        }
+        let mut appends = Vec::with_capacity(by_partition.len());
+        for (&partition, indexes) in &by_partition {
+            let batch: Vec<Record> = if indexes.len() == records.len() { std::mem::take(&mut records) } else { indexes.iter().map(|&i| records[i].clone()).collect() };
+            let pending = self.log.log(partition).and_then(|log| log.append_pending(&batch, 0, 0).map_err(StreamError::Log));
+            appends.push((partition, batch, pending));
+        }
+        let mut positions = vec![(0u32, 0u64); by_partition.values().map(Vec::len).sum()];
+        let mut batches: BTreeMap<u32, Vec<Arc<Notification>>> = BTreeMap::new();
+        let mut failure = None;
+        for ((partition, batch, pending), indexes) in appends.into_iter().zip(by_partition.values()) {
+            let appended = match pending.and_then(|p| p.wait().map_err(StreamError::Log)) {
+                Ok(appended) => appended,
+                Err(error) => {
+                    failure.get_or_insert(error);
+                    self.skip_to_log(partition);
+                    continue;
+                }
+            };
+            let mut notifications = Vec::with_capacity(batch.len());
+            for (n, (record, &i)) in batch.iter().zip(indexes).enumerate() {
+                let offset = appended.base_offset + n as u64;
+                positions[i] = (partition, offset);
+                let topic = std::str::from_utf8(record.key.as_deref().unwrap_or_default()).expect("topics are ASCII");
+                let data = record.value.as_deref().unwrap_or(b"null");
+                let json = process::notification_json(topic, partition, offset, now_ms, data);
+                let pending = Pending { partition, offset, json: Arc::from(json) };
+                notifications.push(Arc::new(Notification { pending, topic: Arc::from(topic), accepted }));
             }
-        };
-        let mut by_partition: BTreeMap<u32, Vec<Arc<Notification>>> = BTreeMap::new();
-        for (record, at) in records.iter().zip(&produced) {
-            let topic = std::str::from_utf8(record.key.as_deref().unwrap_or_default()).expect("topics are ASCII");
-            let data = record.value.as_deref().unwrap_or(b"null");
-            let json = process::notification_json(topic, at.partition, at.offset, now_ms, data);
-            let pending = Pending { partition: at.partition, offset: at.offset, json: Arc::from(json) };
-            by_partition.entry(at.partition).or_default().push(Arc::new(Notification { pending, topic: Arc::from(topic), accepted }));
+            batches.insert(partition, notifications);
         }
-        for batch in by_partition.values_mut() {
-            batch.sort_by_key(|n| n.pending.offset);
+        let count = batches.values().map(Vec::len).sum::<usize>() as u64;
+        self.fan_out(batches);
+        self.metrics.messages_in(count);
+        self.published.fetch_add(count, Ordering::Relaxed);
+        match failure {
+            Some(error) => {
+                self.metrics.error();
+                Err(error)
+            }
+            None => Ok(positions),
         }
-        self.fan_out(by_partition);
-        self.metrics.messages_in(records.len() as u64);
-        self.published.fetch_add(records.len() as u64, Ordering::Relaxed);
-        Ok(produced.iter().map(|p| (p.partition, p.offset)).collect())
     }
 
     /// Offer each partition's batches to the index strictly in offset order, then raise its
@@ -341,6 +370,10 @@ impl Notifications {
         for (partition, batch) in batches {
             let p = partition as usize;
             let base = batch[0].pending.offset;
+            if base < state.next[p] {
+                // Skipped over after a failed append: connections read it from the log.
+                continue;
+            }
             state.waiting[p].insert(base, batch);
             while let Some(batch) = state.waiting[p].remove(&state.next[p]) {
                 for notification in &batch {
@@ -364,6 +397,35 @@ impl Notifications {
         // together go out in one frame).
         for connection in wake {
             connection.wake.notify_one();
+        }
+    }
+
+    /// After a failed append to `partition`, what the log holds there may never be fanned out
+    /// live. Move the partition's fan-out to the log's end and send every connection to the
+    /// log (as after an overflow): each catches up exactly from its own position.
+    fn skip_to_log(&self, partition: u32) {
+        let Ok((_, end)) = self.log.offsets(partition) else { return };
+        let p = partition as usize;
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if end > state.next[p] {
+            state.next[p] = end;
+            let next = state.next[p];
+            state.waiting[p].retain(|&base, _| base >= next);
+            while let Some(batch) = state.waiting[p].remove(&state.next[p]) {
+                state.next[p] = batch.last().expect("batches are not empty").pending.offset + 1;
+            }
+            self.watermark[p].store(state.next[p], Ordering::Release);
+        }
+        let mut seen = HashSet::new();
+        for connection in state.index.values().flat_map(|c| c.values()) {
+            if seen.insert(connection.id) {
+                let mut queue = connection.queue.lock();
+                queue.overflowed = true;
+                queue.items = VecDeque::new();
+                drop(queue);
+                connection.wake.notify_one();
+            }
         }
     }
 

@@ -522,3 +522,22 @@ async fn the_user_can_be_named_by_header_and_the_status_counts_connections() {
     let counts: HashMap<String, Value> = serde_json::from_value(app.system.gateway().stats().by_system.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>().into()).unwrap();
     assert_eq!(counts.get(super::ID), Some(&json!(1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_is_resynchronised_connections_catch_up_from_the_log_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path()).await;
+    let mut ws = app.ws("user=alice&topics=news").await;
+    app.publish(vec![("news", json!(1))]).await;
+    assert_eq!(ws.notifications(1).await, vec![got("news", json!(1))]);
+    // What a failed append does: every connection is sent to the log from its own position.
+    let (partition, _) = app.publish(vec![("news", json!(2)), ("news", json!(3))]).await[0];
+    app.system.skip_to_log(partition as u32);
+    app.publish(vec![("news", json!(4))]).await;
+    let mut got_all = Vec::new();
+    while got_all.len() < 3 {
+        got_all.extend(ws.frame().await);
+    }
+    assert_eq!(got_all, vec![got("news", json!(2)), got("news", json!(3)), got("news", json!(4))], "no gap, no duplicate");
+    ws.quiet().await;
+}
