@@ -24,7 +24,10 @@
 //! (the topic's class is `always`: fsync with group commit). Then each partition's batch is fanned
 //! out strictly in offset order (appends that finish out of order wait for their predecessors)
 //! through an in-memory index from topic to connections; the partition's watermark is raised
-//! after each batch.
+//! after each batch. A publish answered with an error may have been appended on some
+//! partitions (each partition is one batch; there is no cross-partition transaction), so a retry
+//! may deliver those twice; after a failed append every connection catches up from the log, so a
+//! failure never leaves a gap.
 //!
 //! **Topics.** A connection names its topics (`?topics=a,b`, at most `TOPICS_PER_CONNECTION_MAX`)
 //! and is always subscribed to its user's personal topic `user.<id>`, which no other user may

@@ -10,12 +10,15 @@
 //!   trie, the cache, and reopening a large log.
 //! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
 //!   each system's load a small file in [`scenarios`].
+//! - [`connections`]: WebSocket connections one node holds, their memory each, and a
+//!   notification to all of them (`tributary bench connections`).
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 //!
 //! Not here yet: the peers (NATS JetStream, Redis Streams, RabbitMQ)
 //! side by side; they will reuse [`latency`] and [`TargetCheck`].
 
 pub mod components;
+pub mod connections;
 pub mod engine;
 pub mod latency;
 pub mod scenarios;

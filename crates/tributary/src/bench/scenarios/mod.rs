@@ -38,6 +38,7 @@
 //! What is not here: the command line, the in-process server and the report (`bench/system.rs`).
 
 pub mod basic_message_queue;
+pub mod realtime_notifications;
 pub mod simple_pubsub;
 
 use std::future::Future;
@@ -125,6 +126,7 @@ pub fn registry() -> Vec<Entry> {
     vec![
         entry::<basic_message_queue::BasicMessageQueue>(),
         entry::<simple_pubsub::SimplePubsub>(),
+        entry::<realtime_notifications::RealtimeNotifications>(),
     ]
 }
 
