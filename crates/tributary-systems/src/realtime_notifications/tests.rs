@@ -282,7 +282,7 @@ fn topics(n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_with_the_token_gets_exactly_what_was_missed_then_live() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start_with(dir.path(), NotificationsConfig { partitions: 4, ..NotificationsConfig::default() }).await;
     let mine = topics(8);
     let query = format!("user=alice&topics={}", mine.join(","));
     let mut ws = app.ws(&query).await;

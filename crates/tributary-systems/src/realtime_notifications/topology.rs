@@ -16,7 +16,7 @@ pub const TOPOLOGY: &str = r#"{
     {"name": "Front door", "kind": "lb"},
     {"name": "Notification API", "kind": "app"},
     {"name": "WebSocket / SSE servers", "kind": "app", "params": {"replicas": 20}},
-    {"name": "Notification log", "kind": "stream", "params": {"partitions": 4}},
+    {"name": "Notification log", "kind": "stream", "params": {"partitions": 1}},
     {"name": "Presence registry", "kind": "cache"}
   ],
   "connections": [
