@@ -40,6 +40,10 @@ pub const INBOUND_FRAMES_MAX: usize = 64;
 pub const CREDIT_MAX: usize = 100_000;
 /// Largest frame a client may send, in bytes.
 pub const CLIENT_FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// Read buffer of one WebSocket, in bytes. tungstenite's default (128 KiB) is zero-filled on the
+/// first read, so every idle connection would hold 128 KiB resident; clients send small control
+/// frames here, and a larger frame still arrives whole (the buffer grows for it).
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a closing connection's handler gets to notice before it is stopped.
 pub const HANDLER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection gets to flush its queued frames and the close frame.
@@ -100,6 +104,12 @@ impl WsConnection {
     /// Send a control message (an error, a subscription confirmation): needs no credit.
     pub async fn send(&self, message: &impl Serialize) -> Result<(), Closed> {
         let text = serde_json::to_string(message).expect("messages serialize");
+        self.outgoing.send(Message::Text(text.into())).await.map_err(|_| Closed)
+    }
+
+    /// Send text that is already JSON (a system that builds its frames itself, without a
+    /// second serialization): needs no credit.
+    pub async fn send_text(&self, text: String) -> Result<(), Closed> {
         self.outgoing.send(Message::Text(text.into())).await.map_err(|_| Closed)
     }
 
@@ -212,6 +222,7 @@ impl Gateway {
         let (heartbeat, idle_timeout, closed) = (self.inner.heartbeat, self.inner.idle_timeout, self.closed());
         upgrade
             .max_message_size(CLIENT_FRAME_BYTES_MAX)
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
             .on_upgrade(move |socket| run_websocket(socket, admission, heartbeat, idle_timeout, closed, initial_credit, handler))
     }
 

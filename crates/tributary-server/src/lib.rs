@@ -1,7 +1,8 @@
 //! The front door: one HTTP server that hosts every implemented system.
 //!
 //! What is here: the server's configuration and start-up ([`serve`]), API tokens and scopes
-//! ([`auth`]), the WebSocket/SSE connection gateway ([`gateway`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
+//! ([`auth`]), the WebSocket/SSE connection gateway ([`gateway`]), presence of connected users
+//! ([`presence`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
 //! that answers bad bodies in our error format ([`json`]), overload protection, Prometheus
 //! metrics at `/metrics`, `/healthz`, and the OpenAPI document at `/openapi.json` assembled from
 //! the routes the systems contribute ([`SystemApi`]), and signed webhook POSTs to users'
@@ -17,6 +18,7 @@ pub mod gateway;
 pub mod json;
 pub mod webhook;
 mod metrics_layer;
+pub mod presence;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ pub use auth::ApiToken;
 pub use error::{ApiError, blocking};
 pub use gateway::{Gateway, WsConnection};
 pub use json::Json;
+pub use presence::Presence;
 pub use utoipa;
 pub use utoipa_axum;
 

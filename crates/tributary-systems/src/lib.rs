@@ -15,6 +15,7 @@
 
 pub mod basic_message_queue;
 pub mod email_queue_system;
+pub mod realtime_notifications;
 pub mod simple_pubsub;
 pub mod stock_price_updates;
 
@@ -56,6 +57,7 @@ pub struct Entry {
 pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
+        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start },
         Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start },

@@ -7,6 +7,7 @@ use tributary::platform;
 use tributary_runtime::Catalogue;
 use tributary_server::ApiToken;
 use tributary::bench::components::{self, CacheArgs, QueueArgs, ReopenArgs, SubscriptionsArgs};
+use tributary::bench::connections::{self, ConnectionsArgs};
 use tributary::bench::engine::{self, EngineArgs};
 use tributary::bench::peers::{self, PeerArgs};
 
@@ -54,6 +55,8 @@ enum Bench {
     Cache(Json<CacheArgs>),
     /// Fill a log to a size, close it, and time reopening it and the first durable append.
     Reopen(Json<ReopenArgs>),
+    /// WebSocket connections one node holds, memory per connection, broadcast to all of them.
+    Connections(Json<ConnectionsArgs>),
     /// `tributary bench SYSTEM [--phase normal|peak|failure|all] [--target URL] [--rate R] [--report DIR] ...`:
     /// a system over its HTTP API.
     #[command(external_subcommand)]
@@ -146,6 +149,10 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(Bench::Subscriptions(command)) => print_json(&components::run_subscriptions(&command.args))?,
         Command::Bench(Bench::Cache(command)) => print_json(&components::run_cache(&command.args))?,
         Command::Bench(Bench::Reopen(command)) => print_json(&components::run_reopen(&command.args)?)?,
+        Command::Bench(Bench::Connections(command)) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            print_json(&runtime.block_on(connections::run(&command.args))?)?
+        }
         Command::Bench(Bench::System(words)) => {
             let command = SystemCommand::try_parse_from(std::iter::once("tributary-bench".to_string()).chain(words)).unwrap_or_else(|e| e.exit());
             let runtime = tokio::runtime::Runtime::new()?;

@@ -15,9 +15,12 @@
 //!   each system's load a small file in [`scenarios`], in phases (normal, peak, failure);
 //!   [`report`] prints the table and writes JSON, Markdown and SVG latency plots.
 //! - [`plan`]: `tributary plan SYSTEM`, from a bench report to nodes, partitions and cost.
+//! - [`connections`]: WebSocket connections one node holds, their memory each, and a
+//!   notification to all of them (`tributary bench connections`).
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 
 pub mod components;
+pub mod connections;
 pub mod engine;
 pub mod latency;
 pub mod peers;
