@@ -41,8 +41,14 @@ pub trait System: Send + Sync + 'static {
     fn metrics(&self) -> &SystemMetrics;
     /// Figures of its own for the dashboard (queue depth, lag, subscriptions, ...).
     fn status(&self) -> serde_json::Value;
-    /// Stop background work before the engine closes.
+    /// Ask background work to stop before the engine closes.
     fn shutdown(&self) {}
+    /// Resolves once the background work asked to stop by [`System::shutdown`] has finished and
+    /// let go of its engine handles (the platform closes the engine, and may reopen its folder,
+    /// after this).
+    fn stopped(&self) -> tributary_engine::BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// One implemented system: its id (as in the catalogue), its declared topology, and how to

@@ -90,6 +90,9 @@ pub async fn up(config: UpConfig) -> anyhow::Result<()> {
     run(config, listener, tributary_server::termination()).await
 }
 
+/// How long a stopping system's background work may take to finish before the engine closes.
+pub const SYSTEM_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serve on `listener` until `shutdown` resolves.
 pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
@@ -141,6 +144,11 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     upkeep.abort();
     for system in &running {
         system.shutdown();
+    }
+    for system in &running {
+        if tokio::time::timeout(SYSTEM_STOP_TIMEOUT, system.stopped()).await.is_err() {
+            tracing::warn!(system = system.id(), "background work did not stop within {SYSTEM_STOP_TIMEOUT:?}; closing the engine anyway");
+        }
     }
     drop(running);
     tokio::task::spawn_blocking(move || engine.close()).await?.context("closing the engine")?;

@@ -1000,14 +1000,14 @@ impl System for EmailSystem {
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
     }
-}
 
-impl EmailSystem {
-    /// Wait until every worker has left (after [`System::shutdown`]).
-    pub async fn stopped(&self) {
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
-        for task in tasks {
-            let _ = task.await;
-        }
+    /// Every worker has left.
+    fn stopped(&self) -> tributary_engine::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
+            for task in tasks {
+                let _ = task.await;
+            }
+        })
     }
 }
