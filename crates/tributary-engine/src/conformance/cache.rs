@@ -1,18 +1,15 @@
 //! The cache interface's guarantees ([`CacheStore`]), one case each. Keys are namespaced per
 //! run and per case, so the suite can run against a shared Redis and several runs at once.
 
-use std::future::Future;
 use std::ops::Bound;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tributary_core::limits::{CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_VALUE_BYTES_MAX};
 
-use super::Report;
+use super::{CaseFuture, Report, ok, refused};
 use crate::cache::{CacheError, CacheResult, CacheStore, KeyType, Limit, Order, Ttl};
 
-type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// One guarantee.
 pub struct Case {
@@ -66,35 +63,9 @@ impl Keys {
     }
 }
 
-macro_rules! check {
-    ($cond:expr, $($what:tt)+) => {
-        if !$cond {
-            return Err(format!($($what)+));
-        }
-    };
-}
 
-macro_rules! check_eq {
-    ($left:expr, $right:expr) => {{
-        let (left, right) = (&$left, &$right);
-        if left != right {
-            return Err(format!("{} was {:?}, expected {:?}", stringify!($left), left, right));
-        }
-    }};
-}
 
-/// The error a call must fail with.
-fn refused<T: std::fmt::Debug>(result: CacheResult<T>, what: &str, expected: fn(&CacheError) -> bool) -> Result<(), String> {
-    match result {
-        Err(e) if expected(&e) => Ok(()),
-        other => Err(format!("{what}: expected a specific refusal, got {other:?}")),
-    }
-}
 
-/// A cache error as a case failure.
-fn ok<T>(result: CacheResult<T>, what: &str) -> Result<T, String> {
-    result.map_err(|e| format!("{what}: {e}"))
-}
 
 fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())

@@ -9,6 +9,23 @@
 //! | cache ([`crate::cache::CacheStore`]) | [`cache::CASES`] |
 //! | stream ([`crate::stream::StreamStore`]) | [`stream::CASES`] |
 
+macro_rules! check {
+    ($cond:expr, $($what:tt)+) => {
+        if !$cond {
+            return Err(format!($($what)+));
+        }
+    };
+}
+
+macro_rules! check_eq {
+    ($left:expr, $right:expr) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            return Err(format!("{} was {:?}, expected {:?}", stringify!($left), left, right));
+        }
+    }};
+}
+
 pub mod cache;
 pub mod stream;
 
@@ -40,5 +57,21 @@ impl std::fmt::Display for Report {
             writeln!(f, "  FAIL {case}: {why}")?;
         }
         Ok(())
+    }
+}
+
+/// What a case's async body is: `Err` says what was wrong.
+pub(crate) type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// The value of a call that must succeed, or the case's failure naming the call.
+pub(crate) fn ok<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Result<T, String> {
+    result.map_err(|e| format!("{what}: {e}"))
+}
+
+/// A call that must fail with the error `expected` accepts.
+pub(crate) fn refused<T: std::fmt::Debug, E: std::fmt::Debug>(result: Result<T, E>, what: &str, expected: fn(&E) -> bool) -> Result<(), String> {
+    match result {
+        Err(e) if expected(&e) => Ok(()),
+        other => Err(format!("{what}: expected a specific refusal, got {other:?}")),
     }
 }

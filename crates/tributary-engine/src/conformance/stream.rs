@@ -1,20 +1,17 @@
 //! The stream interface's guarantees ([`StreamStore`]), one case each. Every case works on
 //! topics of its own (`<namespace>-<case>`), deleted at its end.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tributary_core::{Header, Record, StoredRecord, now_ms, partition_for_key};
 
-use super::Report;
+use super::{CaseFuture, Report, ok, refused};
 use tributary_log::LogError;
 
 use crate::StreamError;
 use crate::stream::{StreamStore, TopicConfig};
 
-type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// One guarantee.
 pub struct Case {
@@ -56,33 +53,9 @@ pub async fn run(store: &dyn StreamStore, namespace: &str) -> Report {
     report
 }
 
-macro_rules! check {
-    ($cond:expr, $($what:tt)+) => {
-        if !$cond {
-            return Err(format!($($what)+));
-        }
-    };
-}
 
-macro_rules! check_eq {
-    ($left:expr, $right:expr) => {{
-        let (left, right) = (&$left, &$right);
-        if left != right {
-            return Err(format!("{} was {:?}, expected {:?}", stringify!($left), left, right));
-        }
-    }};
-}
 
-fn ok<T>(result: crate::Result<T>, what: &str) -> Result<T, String> {
-    result.map_err(|e| format!("{what}: {e}"))
-}
 
-fn refused<T: std::fmt::Debug>(result: crate::Result<T>, what: &str, expected: fn(&StreamError) -> bool) -> Result<(), String> {
-    match result {
-        Err(e) if expected(&e) => Ok(()),
-        other => Err(format!("{what}: expected a specific refusal, got {other:?}")),
-    }
-}
 
 fn topic_config(partitions: u32) -> TopicConfig {
     TopicConfig { partitions, ..TopicConfig::default() }
