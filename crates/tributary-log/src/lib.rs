@@ -25,7 +25,7 @@ mod log;
 mod producers;
 mod segment;
 
-pub use config::{Durability, LogConfig, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
+pub use config::{Durability, LogConfig, NEVER_BACKGROUND_SYNC, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN};
 pub use error::{LogError, Result};
 pub use log::{Appended, CompactionReport, Log, PendingAppend, RecoveryReport, RetentionReport};
 pub use producers::{PRODUCER_BATCHES_CACHED, PRODUCERS_MAX};

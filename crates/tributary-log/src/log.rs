@@ -19,7 +19,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use tributary_core::{Record, StoredRecord, now_ms};
 
 use crate::batch::{self, BatchHeader, DecodeError};
-use crate::config::{Durability, LogConfig};
+use crate::config::{Durability, LogConfig, NEVER_BACKGROUND_SYNC};
 use crate::error::{IoContext, LogError, Result};
 use crate::producers::{CachedBatch, ProducerTable, SequenceCheck};
 use crate::segment::{self, Segment, SegmentIndex};
@@ -148,8 +148,10 @@ impl Log {
             closed: AtomicBool::new(false),
             _lock_file: lock_file,
         });
-        if let Durability::Interval(every) = shared.config.durability {
-            spawn_flusher(Arc::downgrade(&shared), every);
+        match shared.config.durability {
+            Durability::Always => {}
+            Durability::Interval(every) => spawn_flusher(Arc::downgrade(&shared), every),
+            Durability::Never => spawn_flusher(Arc::downgrade(&shared), NEVER_BACKGROUND_SYNC),
         }
         Ok((Log { shared }, report))
     }
