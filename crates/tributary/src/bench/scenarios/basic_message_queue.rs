@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, Zipf, mix, padding};
+use super::{Run, Scenario, Zipf, expect_status, mix, padding};
 use crate::bench::system::SystemArgs;
 
 pub struct BasicMessageQueue {
@@ -79,8 +79,7 @@ impl Scenario for BasicMessageQueue {
     async fn send(&self, run: &Arc<Run>, seqs: Range<u64>) -> anyhow::Result<()> {
         let messages: Vec<_> = seqs.map(|seq| self.message(run, seq)).collect();
         let response = run.client.post(format!("{}/v1/queues/{}/messages", run.base, run.name)).json(&json!({"messages": messages})).send().await?;
-        anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "publish answered {}", response.status());
-        Ok(())
+        expect_status(response, reqwest::StatusCode::CREATED, "publish").await
     }
 
     async fn finish(&self, run: &Arc<Run>) {
@@ -150,7 +149,10 @@ async fn consume(run: Arc<Run>, consumer: String) {
             continue;
         }
         match run.client.post(&ack).json(&json!({"group": "bench", "receipts": receipts})).send().await {
-            Ok(r) if r.status().is_success() => {}
+            Ok(r) if r.status().is_success() => {
+                // Read to the end so that the connection goes back to the pool.
+                let _ = r.bytes().await;
+            }
             _ => run.error(),
         }
     }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, padding};
+use super::{Run, Scenario, expect_status, padding};
 use crate::bench::latency::LatencyHistogram;
 use crate::bench::system::SystemArgs;
 
@@ -110,8 +110,7 @@ impl Scenario for EmailQueueSystem {
             })
             .collect();
         let response = run.client.post(format!("{}/v1/email/messages", run.base)).json(&json!({"messages": messages})).send().await?;
-        anyhow::ensure!(response.status() == reqwest::StatusCode::ACCEPTED, "send answered {}", response.status());
-        Ok(())
+        expect_status(response, reqwest::StatusCode::ACCEPTED, "send").await
     }
 }
 

@@ -654,6 +654,16 @@ pub fn achieved_rate(delivered: u64, window_seconds: u64, span_ns: u64, p50_ms: 
 
 /// `"x"` repeated to pad a JSON payload to about `bytes` (the rest of the payload is about
 /// `overhead` bytes).
+/// Check that `response` has `status`, reading its body either way: a response dropped with
+/// its body unread cannot give its connection back to the client's pool, so every request
+/// would open a new connection (and the machine fills with TIME-WAIT sockets).
+pub async fn expect_status(response: reqwest::Response, status: reqwest::StatusCode, what: &str) -> anyhow::Result<()> {
+    let got = response.status();
+    let body = response.bytes().await?;
+    anyhow::ensure!(got == status, "{what} answered {got}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    Ok(())
+}
+
 pub fn padding(bytes: usize, overhead: usize) -> String {
     "x".repeat(bytes.saturating_sub(overhead))
 }

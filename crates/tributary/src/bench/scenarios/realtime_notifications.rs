@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, padding};
+use super::{Run, Scenario, expect_status, padding};
 use crate::bench::system::SystemArgs;
 
 pub struct RealtimeNotifications {
@@ -101,7 +101,6 @@ impl Scenario for RealtimeNotifications {
     async fn send(&self, run: &Arc<Run>, seqs: Range<u64>) -> anyhow::Result<()> {
         let notifications: Vec<_> = seqs.map(|seq| json!({"topic": self.topic(run, seq as usize), "data": {"seq": seq, "pad": self.padding}})).collect();
         let response = run.client.post(format!("{}/v1/notifications/publish", run.base)).json(&json!({"notifications": notifications})).send().await?;
-        anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "publish answered {}", response.status());
-        Ok(())
+        expect_status(response, reqwest::StatusCode::CREATED, "publish").await
     }
 }

@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, Zipf, mix, padding};
+use super::{Run, Scenario, Zipf, expect_status, mix, padding};
 use crate::bench::system::SystemArgs;
 
 pub struct SimplePubsub {
@@ -121,8 +121,7 @@ impl Scenario for SimplePubsub {
             })
             .collect();
         let response = run.client.post(format!("{}/v1/pubsub/publish", run.base)).json(&json!({"messages": messages})).send().await?;
-        anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "publish answered {}", response.status());
-        Ok(())
+        expect_status(response, reqwest::StatusCode::CREATED, "publish").await
     }
 
     async fn finish(&self, run: &Arc<Run>) {

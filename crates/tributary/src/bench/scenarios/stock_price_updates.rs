@@ -123,11 +123,12 @@ impl Scenario for StockPriceUpdates {
         }
         let response = run.client.post(format!("{}/v1/stocks/ticks", run.base)).header("content-type", "application/octet-stream").body(body).send().await?;
         let status = response.status();
+        // Read to the end either way, so that the connection goes back to the pool.
+        let text = response.text().await.unwrap_or_default();
         if status == reqwest::StatusCode::CREATED {
             return Ok(());
         }
         // A retry of ticks that were already durable: the system refuses them as duplicates.
-        let text = response.text().await.unwrap_or_default();
         anyhow::ensure!(status == reqwest::StatusCode::BAD_REQUEST && text.contains("duplicate or out of order"), "ingest answered {status}: {text}");
         Ok(())
     }
