@@ -65,9 +65,11 @@ pub struct SystemArgs {
     /// Pub/sub scenarios: subscriptions registered before the load (default: the seed's count).
     #[arg(long)]
     pub subscriptions: Option<usize>,
-    /// Messages per publish request (pub/sub scenarios publish in batches).
-    #[arg(long, default_value_t = 10)]
-    pub publish_batch: u64,
+    /// Messages per publish request [default: each scenario's own: 10 for pub/sub,
+    /// notifications and email, 5,000 ticks for stock-price-updates, 1 for
+    /// basic-message-queue (one job per request)].
+    #[arg(long)]
+    pub publish_batch: Option<u64>,
     /// Which phases to run.
     #[arg(long, value_enum, default_value_t = PhaseChoice::Normal)]
     pub phase: PhaseChoice,

@@ -1,5 +1,5 @@
 //! basic-message-queue under load: producers publish jobs, one message per `POST
-//! /v1/queues/{q}/messages`, and `--consumers` workers of one consumer group receive with long
+//! /v1/queues/{q}/messages` (or `--publish-batch` per request), and `--consumers` workers of one consumer group receive with long
 //! polls (`max` 100) and ack each batch. Success: every acknowledged message consumed, once.
 //!
 //! Payloads look like a job queue's: a job type, a tenant (Zipf-skewed over 1,000 tenants, also
@@ -22,11 +22,12 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, Zipf, expect_status, mix, padding};
+use super::{Run, Scenario, Zipf, expect_status, mix, padding, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct BasicMessageQueue {
     consumers: usize,
+    batch: u64,
     padding: String,
 }
 
@@ -52,11 +53,15 @@ impl Scenario for BasicMessageQueue {
     fn new(args: &SystemArgs, spec: &SystemSpec) -> anyhow::Result<Self> {
         let consumers = args.consumers.unwrap_or(spec.constants.get("consumer_count").and_then(|c| c.value).map_or(CONSUMERS_DEFAULT, |v| v as usize));
         anyhow::ensure!(consumers > 0, "--consumers must be at least 1");
-        Ok(BasicMessageQueue { consumers, padding: padding(args.message_bytes * 3 / 2, BODY_OVERHEAD_BYTES) })
+        Ok(BasicMessageQueue { consumers, batch: publish_batch(args, 1), padding: padding(args.message_bytes * 3 / 2, BODY_OVERHEAD_BYTES) })
+    }
+
+    fn batch(&self) -> u64 {
+        self.batch
     }
 
     fn describe(&self) -> serde_json::Value {
-        json!({"consumers": self.consumers, "lease_ms": LEASE_MS, "failure_lease_ms": FAILURE_LEASE_MS, "receive_max": RECEIVE_MAX, "tenants": TENANTS, "tenant_skew": "zipf 1.0", "dedup_id": true})
+        json!({"consumers": self.consumers, "publish_batch": self.batch, "lease_ms": LEASE_MS, "failure_lease_ms": FAILURE_LEASE_MS, "receive_max": RECEIVE_MAX, "tenants": TENANTS, "tenant_skew": "zipf 1.0", "dedup_id": true})
     }
 
     fn at_least_once(&self) -> bool {

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, expect_status, padding};
+use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, expect_status, padding, publish_batch};
 use crate::bench::latency::LatencyHistogram;
 use crate::bench::system::SystemArgs;
 
@@ -48,7 +48,7 @@ impl Scenario for EmailQueueSystem {
 
     fn new(args: &SystemArgs, _spec: &SystemSpec) -> anyhow::Result<Self> {
         Ok(EmailQueueSystem {
-            batch: args.publish_batch.max(1),
+            batch: publish_batch(args, PUBLISH_BATCH_DEFAULT),
             padding: padding(args.message_bytes, TEXT_OVERHEAD_BYTES),
             transactional: Mutex::new(LatencyHistogram::new()),
             relay: Mutex::new(None),

@@ -664,6 +664,14 @@ pub async fn expect_status(response: reqwest::Response, status: reqwest::StatusC
     Ok(())
 }
 
+/// Messages per publish request of the scenarios that batch, unless `--publish-batch` says.
+pub const PUBLISH_BATCH_DEFAULT: u64 = 10;
+
+/// `--publish-batch`, else `default`; at least 1.
+pub fn publish_batch(args: &SystemArgs, default: u64) -> u64 {
+    args.publish_batch.unwrap_or(default).max(1)
+}
+
 pub fn padding(bytes: usize, overhead: usize) -> String {
     "x".repeat(bytes.saturating_sub(overhead))
 }

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, expect_status, padding};
+use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, expect_status, padding, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct RealtimeNotifications {
@@ -49,7 +49,7 @@ impl Scenario for RealtimeNotifications {
     fn new(args: &SystemArgs, spec: &SystemSpec) -> anyhow::Result<Self> {
         let topics = spec.constants.get("topics_count").and_then(|c| c.value).map_or(TOPICS_DEFAULT, |v| v as usize);
         let connections = args.consumers.unwrap_or(CONNECTIONS_DEFAULT).clamp(CONNECTIONS_MIN, topics);
-        Ok(RealtimeNotifications { connections, topics, batch: args.publish_batch.max(1), padding: padding(args.message_bytes, DATA_OVERHEAD_BYTES) })
+        Ok(RealtimeNotifications { connections, topics, batch: publish_batch(args, PUBLISH_BATCH_DEFAULT), padding: padding(args.message_bytes, DATA_OVERHEAD_BYTES) })
     }
 
     fn batch(&self) -> u64 {

@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, Zipf, expect_status, mix, padding};
+use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, Zipf, expect_status, mix, padding, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct SimplePubsub {
@@ -54,7 +54,7 @@ impl Scenario for SimplePubsub {
 
     fn new(args: &SystemArgs, spec: &SystemSpec) -> anyhow::Result<Self> {
         let subscriptions = args.subscriptions.unwrap_or(spec.constants.get("subscribers").and_then(|c| c.value).map_or(SUBSCRIPTIONS_DEFAULT, |v| v as usize));
-        Ok(SimplePubsub { subscriptions, batch: args.publish_batch.max(1), padding: padding(args.message_bytes, DATA_OVERHEAD_BYTES), registered: AtomicBool::new(false) })
+        Ok(SimplePubsub { subscriptions, batch: publish_batch(args, PUBLISH_BATCH_DEFAULT), padding: padding(args.message_bytes, DATA_OVERHEAD_BYTES), registered: AtomicBool::new(false) })
     }
 
     fn batch(&self) -> u64 {

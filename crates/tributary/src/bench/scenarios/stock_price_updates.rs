@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 use tributary_systems::stock_price_updates::{process, scenario};
 
-use super::{Run, Scenario};
+use super::{Run, Scenario, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct StockPriceUpdates {
@@ -29,8 +29,6 @@ pub struct StockPriceUpdates {
 
 /// Ticks per request when `--publish-batch` is left at its default.
 const BATCH_DEFAULT: u64 = 5_000;
-/// The `--publish-batch` default of the command (pub/sub sized).
-const PUBLISH_BATCH_OPTION_DEFAULT: u64 = 10;
 /// The subscriber's exchange: symbols `i` with `i % 10 == SUBSCRIBED`.
 const SUBSCRIBED: usize = 0;
 /// Replay overlap after a reconnect, in milliseconds.
@@ -44,7 +42,7 @@ impl Scenario for StockPriceUpdates {
     const SYSTEM: &'static str = "stock-price-updates";
 
     fn new(args: &SystemArgs, _spec: &SystemSpec) -> anyhow::Result<Self> {
-        let batch = if args.publish_batch == PUBLISH_BATCH_OPTION_DEFAULT { BATCH_DEFAULT } else { args.publish_batch.max(1) };
+        let batch = publish_batch(args, BATCH_DEFAULT);
         anyhow::ensure!(batch as usize <= process::TICKS_PER_REQUEST_MAX, "--publish-batch is over TICKS_PER_REQUEST_MAX ({})", process::TICKS_PER_REQUEST_MAX);
         Ok(StockPriceUpdates { batch, symbols: OnceLock::new() })
     }
