@@ -65,9 +65,7 @@ pub struct SystemArgs {
     /// Pub/sub scenarios: subscriptions registered before the load (default: the seed's count).
     #[arg(long)]
     pub subscriptions: Option<usize>,
-    /// Messages per publish request [default: each scenario's own: 10 for pub/sub,
-    /// notifications and email, 5,000 ticks for stock-price-updates, 1 for
-    /// basic-message-queue (one job per request)].
+    /// Messages per publish request [default: 10; 5,000 ticks for stock-price-updates].
     #[arg(long)]
     pub publish_batch: Option<u64>,
     /// Which phases to run.

@@ -1,6 +1,7 @@
-//! basic-message-queue under load: producers publish jobs, one message per `POST
-//! /v1/queues/{q}/messages` (or `--publish-batch` per request), and `--consumers` workers of one consumer group receive with long
-//! polls (`max` 100) and ack each batch. Success: every acknowledged message consumed, once.
+//! basic-message-queue under load: producers publish jobs, `--publish-batch` (10) per `POST
+//! /v1/queues/{q}/messages` as a client batching like SQS's `SendMessageBatch` does, and
+//! `--consumers` workers of one consumer group receive with long polls (`max` 100) and ack each
+//! batch. Success: every acknowledged message consumed, once.
 //!
 //! Payloads look like a job queue's: a job type, a tenant (Zipf-skewed over 1,000 tenants, also
 //! the message key), a creation time, an attempt number and a body whose size varies around
@@ -22,7 +23,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, Zipf, expect_status, mix, padding, publish_batch};
+use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, Zipf, expect_status, mix, padding, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct BasicMessageQueue {
@@ -53,7 +54,7 @@ impl Scenario for BasicMessageQueue {
     fn new(args: &SystemArgs, spec: &SystemSpec) -> anyhow::Result<Self> {
         let consumers = args.consumers.unwrap_or(spec.constants.get("consumer_count").and_then(|c| c.value).map_or(CONSUMERS_DEFAULT, |v| v as usize));
         anyhow::ensure!(consumers > 0, "--consumers must be at least 1");
-        Ok(BasicMessageQueue { consumers, batch: publish_batch(args, 1), padding: padding(args.message_bytes * 3 / 2, BODY_OVERHEAD_BYTES) })
+        Ok(BasicMessageQueue { consumers, batch: publish_batch(args, PUBLISH_BATCH_DEFAULT), padding: padding(args.message_bytes * 3 / 2, BODY_OVERHEAD_BYTES) })
     }
 
     fn batch(&self) -> u64 {
