@@ -3,9 +3,10 @@
 //! seed's own template plan.
 //!
 //! The model, stated so that a reader can disagree with it:
-//! - **Per-node capacity** is the highest rate one node sustained in the bench (the peak
-//!   phase's `sustained_rate`), or, without a peak phase, the normal phase's achieved rate
-//!   (then only a lower bound: the node may carry more). It was measured with the load
+//! - **Per-node capacity** is the highest rate one node sustained in the bench within the
+//!   seed's latency target (the peak phase's `within_latency_rate`), or, when no peak step
+//!   did, the normal phase's achieved rate (then only a lower bound: the node may carry more).
+//!   A rate carried seconds late (`sustained_rate`) does not count. It was measured with the load
 //!   generator on the same cores, so it understates a dedicated node.
 //! - **Headroom**: nodes run at most at `--utilization` (default 0.7) of that capacity, so a
 //!   burst or a lost node does not push the rest past what was measured.
@@ -63,7 +64,7 @@ pub const SECONDS_PER_MONTH: f64 = 30.0 * 24.0 * 3600.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct Measured {
     pub per_node_rate: f64,
-    /// `peak.sustained_rate`, or `normal.achieved_rate` (a lower bound).
+    /// `peak.within_latency_rate`, or `normal.achieved_rate` (a lower bound).
     pub source: String,
     pub partitions_per_node: u64,
     /// The seed's latency percentile, as measured at the normal rate.
@@ -157,10 +158,10 @@ fn measured(phases: &[serde_json::Value], spec: &SystemSpec, system: &str) -> an
         bail!("the report is of {}, not {system}", other["system"]);
     }
     let normal = phase("normal");
-    let (per_node_rate, source) = match (phase("peak").and_then(|p| p["peak"]["sustained_rate"].as_f64()), normal.and_then(|p| p["achieved_rate"].as_f64())) {
-        (Some(rate), _) => (rate, "the peak phase's highest sustained rate".to_string()),
-        (None, Some(rate)) => (rate, "the normal phase's achieved rate (a lower bound: no peak phase sustained a higher one)".to_string()),
-        (None, None) => bail!("the report has neither a sustained peak rate nor a normal phase"),
+    let (per_node_rate, source) = match (phase("peak").and_then(|p| p["peak"]["within_latency_rate"].as_f64()), normal.and_then(|p| p["achieved_rate"].as_f64())) {
+        (Some(rate), _) => (rate, "the peak phase's highest rate sustained within the seed's latency target".to_string()),
+        (None, Some(rate)) => (rate, "the normal phase's achieved rate (a lower bound: no peak step sustained a higher rate within the seed's latency target)".to_string()),
+        (None, None) => bail!("the report has neither a peak rate within the latency target nor a normal phase"),
     };
     anyhow::ensure!(per_node_rate > 0.0, "the report measured no throughput");
     let percentile = spec.nonfunctional.latency.as_ref().map_or(99, |l| l.percentile);
@@ -253,14 +254,20 @@ mod tests {
     }
 
     #[test]
-    fn a_report_gives_the_peak_sustained_rate_or_else_a_normal_lower_bound() {
+    fn a_report_gives_the_peak_rate_within_latency_or_else_a_normal_lower_bound() {
         let spec = Catalogue::get().system("basic-message-queue").unwrap();
         let with_peak = serde_json::json!([
             {"system": "basic-message-queue", "phase": "normal", "achieved_rate": 5000.0, "latency_ms": {"p95": 4.0}},
-            {"system": "basic-message-queue", "phase": "peak", "achieved_rate": 20000.0, "peak": {"sustained_rate": 20000.0}},
+            {"system": "basic-message-queue", "phase": "peak", "achieved_rate": 30000.0, "peak": {"sustained_rate": 30000.0, "within_latency_rate": 10000.0}},
         ]);
         let m = measured(with_peak.as_array().unwrap(), spec, "basic-message-queue").unwrap();
-        assert_eq!(m.per_node_rate, 20_000.0);
+        assert_eq!(m.per_node_rate, 10_000.0, "a rate carried late does not count");
+        let late_only = serde_json::json!([
+            {"system": "basic-message-queue", "phase": "normal", "achieved_rate": 5000.0, "latency_ms": {"p95": 4.0}},
+            {"system": "basic-message-queue", "phase": "peak", "achieved_rate": 30000.0, "peak": {"sustained_rate": 30000.0, "within_latency_rate": null}},
+        ]);
+        let m = measured(late_only.as_array().unwrap(), spec, "basic-message-queue").unwrap();
+        assert_eq!(m.per_node_rate, 5_000.0);
         assert_eq!(m.latency_ms_at_normal, Some(4.0));
         let normal_only = serde_json::json!([{"system": "basic-message-queue", "phase": "normal", "achieved_rate": 5000.0, "latency_ms": {"p95": 4.0}}]);
         let m = measured(normal_only.as_array().unwrap(), spec, "basic-message-queue").unwrap();

@@ -57,12 +57,20 @@ fn notes(r: &SystemReport) -> String {
         let steps: Vec<String> = peak
             .steps
             .iter()
-            .map(|s| format!("{:.0}/s → {:.0}/s{}", s.offered_rate, s.achieved_rate, if s.sustained { "" } else { " (not sustained)" }))
+            .map(|s| {
+                let verdict = match (s.sustained, s.within_latency) {
+                    (false, _) => " (not sustained)",
+                    (true, false) => " (late: over the latency target)",
+                    (true, true) => "",
+                };
+                format!("{:.0}/s → {:.0}/s{verdict}", s.offered_rate, s.achieved_rate)
+            })
             .collect();
         let _ = writeln!(
             out,
-            "peak: target {:.0}/s; highest sustained {}; steps: {}",
+            "peak: target {:.0}/s; highest sustained within the latency target {}; highest carried at any latency {}; steps: {}",
             peak.target_rate,
+            peak.within_latency_rate.map_or_else(|| "none".to_string(), |r| format!("{r:.0}/s")),
             peak.sustained_rate.map_or_else(|| "none".to_string(), |r| format!("{r:.0}/s")),
             steps.join(", ")
         );
