@@ -121,8 +121,20 @@ struct App {
 
 impl App {
     async fn start(dir: &Path, with_email: bool) -> App {
-        let data = dir.to_path_buf();
-        let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
+        // After a simulated crash, a worker's blocking call (a long poll) may still hold a queue
+        // of the dropped engine until its wait ends; a crashed process would have no such thread.
+        // So a folder still locked is tried again for a while.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let engine = loop {
+            let data = dir.to_path_buf();
+            match tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap() {
+                Ok(engine) => break Arc::new(engine),
+                Err(error) if format!("{error:?}").contains("Locked(") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("opening the engine: {error}"),
+            }
+        };
         let context = Context { engine: engine.clone(), gateway: Gateway::default() };
         let system = Fanout::open(&context).unwrap();
         let email = with_email.then(|| {
