@@ -98,7 +98,13 @@ pub fn retry_delay(failures: u32) -> Duration {
 
 /// POST `body` (JSON) to `url`, signed with `secret` when there is one. `Ok(status)` on a 2xx.
 pub async fn post_json(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, body: Vec<u8>) -> Result<u16, WebhookError> {
-    let mut request = client.post(url).timeout(WEBHOOK_TIMEOUT).header("content-type", "application/json");
+    post_json_within(client, url, secret, body, WEBHOOK_TIMEOUT).await
+}
+
+/// [`post_json`] with its own limit on how long the endpoint may take (providers that must answer
+/// fast, so that a slow one is failed over).
+pub async fn post_json_within(client: &reqwest::Client, url: &str, secret: Option<&[u8]>, body: Vec<u8>, timeout: Duration) -> Result<u16, WebhookError> {
+    let mut request = client.post(url).timeout(timeout).header("content-type", "application/json");
     if let Some(secret) = secret {
         let now_ms = tributary_core::now_ms().max(0) as u64;
         request = request.header(SIGNATURE_HEADER, sign(secret, now_ms, &body));

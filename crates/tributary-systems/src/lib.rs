@@ -15,9 +15,13 @@
 
 pub mod basic_message_queue;
 pub mod email_queue_system;
+pub mod notification_fanout;
 pub mod realtime_notifications;
 pub mod simple_pubsub;
 pub mod stock_price_updates;
+
+#[cfg(test)]
+mod test_support;
 
 use std::sync::Arc;
 
@@ -67,6 +71,7 @@ pub fn entries() -> Vec<Entry> {
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start },
         Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start },
+        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start },
     ]
 }
 

@@ -1,11 +1,9 @@
 //! Feature tests of email-queue-system through its HTTP API, delivering over real SMTP to a
-//! relay started by each test (Python's aiosmtpd running `smtp_sink.py`, which answers 250, 4xx
+//! relay started by each test ([`crate::test_support::SmtpRelay`]: Python's aiosmtpd, which answers 250, 4xx
 //! or 5xx by recipient), with webhooks POSTed to a small axum receiver that checks signatures.
 //! Needs `python3` with `aiosmtpd` (`pip install aiosmtpd`, done by `.ci/install-test-deps`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,53 +19,10 @@ use tributary_engine::Engine;
 use tributary_server::{Gateway, ServerConfig};
 
 use super::EmailSystem;
+use crate::test_support::SmtpRelay as Relay;
 use crate::{Context, System};
 
-const SMTP_SINK: &str = include_str!("smtp_sink.py");
 const SECRET: &str = "whsec-test";
-
-/// The test relay: aiosmtpd in a child process; what it accepted, as JSON lines.
-struct Relay {
-    port: u16,
-    child: Child,
-    accepted: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Relay {
-    fn start() -> Relay {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(SMTP_SINK)
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs (the email tests need python3 with aiosmtpd: pip install aiosmtpd)");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(first, "READY", "the SMTP sink did not start (is aiosmtpd installed? pip install aiosmtpd)");
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let sink = accepted.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().push(serde_json::from_str::<Value>(&line).unwrap());
-            }
-        });
-        Relay { port, child, accepted }
-    }
-
-    fn accepted_for(&self, to: &str) -> Vec<Value> {
-        self.accepted.lock().iter().filter(|m| m["rcpt_tos"].as_array().unwrap().iter().any(|r| r == to)).cloned().collect()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The webhook receiver: an axum server that checks each POST's signature, answers 500 to the
 /// first `fail_first` POSTs, and keeps the events of the ones it took.

@@ -52,6 +52,7 @@
 
 pub mod basic_message_queue;
 pub mod email_queue_system;
+pub mod notification_fanout;
 pub mod realtime_notifications;
 pub mod simple_pubsub;
 pub mod stock_price_updates;
@@ -175,6 +176,7 @@ pub fn registry() -> Vec<Entry> {
         entry::<email_queue_system::EmailQueueSystem>(),
         entry::<stock_price_updates::StockPriceUpdates>(),
         entry::<realtime_notifications::RealtimeNotifications>(),
+        entry::<notification_fanout::NotificationFanout>(),
     ]
 }
 
