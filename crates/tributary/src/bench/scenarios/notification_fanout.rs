@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
 
-use super::{Run, Scenario, padding};
+use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, expect_status, padding, publish_batch};
 use crate::bench::system::SystemArgs;
 
 pub struct NotificationFanout {
@@ -53,7 +53,7 @@ impl Scenario for NotificationFanout {
 
     fn new(args: &SystemArgs, _spec: &SystemSpec) -> anyhow::Result<Self> {
         Ok(NotificationFanout {
-            batch: args.publish_batch.max(1),
+            batch: publish_batch(args, PUBLISH_BATCH_DEFAULT),
             users: args.subscriptions.unwrap_or(USERS_DEFAULT).max(1),
             padding: padding(args.message_bytes, DATA_OVERHEAD_BYTES),
             sink: Mutex::new(None),
@@ -97,7 +97,10 @@ impl Scenario for NotificationFanout {
                 let request = run.client.put(format!("{}/v1/fanout/subscribers/{user}", run.base)).json(&json!({"push_tokens": [format!("device-{i}")]}));
                 async move {
                     let response = request.send().await?;
-                    anyhow::ensure!(response.status().is_success(), "registering {user}: {}", response.status());
+                    let status = response.status();
+                    // Read to the end so that the connection goes back to the pool.
+                    let body = response.bytes().await?;
+                    anyhow::ensure!(status.is_success(), "registering {user}: {status} {}", String::from_utf8_lossy(&body));
                     Ok(())
                 }
             });
@@ -145,7 +148,6 @@ impl Scenario for NotificationFanout {
             })
             .collect();
         let response = run.client.post(format!("{}/v1/fanout/notifications", run.base)).json(&json!({"notifications": notifications})).send().await?;
-        anyhow::ensure!(response.status() == reqwest::StatusCode::ACCEPTED, "trigger answered {}", response.status());
-        Ok(())
+        expect_status(response, reqwest::StatusCode::ACCEPTED, "trigger").await
     }
 }
