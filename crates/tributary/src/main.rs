@@ -118,7 +118,7 @@ struct EngineCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))).init();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(EnvFilter::try_from_env("TRIBUTARY_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))).init();
     let command = Cli::parse().command.unwrap_or_else(|| {
         // A bare `tributary` is `tributary up`, with its environment variables honoured.
         match Cli::try_parse_from(["tributary", "up"]).map(|cli| cli.command) {
