@@ -1,6 +1,7 @@
 //! Traffic shaping shared by the systems that send to the outside world (email per recipient
 //! domain, notification channels and providers): token buckets, one per key, with a rate and a
-//! burst per key.
+//! burst per key; and the doubling retry delay ([`backoff_ms`]) the same systems wait between
+//! attempts.
 //!
 //! A [`TokenBucket`] holds up to `burst` tokens and gains `rate_per_s` per second. Two ways to
 //! take one:
@@ -208,5 +209,21 @@ mod tests {
         assert_eq!(buckets.try_take(&"b.example", rate, 0), Ok(()));
         assert_eq!(buckets.try_take(&"a.example", rate, 0), Err(1_000));
         assert_eq!(buckets.len(), 2);
+    }
+}
+
+/// Delay before the next attempt after `failed` failed ones: `base_ms * 2^(failed - 1)`, capped
+/// at `max_ms` (and never overflowing).
+pub fn backoff_ms(base_ms: u64, max_ms: u64, failed: u32) -> u64 {
+    let factor = 1u64 << failed.saturating_sub(1).min(40);
+    base_ms.saturating_mul(factor).min(max_ms)
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    #[test]
+    fn the_delay_doubles_from_the_base_up_to_the_cap() {
+        assert_eq!([0, 1, 2, 3, 4, 60].map(|f| super::backoff_ms(100, 350, f)), [100, 100, 200, 350, 350, 350]);
+        assert_eq!(super::backoff_ms(u64::MAX / 2, u64::MAX, 50), u64::MAX);
     }
 }

@@ -467,8 +467,7 @@ pub fn classify(code: u16, text: &str) -> Verdict {
 /// Delay before attempt `attempts + 1`, after `attempts` failed ones: `base * 2^(attempts-1)`,
 /// capped.
 pub fn retry_delay_ms(retry: &RetrySpec, attempts: u32) -> u64 {
-    let exponent = attempts.saturating_sub(1).min(40);
-    retry.base_ms.saturating_mul(1u64 << exponent).min(retry.max_ms)
+    tributary_runtime::shaping::backoff_ms(retry.base_ms, retry.max_ms, attempts)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -633,8 +633,7 @@ pub struct Job {
 /// The delay before attempt `attempt + 1` after `attempt` failed ones: doubling from `base_ms`,
 /// capped at `max_ms`.
 pub fn retry_delay_ms(retry: &RetrySpec, attempt: u32) -> u64 {
-    let factor = 1u64 << attempt.saturating_sub(1).min(30);
-    retry.base_ms.saturating_mul(factor).min(retry.max_ms)
+    tributary_runtime::shaping::backoff_ms(retry.base_ms, retry.max_ms, attempt)
 }
 
 /// How a provider's answer is taken.
