@@ -137,6 +137,7 @@ impl From<QueueError> for ApiError {
             QueueError::Corrupt { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_corrupt", message),
             QueueError::Log(source) => ApiError { message, ..ApiError::from(source) },
             QueueError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
+            QueueError::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message),
         }
     }
 }

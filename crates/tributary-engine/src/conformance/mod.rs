@@ -8,6 +8,7 @@
 //! |---|---|
 //! | cache ([`crate::cache::CacheStore`]) | [`cache::CASES`] |
 //! | stream ([`crate::stream::StreamStore`]) | [`stream::CASES`] |
+//! | queue ([`crate::queue::QueueStore`]) | [`queue::CASES`] |
 
 macro_rules! check {
     ($cond:expr, $($what:tt)+) => {
@@ -27,6 +28,7 @@ macro_rules! check_eq {
 }
 
 pub mod cache;
+pub mod queue;
 pub mod stream;
 
 /// What one run of a suite found.

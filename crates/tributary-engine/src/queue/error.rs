@@ -36,6 +36,10 @@ pub enum QueueError {
     /// The log under the queue failed (disk full, corruption, fenced partition).
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A distributed backend could not answer (connection lost, timeout, an unexpected reply).
+    /// Whether a write took effect is unknown.
+    #[error("{backend} backend: {message}")]
+    Backend { backend: &'static str, message: String },
     /// A file-system error outside the logs (creating directories, the config file).
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },

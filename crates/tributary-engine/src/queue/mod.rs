@@ -84,6 +84,7 @@ mod journal;
 mod message;
 #[allow(clippy::module_inception)]
 mod queue;
+mod store;
 
 #[cfg(test)]
 mod model_tests;
@@ -102,7 +103,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Backoff, QUEUE_DEDUP_WINDOW_MS_DEFAULT, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, QUEUE_SEGMENT_BYTES_DEFAULT, QueueConfig, QueueDefaults};
 pub use error::{QueueError, Result};
 pub use message::{DeadLetter, Delivery, MessageId, NewMessage, RESERVED_HEADER_PREFIX, Receipt, ReceiptOutcome, Redrive};
-pub use queue::{GroupStats, Queue, QueueStats};
+pub use queue::{GroupStats, Queue, QueueStats, check_lease, check_publish, check_receipts, check_receive};
+pub use store::{QueueFuture, QueueStore};
 
 /// Records of one priority level a group holds in memory above its start offset.
 pub const QUEUE_WINDOW_RECORDS_MAX: usize = 10_000;
@@ -130,6 +132,12 @@ pub struct Queues {
     dir: PathBuf,
     defaults: QueueDefaults,
     queues: RwLock<BTreeMap<String, Arc<Queue>>>,
+}
+
+impl std::fmt::Debug for Queues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queues").field("dir", &self.dir).finish()
+    }
 }
 
 impl Queues {

@@ -216,11 +216,7 @@ impl Queue {
     /// per message in order. A `dedup_id` seen within the dedup window (or earlier in the same
     /// batch) returns the first message's id and writes nothing.
     pub fn publish(&self, messages: &[NewMessage]) -> Result<Vec<MessageId>> {
-        for message in messages {
-            if let Some(header) = message.headers.iter().find(|h| h.name.starts_with(message::RESERVED_HEADER_PREFIX)) {
-                return Err(QueueError::InvalidMessage(format!("header {:?} uses the reserved prefix {:?}", header.name, message::RESERVED_HEADER_PREFIX)));
-            }
-        }
+        check_publish(messages)?;
         self.publish_inner(messages, None)
     }
 
@@ -344,15 +340,8 @@ impl Queue {
     /// is (possibly nothing). When the consumer already holds its in-flight limit, returns
     /// `LimitExceeded { limit: "in_flight_per_consumer_max" }` at once: ack or nack first.
     pub fn receive(&self, group: &str, consumer: &str, max: usize, lease_ms: Option<u64>, wait: Duration) -> Result<Vec<Delivery>> {
-        check_name("consumer", consumer).map_err(name_error)?;
-        if max > QUEUE_RECEIVE_MESSAGES_MAX {
-            return Err(QueueError::LimitExceeded { limit: "QUEUE_RECEIVE_MESSAGES_MAX", max: QUEUE_RECEIVE_MESSAGES_MAX as u64, got: max as u64 });
-        }
         let lease_ms = lease_ms.unwrap_or(self.core.config.lease_ms_default);
-        check_lease(lease_ms)?;
-        if wait.as_millis() > u128::from(QUEUE_RECEIVE_WAIT_MS_MAX) {
-            return Err(QueueError::LimitExceeded { limit: "QUEUE_RECEIVE_WAIT_MS_MAX", max: QUEUE_RECEIVE_WAIT_MS_MAX, got: wait.as_millis() as u64 });
-        }
+        check_receive(consumer, max, lease_ms, wait)?;
         let group = self.group_or_create(group)?;
         if max == 0 {
             return Ok(Vec::new());
@@ -588,14 +577,45 @@ impl Queue {
     }
 }
 
-fn check_lease(lease_ms: u64) -> Result<()> {
+/// Refuses a publish batch as every backend does: too many messages, a reserved header, a bad
+/// priority, delay, dedup id or size. Nothing of a refused batch is written.
+pub fn check_publish(messages: &[NewMessage]) -> Result<()> {
+    if messages.len() > BATCH_RECORDS_MAX {
+        return Err(QueueError::LimitExceeded { limit: "BATCH_RECORDS_MAX", max: BATCH_RECORDS_MAX as u64, got: messages.len() as u64 });
+    }
+    for message in messages {
+        if let Some(header) = message.headers.iter().find(|h| h.name.starts_with(message::RESERVED_HEADER_PREFIX)) {
+            return Err(QueueError::InvalidMessage(format!("header {:?} uses the reserved prefix {:?}", header.name, message::RESERVED_HEADER_PREFIX)));
+        }
+        check_message(message)?;
+    }
+    Ok(())
+}
+
+/// Refuses a receive as every backend does: a bad consumer name, too many messages, a lease or a
+/// wait out of range.
+pub fn check_receive(consumer: &str, max: usize, lease_ms: u64, wait: Duration) -> Result<()> {
+    check_name("consumer", consumer).map_err(name_error)?;
+    if max > QUEUE_RECEIVE_MESSAGES_MAX {
+        return Err(QueueError::LimitExceeded { limit: "QUEUE_RECEIVE_MESSAGES_MAX", max: QUEUE_RECEIVE_MESSAGES_MAX as u64, got: max as u64 });
+    }
+    check_lease(lease_ms)?;
+    if wait.as_millis() > u128::from(QUEUE_RECEIVE_WAIT_MS_MAX) {
+        return Err(QueueError::LimitExceeded { limit: "QUEUE_RECEIVE_WAIT_MS_MAX", max: QUEUE_RECEIVE_WAIT_MS_MAX, got: wait.as_millis() as u64 });
+    }
+    Ok(())
+}
+
+/// Refuses a lease of 0 or above `QUEUE_LEASE_MS_MAX`.
+pub fn check_lease(lease_ms: u64) -> Result<()> {
     if lease_ms == 0 || lease_ms > QUEUE_LEASE_MS_MAX {
         return Err(QueueError::LimitExceeded { limit: "QUEUE_LEASE_MS_MAX", max: QUEUE_LEASE_MS_MAX, got: lease_ms });
     }
     Ok(())
 }
 
-fn check_receipts(receipts: &[Receipt]) -> Result<()> {
+/// Refuses more receipts in one call than `BATCH_RECORDS_MAX`.
+pub fn check_receipts(receipts: &[Receipt]) -> Result<()> {
     if receipts.len() > BATCH_RECORDS_MAX {
         return Err(QueueError::LimitExceeded { limit: "BATCH_RECORDS_MAX", max: BATCH_RECORDS_MAX as u64, got: receipts.len() as u64 });
     }

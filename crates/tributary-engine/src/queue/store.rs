@@ -1,0 +1,96 @@
+//! [`QueueStore`]: the queue interface every backend gives (publish, receive with a lease, ack,
+//! nack with a delay or backoff, extend, dead letters, dedup of retried publishes), so a system
+//! written against it runs on the embedded [`Queues`] and on NATS JetStream (`tributary-nats`).
+//!
+//! The contract, which the conformance suite (`conformance::queue`) checks on every backend:
+//! - A publish returns one [`MessageId`] per message, in order, once the messages are durable;
+//!   a receive hands each message out with that id, its body, key and headers as published.
+//! - Each group sees every message; within a group, a message is leased to one consumer at a
+//!   time. An acked message never comes back to its group; an unacked one comes back after its
+//!   lease with its delivery count raised; a nacked one after the delay given (or the queue's
+//!   backoff).
+//! - A message released after its `deliveries_max`-th delivery is dead-lettered (durably, with
+//!   its group, count and reason) instead of coming back.
+//! - A `dedup_id` published again within the queue's dedup window returns the first id and is
+//!   delivered once.
+//! - The receipt of an earlier delivery attempt is [`ReceiptOutcome::Stale`] and never acks or
+//!   nacks a later one.
+//! - Bad input is refused by name before anything is written (the `check_*` functions here are
+//!   the one definition of what is bad, shared by every backend).
+//!
+//! Redrive, stats and group administration stay on [`Queues`] for now.
+
+use std::time::Duration;
+
+use super::{DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, Queues, Receipt, ReceiptOutcome, Result};
+use crate::{BoxFuture, Gap};
+
+/// What the async methods of a `dyn QueueStore` return.
+pub type QueueFuture<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// The queue interface. See the module docs for its contract.
+#[allow(clippy::too_many_arguments)]
+pub trait QueueStore: Send + Sync + std::fmt::Debug {
+    /// `"embedded"`, `"nats"`, ...
+    fn backend(&self) -> &'static str;
+    /// The guarantees this backend does not give. Empty for the embedded engine.
+    fn gaps(&self) -> &'static [Gap] {
+        &[]
+    }
+    /// Creates a queue; creating one that exists with the same configuration is a no-op, with
+    /// another is [`QueueError::AlreadyExists`].
+    fn create_queue<'a>(&'a self, name: &'a str, config: QueueConfig) -> QueueFuture<'a, ()>;
+    /// Deletes a queue with its messages, groups and dead letters.
+    fn delete_queue<'a>(&'a self, name: &'a str) -> QueueFuture<'a, ()>;
+    /// Publishes a batch durably; one id per message, in order.
+    fn publish<'a>(&'a self, queue: &'a str, messages: Vec<NewMessage>) -> QueueFuture<'a, Vec<MessageId>>;
+    /// Leases up to `max` messages of `group` (created on first use) to `consumer` for
+    /// `lease_ms` (None: the queue's default); waits up to `wait` for the first one.
+    fn receive<'a>(&'a self, queue: &'a str, group: &'a str, consumer: &'a str, max: usize, lease_ms: Option<u64>, wait: Duration) -> QueueFuture<'a, Vec<Delivery>>;
+    fn ack<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>) -> QueueFuture<'a, Vec<ReceiptOutcome>>;
+    /// Gives deliveries back, available again after `delay_ms` (None: the queue's backoff by
+    /// delivery count); the last allowed delivery is dead-lettered instead.
+    fn nack<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>, delay_ms: Option<u64>) -> QueueFuture<'a, Vec<ReceiptOutcome>>;
+    /// Moves the lease deadline of deliveries to now + `lease_ms`.
+    fn extend<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>, lease_ms: u64) -> QueueFuture<'a, Vec<ReceiptOutcome>>;
+    /// Dead letters from dead-letter offset `from` on, at most `max`, of one group or all.
+    fn dead_letters<'a>(&'a self, queue: &'a str, group: Option<&'a str>, from: u64, max: usize) -> QueueFuture<'a, Vec<DeadLetter>>;
+}
+
+/// The embedded engine. Each call runs when the future is polled, on the polling thread: a
+/// publish waits for its fsync and a receive may wait up to `wait` there. On an async runtime,
+/// call it where blocking is allowed (the server's `blocking()`).
+impl QueueStore for Queues {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+    fn create_queue<'a>(&'a self, name: &'a str, config: QueueConfig) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            match self.create(name, config.clone()) {
+                Err(QueueError::AlreadyExists { .. }) if *self.get(name)?.config() == config => Ok(()),
+                other => other.map(|_| ()),
+            }
+        })
+    }
+    fn delete_queue<'a>(&'a self, name: &'a str) -> QueueFuture<'a, ()> {
+        Box::pin(async move { self.delete(name) })
+    }
+    fn publish<'a>(&'a self, queue: &'a str, messages: Vec<NewMessage>) -> QueueFuture<'a, Vec<MessageId>> {
+        Box::pin(async move { self.get(queue)?.publish(&messages) })
+    }
+    fn receive<'a>(&'a self, queue: &'a str, group: &'a str, consumer: &'a str, max: usize, lease_ms: Option<u64>, wait: Duration) -> QueueFuture<'a, Vec<Delivery>> {
+        Box::pin(async move { self.get(queue)?.receive(group, consumer, max, lease_ms, wait) })
+    }
+    fn ack<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>) -> QueueFuture<'a, Vec<ReceiptOutcome>> {
+        Box::pin(async move { self.get(queue)?.ack(group, &receipts) })
+    }
+    fn nack<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>, delay_ms: Option<u64>) -> QueueFuture<'a, Vec<ReceiptOutcome>> {
+        Box::pin(async move { self.get(queue)?.nack(group, &receipts, delay_ms) })
+    }
+    fn extend<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>, lease_ms: u64) -> QueueFuture<'a, Vec<ReceiptOutcome>> {
+        Box::pin(async move { self.get(queue)?.extend(group, &receipts, lease_ms) })
+    }
+    fn dead_letters<'a>(&'a self, queue: &'a str, group: Option<&'a str>, from: u64, max: usize) -> QueueFuture<'a, Vec<DeadLetter>> {
+        Box::pin(async move { self.get(queue)?.dead_letters(group, from, max) })
+    }
+}
