@@ -9,7 +9,7 @@
 //!
 //! The engine knows nothing of HTTP, JSON wire formats or tokio: it is synchronous, and the
 //! server crate puts a network in front of it. The interfaces that distributed backends also
-//! implement ([`cache::CacheStore`]) return futures, which the embedded engine completes at once;
+//! implement ([`cache::CacheStore`], [`stream::StreamStore`], [`queue::QueueStore`]) return futures, which the embedded engine completes at once;
 //! their guarantees are the [`conformance`] suite (feature `conformance`, which brings tokio for
 //! its timers).
 

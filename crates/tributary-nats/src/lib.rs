@@ -1,5 +1,5 @@
 //! Tributary's stream interface ([`StreamStore`]) on NATS JetStream, chosen with
-//! `--stream nats://…`.
+//! `--stream nats://…`; the queue interface is in [`queue`] ([`NatsQueues`]).
 //!
 //! Every Tributary node points at the same NATS, so topics, their records and the groups'
 //! committed offsets are held by JetStream, not by the node. The mapping:
@@ -42,6 +42,10 @@ use tributary_engine::stream::{Produced, StreamFuture, StreamStore, TopicConfig}
 use tributary_engine::{Gap, StreamError};
 use tributary_log::LogError;
 
+pub mod queue;
+
+pub use queue::NatsQueues;
+
 const BACKEND: &str = "nats";
 
 /// Direct gets in flight during one fetch or seek.
@@ -77,7 +81,7 @@ fn backend(message: impl std::fmt::Display) -> StreamError {
 }
 
 /// A name as one NATS token: `_` and `.` escaped, so distinct names stay distinct.
-fn escape(name: &str) -> String {
+pub(crate) fn escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
         match c {
@@ -87,6 +91,43 @@ fn escape(name: &str) -> String {
         }
     }
     out
+}
+
+/// Why [`connect_namespace`] failed.
+pub(crate) enum Connect {
+    Invalid(String),
+    Backend(String),
+}
+
+/// Connects to `url` and opens the namespace's KV bucket `trib_<namespace>` (where topic and
+/// queue configurations live), made with `replicas` copies.
+pub(crate) async fn connect_namespace(url: &str, namespace: &str, replicas: usize) -> Result<(jetstream::Context, kv::Store), Connect> {
+    if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(Connect::Invalid(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}")));
+    }
+    if !(1..=5).contains(&replicas) {
+        return Err(Connect::Invalid(format!("JetStream replicas are 1 to 5, got {replicas}")));
+    }
+    let client = async_nats::connect(url).await.map_err(|e| Connect::Backend(format!("connecting to {url}: {e}")))?;
+    let jetstream = jetstream::new(client);
+    let bucket = format!("trib_{namespace}");
+    // The KV stream is made by hand: creating a KV bucket through the client fails on
+    // nats-server 2.9 (its account-info reply does not parse); `get_key_value` then works.
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    jetstream.get_or_create_stream(config).await.map_err(|e| Connect::Backend(format!("creating the KV stream of {bucket}: {e}")))?;
+    let meta = jetstream.get_key_value(&bucket).await.map_err(|e| Connect::Backend(format!("opening the KV bucket {bucket}: {e}")))?;
+    Ok((jetstream, meta))
 }
 
 impl NatsStreams {
@@ -99,31 +140,10 @@ impl NatsStreams {
     /// As [`NatsStreams::connect`], with `replicas` copies of every stream (a NATS cluster of at
     /// least that many servers: a publish is acknowledged once a quorum holds it).
     pub async fn connect_with_replicas(url: &str, namespace: &str, replicas: usize) -> Result<NatsStreams, StreamError> {
-        if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(StreamError::Invalid(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}")));
-        }
-        if !(1..=5).contains(&replicas) {
-            return Err(StreamError::Invalid(format!("JetStream replicas are 1 to 5, got {replicas}")));
-        }
-        let client = async_nats::connect(url).await.map_err(|e| backend(format!("connecting to {url}: {e}")))?;
-        let jetstream = jetstream::new(client);
-        let bucket = format!("trib_{namespace}");
-        // The KV stream is made by hand: creating a KV bucket through the client fails on
-        // nats-server 2.9 (its account-info reply does not parse); `get_key_value` then works.
-        let config = stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        };
-        jetstream.get_or_create_stream(config).await.map_err(|e| backend(format!("creating the KV stream of {bucket}: {e}")))?;
-        let meta = jetstream.get_key_value(&bucket).await.map_err(|e| backend(format!("opening the KV bucket {bucket}: {e}")))?;
+        let (jetstream, meta) = connect_namespace(url, namespace, replicas).await.map_err(|e| match e {
+            Connect::Invalid(message) => StreamError::Invalid(message),
+            Connect::Backend(message) => backend(message),
+        })?;
         Ok(NatsStreams { jetstream, meta, namespace: namespace.to_string(), replicas, next_unkeyed: Default::default() })
     }
 

@@ -4,7 +4,7 @@
 use tributary_core::Record;
 use tributary_engine::conformance;
 use tributary_engine::stream::{StreamStore, TopicConfig};
-use tributary_nats::NatsStreams;
+use tributary_nats::{NatsQueues, NatsStreams};
 
 fn nats_url() -> String {
     std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -45,4 +45,39 @@ async fn two_nodes_see_one_topic_and_its_commits() {
 async fn an_unreachable_nats_is_a_backend_error() {
     let error = NatsStreams::connect("nats://127.0.0.1:1", "x").await.expect_err("nothing listens on port 1");
     assert!(matches!(error, tributary_engine::StreamError::Backend { backend: "nats", .. }), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_conforms_to_the_queue_interface() {
+    let queues = NatsQueues::connect(&nats_url(), &namespace("queue")).await.expect("NATS answers (is it running with -js on 127.0.0.1:4222?)");
+    let report = conformance::queue::run(&queues, "conf").await;
+    queues.delete_namespace().await.unwrap();
+    println!("{report}");
+    report.assert_conforms();
+    assert_eq!(report.passed.len() + report.skipped.len(), conformance::queue::CASES.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_queue_and_a_dead_nodes_leases_come_back() {
+    use std::time::Duration;
+    use tributary_engine::queue::{NewMessage, QueueConfig, QueueStore, ReceiptOutcome};
+    let shared = namespace("qnodes");
+    let a = NatsQueues::connect(&nats_url(), &shared).await.unwrap();
+    let b = NatsQueues::connect(&nats_url(), &shared).await.unwrap();
+    a.create_queue("jobs", QueueConfig { lease_ms_default: 500, ..QueueConfig::default() }).await.unwrap();
+    let ids = b.publish("jobs", vec![NewMessage::new("one"), NewMessage::new("two")]).await.unwrap();
+    // Node a leases one message and acks it through node b; it leases the other and dies.
+    let first = a.receive("jobs", "workers", "a-1", 1, None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(b.ack("jobs", "workers", vec![first[0].receipt.clone()]).await.unwrap(), vec![ReceiptOutcome::Ok]);
+    let second = a.receive("jobs", "workers", "a-1", 1, None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(second.len(), 1);
+    drop(a);
+    let again = b.receive("jobs", "workers", "b-1", 10, None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(again.len(), 1, "only the unacked message comes back: {again:?}");
+    assert_eq!(again[0].id, second[0].id);
+    assert_eq!(again[0].delivery_count, 2);
+    assert!(ids.contains(&again[0].id));
+    b.ack("jobs", "workers", vec![again[0].receipt.clone()]).await.unwrap();
+    assert!(b.receive("jobs", "workers", "b-1", 10, None, Duration::from_millis(900)).await.unwrap().is_empty());
+    b.delete_namespace().await.unwrap();
 }

@@ -11,6 +11,8 @@
 //! - [`Clock`]: leases, delays and dedup windows read the time from an injectable clock
 //!   ([`SystemClock`], or [`ManualClock`] in tests and simulations).
 //! - [`bench_queue`]: the throughput measurement.
+//! - [`QueueStore`]: the queue interface distributed backends also give (NATS JetStream in
+//!   `tributary-nats`), with the `check_*` functions that define bad input for all of them.
 //!
 //! # When to use what
 //!

@@ -29,7 +29,6 @@ use crate::{BoxFuture, Gap};
 pub type QueueFuture<'a, T> = BoxFuture<'a, Result<T>>;
 
 /// The queue interface. See the module docs for its contract.
-#[allow(clippy::too_many_arguments)]
 pub trait QueueStore: Send + Sync + std::fmt::Debug {
     /// `"embedded"`, `"nats"`, ...
     fn backend(&self) -> &'static str;
