@@ -1,5 +1,6 @@
 //! Tributary's stream interface ([`StreamStore`]) on NATS JetStream, chosen with
-//! `--stream nats://…`; the queue interface is in [`queue`] ([`NatsQueues`]).
+//! `--stream nats://…`; the queue interface is in [`queue`] ([`NatsQueues`], on JetStream) and
+//! the pub/sub interface in [`pubsub`] ([`NatsPubSub`], on core NATS).
 //!
 //! Every Tributary node points at the same NATS, so topics, their records and the groups'
 //! committed offsets are held by JetStream, not by the node. The mapping:
@@ -42,8 +43,10 @@ use tributary_engine::stream::{Produced, StreamFuture, StreamStore, TopicConfig}
 use tributary_engine::{Gap, StreamError};
 use tributary_log::LogError;
 
+pub mod pubsub;
 pub mod queue;
 
+pub use pubsub::NatsPubSub;
 pub use queue::NatsQueues;
 
 const BACKEND: &str = "nats";

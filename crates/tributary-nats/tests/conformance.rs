@@ -4,7 +4,7 @@
 use tributary_core::Record;
 use tributary_engine::conformance;
 use tributary_engine::stream::{StreamStore, TopicConfig};
-use tributary_nats::{NatsQueues, NatsStreams};
+use tributary_nats::{NatsPubSub, NatsQueues, NatsStreams};
 
 fn nats_url() -> String {
     std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -80,4 +80,30 @@ async fn two_nodes_share_one_queue_and_a_dead_nodes_leases_come_back() {
     b.ack("jobs", "workers", vec![again[0].receipt.clone()]).await.unwrap();
     assert!(b.receive("jobs", "workers", "b-1", 10, None, Duration::from_millis(900)).await.unwrap().is_empty());
     b.delete_namespace().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_conforms_to_the_pubsub_interface() {
+    let pubsub = NatsPubSub::connect(&nats_url(), &namespace("ps")).await.expect("NATS answers on 127.0.0.1:4222");
+    let report = conformance::pubsub::run(&pubsub, "conf").await;
+    println!("{report}");
+    report.assert_conforms();
+    assert_eq!(report.passed.len(), conformance::pubsub::CASES.len(), "core NATS declares no gap");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_the_subscribers_of_another() {
+    use std::time::Duration;
+    use tributary_core::{Subject, SubjectPattern};
+    use tributary_engine::pubsub::{PubSubStore, SubscriberOptions};
+    let shared = namespace("psnodes");
+    let a = NatsPubSub::connect(&nats_url(), &shared).await.unwrap();
+    let b = NatsPubSub::connect(&nats_url(), &shared).await.unwrap();
+    let other = NatsPubSub::connect(&nats_url(), &namespace("psother")).await.unwrap();
+    let mut on_b = b.subscribe(&SubjectPattern::parse("chat.*").unwrap(), SubscriberOptions::default()).await.unwrap();
+    let mut elsewhere = other.subscribe(&SubjectPattern::parse("chat.*").unwrap(), SubscriberOptions::default()).await.unwrap();
+    a.publish(&Subject::parse("chat.general").unwrap(), 7, "hello".into()).await.unwrap();
+    let got = on_b.recv(Duration::from_secs(3)).await.unwrap();
+    assert_eq!((got.subject.as_str(), got.offset, &got.message[..]), ("chat.general", 7, &b"hello"[..]));
+    assert!(elsewhere.recv(Duration::from_millis(300)).await.is_err(), "another namespace saw the message");
 }

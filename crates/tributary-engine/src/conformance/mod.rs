@@ -9,6 +9,7 @@
 //! | cache ([`crate::cache::CacheStore`]) | [`cache::CASES`] |
 //! | stream ([`crate::stream::StreamStore`]) | [`stream::CASES`] |
 //! | queue ([`crate::queue::QueueStore`]) | [`queue::CASES`] |
+//! | pub/sub ([`crate::pubsub::PubSubStore`]) | [`pubsub::CASES`] |
 
 macro_rules! check {
     ($cond:expr, $($what:tt)+) => {
@@ -28,6 +29,7 @@ macro_rules! check_eq {
 }
 
 pub mod cache;
+pub mod pubsub;
 pub mod queue;
 pub mod stream;
 

@@ -31,6 +31,12 @@ pub enum PubSubError {
     BlockTimeout { requested_ms: u128, max_ms: u64 },
     #[error("bad subscriber group name: {0}")]
     GroupName(String),
+    /// The backend does not offer what was asked (a slow-consumer policy, say); nothing was done.
+    #[error("the {backend} backend does not offer {what}")]
+    Unsupported { backend: &'static str, what: String },
+    /// A distributed backend could not answer (connection lost, timeout).
+    #[error("{backend} backend: {message}")]
+    Backend { backend: &'static str, message: String },
 }
 
 /// What a publish does when a subscriber's buffer is full.
@@ -77,6 +83,8 @@ pub enum DisconnectReason {
     SlowConsumer,
     /// It was unsubscribed (its [`Subscription`] was dropped).
     Unsubscribed,
+    /// A distributed backend's connection ended it.
+    Backend,
 }
 
 /// Where a subscriber stands.

@@ -12,6 +12,8 @@
 //!   [`Subscription::recv_timeout`]); [`Broker::publish`] offers a message to every match and
 //!   returns a [`PublishReport`]. Subscriptions with the same group name and pattern share the
 //!   stream round robin. Dropping a [`Subscription`] unsubscribes it.
+//! - [`PubSubStore`]: the pub/sub interface distributed backends also give (core NATS in
+//!   `tributary-nats`), over bytes; the broker is its embedded backend.
 //! - [`bench_subscriptions`]: builds many wildcard subscriptions and times matching, for the
 //!   `tributary` binary and the big test.
 //!
@@ -42,6 +44,7 @@
 
 mod bench;
 mod broker;
+mod store;
 mod trie;
 
 pub use bench::{SubscriptionBenchReport, bench_pattern, bench_subject, bench_subscriptions};
@@ -49,4 +52,5 @@ pub use broker::{
     Broker, BrokerLimits, Delivery, DisconnectReason, PubSubError, PublishReport, RecvError,
     SlowConsumerPolicy, SubscriberOptions, SubscriberState, SubscriberStats, Subscription,
 };
+pub use store::{PubSubFuture, PubSubStore, Subscribed};
 pub use trie::{SubjectTrie, SubscriptionId};

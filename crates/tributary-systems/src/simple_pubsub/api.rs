@@ -252,6 +252,7 @@ fn reason_text(reason: DisconnectReason) -> &'static str {
     match reason {
         DisconnectReason::SlowConsumer => "slow_consumer",
         DisconnectReason::Unsubscribed => "unsubscribed",
+        DisconnectReason::Backend => "backend_closed",
     }
 }
 
