@@ -111,7 +111,10 @@ pub(crate) async fn connect_namespace(url: &str, namespace: &str, replicas: usiz
     if !(1..=5).contains(&replicas) {
         return Err(Connect::Invalid(format!("JetStream replicas are 1 to 5, got {replicas}")));
     }
-    let client = async_nats::connect(url).await.map_err(|e| Connect::Backend(format!("connecting to {url}: {e}")))?;
+    // Several servers of one cluster may be given, comma-separated; the client also learns the
+    // others from the servers and reconnects to one of them when its server goes away.
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let client = async_nats::connect(servers).await.map_err(|e| Connect::Backend(format!("connecting to {url}: {e}")))?;
     let jetstream = jetstream::new(client);
     let bucket = format!("trib_{namespace}");
     // The KV stream is made by hand: creating a KV bucket through the client fails on

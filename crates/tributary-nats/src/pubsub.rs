@@ -59,7 +59,8 @@ impl NatsPubSub {
         if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(backend(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}")));
         }
-        let client = async_nats::connect(url).await.map_err(|e| backend(format!("connecting to {url}: {e}")))?;
+        let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let client = async_nats::connect(servers).await.map_err(|e| backend(format!("connecting to {url}: {e}")))?;
         Ok(NatsPubSub { client, prefix: format!("tribps.{namespace}.") })
     }
 }
