@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 use tributary::platform;
 use tributary_runtime::Catalogue;
 use tributary_server::ApiToken;
+use tributary::bench::backends::{self, BackendsArgs};
 use tributary::bench::components::{self, CacheArgs, QueueArgs, ReopenArgs, SubscriptionsArgs};
 use tributary::bench::connections::{self, ConnectionsArgs};
 use tributary::bench::engine::{self, EngineArgs};
@@ -49,6 +50,9 @@ enum Bench {
     Engine(EngineCommand),
     /// The work queue: publish and per-message acks with several consumers.
     Queue(Json<QueueArgs>),
+    /// One stream and queue workload through the engine's interfaces, embedded and (with
+    /// --nats URL) on NATS JetStream, side by side.
+    Backends(Json<BackendsArgs>),
     /// The subscription trie: memory and match latency with many wildcard subscriptions.
     Subscriptions(Json<SubscriptionsArgs>),
     /// The in-process cache: single-thread operations per second.
@@ -146,6 +150,10 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench(Bench::Queue(command)) => print_json(&components::run_queue(&command.args)?)?,
+        Command::Bench(Bench::Backends(command)) => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            print_json(&runtime.block_on(backends::run_backends(&command.args))?)?
+        }
         Command::Bench(Bench::Subscriptions(command)) => print_json(&components::run_subscriptions(&command.args))?,
         Command::Bench(Bench::Cache(command)) => print_json(&components::run_cache(&command.args))?,
         Command::Bench(Bench::Reopen(command)) => print_json(&components::run_reopen(&command.args)?)?,

@@ -9,6 +9,8 @@
 //! - [`peers`]: the engine bench's workload against NATS JetStream, Redis Streams and RabbitMQ
 //!   on the same machine (`tributary bench engine --peer ...`), labelled with each peer's real
 //!   durability.
+//! - [`backends`]: one stream and queue workload through the engine's interfaces, on the
+//!   embedded engine and on NATS JetStream (`tributary bench backends --nats URL`).
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
 //! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
@@ -19,6 +21,7 @@
 //!   notification to all of them (`tributary bench connections`).
 //! - [`latency`]: the open-loop schedule and HdrHistogram summaries every bench shares.
 
+pub mod backends;
 pub mod components;
 pub mod connections;
 pub mod engine;

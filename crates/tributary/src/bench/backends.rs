@@ -1,0 +1,308 @@
+//! `tributary bench backends`: one workload through the engine's interfaces ([`StreamStore`],
+//! [`QueueStore`]) on the embedded engine and, with `--nats URL`, on NATS JetStream, so the
+//! distributed mode's figures sit next to the embedded ones, measured the same way.
+//!
+//! Per backend and interface:
+//! - stream: `producers` tasks produce `messages` records in batches of `batch` to a
+//!   one-partition topic (each batch awaited: its latency is the call's), then one reader fetches
+//!   them all back;
+//! - queue: the same publish, then `consumers` tasks receive (up to `batch`) and ack each batch
+//!   until every message is acked.
+//!
+//! The embedded interfaces complete a call on the polling thread (an fsync, a long poll), so
+//! they are called from the blocking pool, as the server does; NATS calls are awaited on the
+//! runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use clap::Args;
+use serde::Serialize;
+use tributary_core::Record;
+use tributary_engine::queue::{NewMessage, QueueConfig, QueueDefaults, QueueStore, Queues};
+use tributary_engine::stream::{StreamStore, TopicConfig, Topics};
+use tributary_nats::{NatsQueues, NatsStreams};
+
+use super::Machine;
+use super::engine::DataDir;
+use super::latency::{LatencyHistogram, LatencySummary};
+
+/// Records one fetch asks for.
+const FETCH_RECORDS: usize = 1_000;
+/// A consumer gives up waiting when nothing came for this long and everything is acked.
+const RECEIVE_WAIT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Args)]
+pub struct BackendsArgs {
+    /// NATS server(s) for the distributed rows (comma-separated); the embedded rows always run.
+    #[arg(long)]
+    pub nats: Option<String>,
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub message_bytes: usize,
+    /// Records per produce or publish call, and most messages per receive.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub consumers: usize,
+    /// An empty folder for the embedded data (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+}
+
+/// One measured phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub backend: &'static str,
+    /// What "acknowledged" means on this backend.
+    pub durability: &'static str,
+    pub interface: &'static str,
+    /// `produce`, `fetch`, `publish` or `receive_ack`.
+    pub phase: &'static str,
+    pub messages: u64,
+    pub seconds: f64,
+    pub msgs_per_s: f64,
+    /// Latency of one call (a batch), where the phase makes calls of a batch each.
+    pub call_ms: Option<LatencySummary>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendsReport {
+    pub bench: &'static str,
+    pub messages: u64,
+    pub message_bytes: usize,
+    pub batch: usize,
+    pub producers: usize,
+    pub consumers: usize,
+    pub rows: Vec<Row>,
+    pub machine: Machine,
+}
+
+/// A backend under test: its interfaces and how to call them.
+struct Backend {
+    name: &'static str,
+    durability: &'static str,
+    streams: Arc<dyn StreamStore>,
+    queues: Arc<dyn QueueStore>,
+    /// The embedded interfaces block the polling thread.
+    blocking: bool,
+}
+
+/// Runs `call` where it may block (the blocking pool) when the backend blocks, else awaits it.
+async fn run<T: Send + 'static>(blocking: bool, call: impl Future<Output = T> + Send + 'static) -> T {
+    if blocking {
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || handle.block_on(call)).await.expect("a bench call panicked")
+    } else {
+        call.await
+    }
+}
+
+pub async fn run_backends(args: &BackendsArgs) -> anyhow::Result<BackendsReport> {
+    ensure!(args.messages > 0 && args.batch > 0 && args.producers > 0 && args.consumers > 0, "messages, batch, producers and consumers must be positive");
+    let data = DataDir::prepare(args.data.as_deref())?;
+    let machine = Machine::probe(data.path());
+    let mut backends = vec![Backend {
+        name: "embedded",
+        durability: "always (fsync before the acknowledgement, group commit)",
+        streams: Arc::new(Topics::open(data.path().join("topics")).context("opening the embedded topics")?),
+        queues: Arc::new(Queues::open(data.path().join("queues"), QueueDefaults::default()).context("opening the embedded queues")?),
+        blocking: true,
+    }];
+    let namespace = format!("bench-{}", std::process::id());
+    let mut nats = None;
+    if let Some(url) = &args.nats {
+        let streams = NatsStreams::connect(url, &namespace).await.context("connecting the stream interface to NATS")?;
+        let queues = NatsQueues::connect(url, &namespace).await.context("connecting the queue interface to NATS")?;
+        nats = Some((streams.clone(), queues.clone()));
+        backends.push(Backend {
+            name: "nats",
+            durability: "JetStream file store, one replica (the server's own sync interval, not fsync per acknowledgement)",
+            streams: Arc::new(streams),
+            queues: Arc::new(queues),
+            blocking: false,
+        });
+    }
+    let mut rows = Vec::new();
+    for backend in &backends {
+        rows.extend(bench_stream(backend, args).await.with_context(|| format!("the stream bench on {}", backend.name))?);
+        rows.extend(bench_queue(backend, args).await.with_context(|| format!("the queue bench on {}", backend.name))?);
+    }
+    if let Some((streams, queues)) = nats {
+        streams.delete_namespace().await?;
+        queues.delete_namespace().await?;
+    }
+    drop(backends);
+    data.finish()?;
+    Ok(BackendsReport {
+        bench: "backends",
+        messages: args.messages,
+        message_bytes: args.message_bytes,
+        batch: args.batch,
+        producers: args.producers,
+        consumers: args.consumers,
+        rows,
+        machine,
+    })
+}
+
+fn row(backend: &Backend, interface: &'static str, phase: &'static str, messages: u64, elapsed: Duration, calls: Option<&LatencyHistogram>) -> Row {
+    let seconds = elapsed.as_secs_f64();
+    Row {
+        backend: backend.name,
+        durability: backend.durability,
+        interface,
+        phase,
+        messages,
+        seconds,
+        msgs_per_s: messages as f64 / seconds.max(1e-9),
+        call_ms: calls.map(LatencyHistogram::summary),
+    }
+}
+
+/// The messages of one producer: `messages` split over `producers`, the first ones taking the rest.
+fn share(args: &BackendsArgs, producer: usize) -> u64 {
+    let base = args.messages / args.producers as u64;
+    base + u64::from((producer as u64) < args.messages % args.producers as u64)
+}
+
+/// Runs `producers` tasks, each sending its share in batches through `send`; returns the
+/// elapsed time and the per-call latencies.
+async fn send_all<F, Fut>(backend: &Backend, args: &BackendsArgs, send: F) -> anyhow::Result<(Duration, LatencyHistogram)>
+where
+    F: Fn(Vec<Bytes>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let body = Bytes::from(vec![b'x'; args.message_bytes]);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for producer in 0..args.producers {
+        let (send, body, batch, blocking, mut left) = (send.clone(), body.clone(), args.batch, backend.blocking, share(args, producer));
+        tasks.push(tokio::spawn(async move {
+            let mut calls = LatencyHistogram::new();
+            while left > 0 {
+                let n = left.min(batch as u64);
+                let bodies = vec![body.clone(); n as usize];
+                let call_started = Instant::now();
+                run(blocking, send(bodies)).await?;
+                calls.record_ns(call_started.elapsed().as_nanos() as u64);
+                left -= n;
+            }
+            Ok::<_, anyhow::Error>(calls)
+        }));
+    }
+    let mut calls = LatencyHistogram::new();
+    for task in tasks {
+        calls.merge(&task.await??);
+    }
+    Ok((started.elapsed(), calls))
+}
+
+async fn bench_stream(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<Vec<Row>> {
+    let topic = "bench-stream";
+    backend.streams.create_topic(topic, TopicConfig { partitions: 1, ..TopicConfig::default() }).await?;
+    let streams = backend.streams.clone();
+    let (elapsed, calls) = send_all(backend, args, move |bodies| {
+        let streams = streams.clone();
+        async move {
+            let records: Vec<Record> = bodies.into_iter().map(|b| Record { key: None, value: Some(b), headers: Vec::new(), timestamp_ms: 0 }).collect();
+            streams.produce(topic, records).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut rows = vec![row(backend, "stream", "produce", args.messages, elapsed, Some(&calls))];
+    let started = Instant::now();
+    let mut offset = 0;
+    while offset < args.messages {
+        let streams = backend.streams.clone();
+        let fetched = run(backend.blocking, async move { streams.fetch(topic, 0, offset, FETCH_RECORDS).await }).await?;
+        ensure!(!fetched.is_empty(), "the topic ended at offset {offset}, before the {} records produced", args.messages);
+        offset += fetched.len() as u64;
+    }
+    rows.push(row(backend, "stream", "fetch", args.messages, started.elapsed(), None));
+    backend.streams.delete_topic(topic).await?;
+    Ok(rows)
+}
+
+async fn bench_queue(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<Vec<Row>> {
+    let queue = "bench-queue";
+    backend.queues.create_queue(queue, QueueConfig::default()).await?;
+    let queues = backend.queues.clone();
+    let (elapsed, calls) = send_all(backend, args, move |bodies| {
+        let queues = queues.clone();
+        async move {
+            queues.publish(queue, bodies.into_iter().map(NewMessage::new).collect()).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut rows = vec![row(backend, "queue", "publish", args.messages, elapsed, Some(&calls))];
+    let acked = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for consumer in 0..args.consumers {
+        let (queues, acked, blocking, batch, total) = (backend.queues.clone(), acked.clone(), backend.blocking, args.batch, args.messages);
+        tasks.push(tokio::spawn(async move {
+            let mut calls = LatencyHistogram::new();
+            let name = format!("c{consumer}");
+            while acked.load(Ordering::Relaxed) < total {
+                let call_started = Instant::now();
+                let (queues_call, name_call) = (queues.clone(), name.clone());
+                let got = run(blocking, async move { queues_call.receive(queue, "bench", &name_call, batch, None, RECEIVE_WAIT).await }).await?;
+                if got.is_empty() {
+                    continue;
+                }
+                let receipts = got.into_iter().map(|d| d.receipt).collect::<Vec<_>>();
+                let n = receipts.len() as u64;
+                let queues_call = queues.clone();
+                run(blocking, async move { queues_call.ack(queue, "bench", receipts).await }).await?;
+                calls.record_ns(call_started.elapsed().as_nanos() as u64);
+                acked.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(calls)
+        }));
+    }
+    let mut calls = LatencyHistogram::new();
+    for task in tasks {
+        calls.merge(&task.await??);
+    }
+    rows.push(row(backend, "queue", "receive_ack", acked.load(Ordering::Relaxed), started.elapsed(), Some(&calls)));
+    backend.queues.delete_queue(queue).await?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_backends_carry_the_workload_and_count_every_message() {
+        let nats = std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        let args = BackendsArgs { nats: Some(nats), messages: 1_000, message_bytes: 64, batch: 50, producers: 4, consumers: 2, data: None };
+        let report = run_backends(&args).await.unwrap();
+        let phases: Vec<(&str, &str, &str)> = report.rows.iter().map(|r| (r.backend, r.interface, r.phase)).collect();
+        assert_eq!(
+            phases,
+            vec![
+                ("embedded", "stream", "produce"),
+                ("embedded", "stream", "fetch"),
+                ("embedded", "queue", "publish"),
+                ("embedded", "queue", "receive_ack"),
+                ("nats", "stream", "produce"),
+                ("nats", "stream", "fetch"),
+                ("nats", "queue", "publish"),
+                ("nats", "queue", "receive_ack"),
+            ]
+        );
+        assert!(report.rows.iter().all(|r| r.messages == 1_000 && r.msgs_per_s > 0.0), "{:?}", report.rows);
+        let produce_calls = report.rows[0].call_ms.as_ref().unwrap();
+        assert_eq!(produce_calls.count, 20, "4 producers of 250 records in batches of 50");
+    }
+}
