@@ -1,0 +1,234 @@
+//! The palette's `db_primary` / `db_replica`: SQL through sqlx, on a SQLite file when embedded and
+//! on PostgreSQL when distributed, chosen by URL.
+//!
+//! - [`Db::embedded`] opens `<data>/tributary.sqlite3` (WAL, `synchronous=FULL`: a commit is on
+//!   disk before it returns, a busy timeout instead of immediate `SQLITE_BUSY`).
+//! - [`Db::connect`] takes a primary URL (`sqlite://…` or `postgres://…`) and, optionally, a
+//!   replica URL. Writes and reads that must see them go to the primary ([`Read::Primary`]);
+//!   reads that tolerate replication lag ([`Read::MayLag`]) go to the replica when one is given,
+//!   else to the primary. Replication itself is PostgreSQL's.
+//! - Both use sqlx's `Any` driver, so one query text serves both databases: write parameters as
+//!   `$1, $2, …` (SQLite accepts them too) and stay within the SQL both speak, or branch on
+//!   [`Db::dialect`].
+//! - [`Db::migrate`] applies a [`Schema`]: an owner's numbered migrations, kept in the repo as SQL
+//!   per dialect, recorded in the owner's own table `_tributary_migrations_<owner>` so that
+//!   several owners (systems) share one database without their versions colliding. A migration
+//!   already applied whose text changed is refused ([`DbError::Migrate`]), never re-run.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::{Migration as SqlxMigration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, SqlStr};
+
+/// Connections of one pool when the configuration names none.
+pub const DB_CONNECTIONS_DEFAULT: u32 = 8;
+/// How long a query waits for a free connection.
+pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an embedded SQLite connection waits on a lock held by another before `SQLITE_BUSY`.
+pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// The embedded database's file under the data folder.
+pub const EMBEDDED_FILE: &str = "tributary.sqlite3";
+
+/// Which SQL the database speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Where a read goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The primary: the read sees every committed write.
+    Primary,
+    /// The replica when there is one: the read may miss the latest writes.
+    MayLag,
+}
+
+/// One numbered migration, as SQL for each dialect (several statements are allowed).
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    pub version: i64,
+    pub description: &'static str,
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// An owner's migrations, in version order.
+#[derive(Clone, Copy, Debug)]
+pub struct Schema {
+    /// A short name (`A-Z a-z 0-9 _`), part of the migrations table's name.
+    pub owner: &'static str,
+    pub migrations: &'static [Migration],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("connecting to {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migrating {owner}: {source}")]
+    Migrate { owner: String, source: sqlx::migrate::MigrateError },
+    #[error(transparent)]
+    Query(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct DbConfig {
+    pub primary: String,
+    pub replica: Option<String>,
+    pub max_connections: u32,
+}
+
+impl DbConfig {
+    pub fn new(primary: impl Into<String>) -> DbConfig {
+        DbConfig { primary: primary.into(), replica: None, max_connections: DB_CONNECTIONS_DEFAULT }
+    }
+}
+
+/// The database: a pool on the primary and, optionally, one on a replica. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    primary: AnyPool,
+    replica: Option<AnyPool>,
+    dialect: Dialect,
+}
+
+fn dialect_of(url: &str) -> Result<Dialect> {
+    if url.starts_with("sqlite:") {
+        Ok(Dialect::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Dialect::Postgres)
+    } else {
+        Err(DbError::Invalid(format!("a database URL starts with sqlite: or postgres://, got {:?}", redact(url))))
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn pool(url: &str, max_connections: u32) -> Result<AnyPool> {
+    let dialect = dialect_of(url)?;
+    install_default_drivers();
+    let options = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(DB_ACQUIRE_TIMEOUT);
+    let options = if dialect == Dialect::Sqlite {
+        options.after_connect(|connection, _| {
+            Box::pin(async move {
+                connection.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))).await?;
+                connection.execute("PRAGMA journal_mode = WAL").await?;
+                connection.execute("PRAGMA synchronous = FULL").await?;
+                connection.execute("PRAGMA foreign_keys = ON").await?;
+                Ok(())
+            })
+        })
+    } else {
+        options
+    };
+    options.connect(url).await.map_err(|source| DbError::Connect { url: redact(url), source })
+}
+
+impl Db {
+    /// The embedded database: `<dir>/tributary.sqlite3`, created when missing.
+    pub async fn embedded(dir: &Path) -> Result<Db> {
+        std::fs::create_dir_all(dir).map_err(|e| DbError::Invalid(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(EMBEDDED_FILE);
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        Db::connect(&DbConfig::new(url)).await
+    }
+
+    /// Connects to the primary (and the replica, when given); both must speak the same dialect.
+    pub async fn connect(config: &DbConfig) -> Result<Db> {
+        if config.max_connections == 0 {
+            return Err(DbError::Invalid("max_connections must be at least 1".into()));
+        }
+        let dialect = dialect_of(&config.primary)?;
+        if let Some(replica) = &config.replica
+            && dialect_of(replica)? != dialect
+        {
+            return Err(DbError::Invalid("the replica must be the same kind of database as the primary".into()));
+        }
+        let primary = pool(&config.primary, config.max_connections).await?;
+        let replica = match &config.replica {
+            Some(url) => Some(pool(url, config.max_connections).await?),
+            None => None,
+        };
+        Ok(Db { primary, replica, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The pool for writes and for reads that must see them.
+    pub fn primary(&self) -> &AnyPool {
+        &self.primary
+    }
+
+    /// The pool for a read: the replica for [`Read::MayLag`] when there is one.
+    pub fn reader(&self, read: Read) -> &AnyPool {
+        match (read, &self.replica) {
+            (Read::MayLag, Some(replica)) => replica,
+            _ => &self.primary,
+        }
+    }
+
+    /// Applies the schema's migrations not yet applied, in version order, on the primary.
+    pub async fn migrate(&self, schema: &Schema) -> Result<()> {
+        if schema.owner.is_empty() || !schema.owner.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(DbError::Invalid(format!("a schema owner is A-Z a-z 0-9 _, got {:?}", schema.owner)));
+        }
+        let migrations = schema
+            .migrations
+            .iter()
+            .map(|m| {
+                let sql = match self.dialect {
+                    Dialect::Sqlite => m.sqlite,
+                    Dialect::Postgres => m.postgres,
+                };
+                SqlxMigration::new(m.version, Cow::Borrowed(m.description), MigrationType::Simple, SqlStr::from_static(sql), false)
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.dangerous_set_table_name(format!("_tributary_migrations_{}", schema.owner));
+        migrator.run(&self.primary).await.map_err(|source| DbError::Migrate { owner: schema.owner.to_string(), source })
+    }
+
+    /// Closes both pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.primary.close().await;
+        if let Some(replica) = &self.replica {
+            replica.close().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_dialect_and_passwords_stay_out_of_messages() {
+        assert_eq!(dialect_of("sqlite://data/x.sqlite3").unwrap(), Dialect::Sqlite);
+        assert_eq!(dialect_of("postgres://u@h/db").unwrap(), Dialect::Postgres);
+        let error = dialect_of("mysql://u:secret@h/db").unwrap_err().to_string();
+        assert!(error.contains("u:***@h") && !error.contains("secret"), "{error}");
+    }
+}
