@@ -299,12 +299,14 @@ struct PartitionState {
     broken: Option<String>,
 }
 
+/// (channel, user) → last read seq.
+type ReadMarkers = HashMap<(Arc<str>, Arc<str>), u64>;
+
 struct State {
     channels: HashMap<Arc<str>, Channel>,
     partitions: Vec<PartitionState>,
     connections: HashMap<Arc<str>, HashMap<u64, Arc<Connection>>>,
-    /// (channel, user) → last read seq.
-    read: HashMap<(Arc<str>, Arc<str>), u64>,
+    read: ReadMarkers,
     /// (channel, user) → last typing indicator.
     typing: HashMap<(Arc<str>, Arc<str>), Instant>,
 }
@@ -887,7 +889,7 @@ fn summary(state: &State, id: &Arc<str>, channel: &Channel, user: &str) -> Chann
 
 /// The read markers, from the compacted topic (the last value per key wins; markers only move
 /// forward, so the largest is kept).
-fn load_markers(markers: &Topic) -> anyhow::Result<HashMap<(Arc<str>, Arc<str>), u64>> {
+fn load_markers(markers: &Topic) -> anyhow::Result<ReadMarkers> {
     let mut read = HashMap::new();
     let (start, end) = markers.offsets(0)?;
     let mut offset = start;
