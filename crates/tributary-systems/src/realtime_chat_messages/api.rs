@@ -2,7 +2,7 @@
 //! connection, and the chat page.
 //!
 //! ```text
-//! POST   /v1/chat/channels                          {"id","visibility":"public"|"private","name","members":[…]} → 201 channel
+//! POST   /v1/chat/channels                          {"id","visibility":"public"|"private","name","members":[…],"exists_ok"} → 201 channel
 //! GET    /v1/chat/channels                          the caller's channels: last_seq, read_seq, unread
 //! GET    /v1/chat/channels/{channel}                one channel and its members
 //! POST   /v1/chat/channels/{channel}/members        {"add":[…],"remove":[…]} (join: add yourself to a public channel)
