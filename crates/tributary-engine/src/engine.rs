@@ -1,7 +1,9 @@
-//! The embedded engine in one value: every topic, queue and the cache under one data folder.
+//! The embedded engine in one value: every topic, queue, search index and the cache under one
+//! data folder.
 //!
 //! Layout of the folder: `streams/` (topics and the consumer-offsets log), `queues/` (one folder
-//! per queue), `cache.snapshot` (written by [`Engine::close`], read back by [`Engine::open`]).
+//! per queue), `search/` (one folder per search index, see [`crate::search`]), `cache.snapshot`
+//! (written by [`Engine::close`], read back by [`Engine::open`]).
 //! Pub/sub brokers are made by the systems that use them, over topics of this engine, because
 //! what a subscriber receives is theirs to define.
 
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::{Cache, CacheConfig};
 use crate::queue::{QueueDefaults, QueueError, Queues};
+use crate::search::{SearchError, Searches};
 use crate::stream::Topics;
 use crate::StreamError;
 
@@ -21,6 +24,8 @@ pub enum EngineError {
     Queue(#[from] QueueError),
     #[error("cache snapshot: {0}")]
     Cache(#[from] crate::cache::CacheError),
+    #[error("search: {0}")]
+    Search(#[from] SearchError),
 }
 
 pub struct Engine {
@@ -28,6 +33,7 @@ pub struct Engine {
     pub topics: Topics,
     pub queues: Queues,
     pub cache: Cache,
+    pub search: Searches,
 }
 
 const CACHE_SNAPSHOT: &str = "cache.snapshot";
@@ -43,7 +49,8 @@ impl Engine {
         if snapshot.exists() {
             cache.load_from(&snapshot)?;
         }
-        Ok(Engine { dir, topics, queues, cache })
+        let search = Searches::open(dir.join("search"));
+        Ok(Engine { dir, topics, queues, cache, search })
     }
 
     pub fn dir(&self) -> &Path {
@@ -63,8 +70,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Sync everything and snapshot the cache.
+    /// Sync everything, commit every search index and snapshot the cache.
     pub fn close(&self) -> Result<(), EngineError> {
+        self.search.close()?;
         self.topics.close();
         self.queues.close()?;
         self.cache.snapshot_to(self.dir.join(CACHE_SNAPSHOT))?;

@@ -6,6 +6,7 @@
 //! | [`queue`] | each message is a job for one worker, acknowledged on its own, retried, dead-lettered |
 //! | [`pubsub`] | live subscribers want messages by subject, with wildcards |
 //! | [`cache`] | state that is read far more than written: KV with TTL, counters, leaderboards |
+//! | [`search`] | readers look records up by words: full-text indexes fed from a log, scoped, paged, checkpointed |
 //!
 //! The engine knows nothing of HTTP, JSON wire formats or tokio: it is synchronous, and the
 //! server crate puts a network in front of it. The interfaces that distributed backends also
@@ -21,6 +22,7 @@ mod engine;
 mod error;
 pub mod pubsub;
 pub mod queue;
+pub mod search;
 pub mod stream;
 
 pub use backend::{BoxFuture, Gap};

@@ -16,6 +16,7 @@
 pub mod basic_message_queue;
 pub mod email_queue_system;
 pub mod notification_fanout;
+pub mod realtime_chat_messages;
 pub mod realtime_notifications;
 pub mod simple_pubsub;
 pub mod stock_price_updates;
@@ -69,6 +70,7 @@ pub fn entries() -> Vec<Entry> {
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
         Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
+        Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start },
         Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start },
         Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start },

@@ -204,3 +204,15 @@ async fn pubsub_subscribers_resume_across_a_restart_with_no_gap_and_no_duplicate
     assert_eq!((report.lost, report.duplicated, report.unexpected), (0, 0, 0), "{report:?}");
     assert!(report.target.met, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // `serial()` holds the lock across the run on purpose: one load test at a time.
+async fn chat_members_resync_across_a_restart_with_no_gap_no_duplicate_and_in_order() {
+    let _serial = serial();
+    let reports = bench(&["realtime-chat-messages", "--phase", "failure", "--rate", "200", "--subscriptions", "10", "--warmup-seconds", "1", "--failure-seconds", "6", "--json"]).await;
+    let report = &reports[0];
+    let kinds: Vec<&str> = report.faults.iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, ["server_restarted"], "{report:?}");
+    assert_eq!((report.lost, report.duplicated, report.unexpected), (0, 0, 0), "{report:?}");
+    assert!(report.target.met, "{report:?}");
+}

@@ -53,6 +53,7 @@
 pub mod basic_message_queue;
 pub mod email_queue_system;
 pub mod notification_fanout;
+pub mod realtime_chat_messages;
 pub mod realtime_notifications;
 pub mod simple_pubsub;
 pub mod stock_price_updates;
@@ -173,6 +174,7 @@ pub fn registry() -> Vec<Entry> {
     vec![
         entry::<basic_message_queue::BasicMessageQueue>(),
         entry::<simple_pubsub::SimplePubsub>(),
+        entry::<realtime_chat_messages::RealtimeChatMessages>(),
         entry::<email_queue_system::EmailQueueSystem>(),
         entry::<stock_price_updates::StockPriceUpdates>(),
         entry::<realtime_notifications::RealtimeNotifications>(),

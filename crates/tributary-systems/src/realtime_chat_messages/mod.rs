@@ -1,0 +1,938 @@
+//! realtime-chat-messages: channels and direct messages on an ordered per-channel log, live over
+//! WebSocket (SSE as the fallback), with gapless sync after a reconnect, history with cursor
+//! pagination, full-text search, presence, typing indicators, read markers and unread counts,
+//! edits and deletes.
+//!
+//! ```text
+//!  Chat users ──HTTP /v1/chat/…──▶ Chat API ──validate, assign seq, append (fsync)──▶ Chat log
+//!      ▲                              │                                           (topic `chat-events`,
+//!      │                              │                                            key = channel)
+//!      │                              └─ apply in log order: channel state (members, messages),
+//!      │                                 search index, fan-out to the members' connections
+//!      │                                        │                         │
+//!      │                                        ▼                         ▼
+//!      │                   one small queue per connection        Search index (engine search,
+//!      │                   (≤ CONNECTION_PENDING_MAX)             `<data>/search/chat-messages`,
+//!      │                                        │                  checkpointed against the log)
+//!      └── WebSocket /v1/chat/ws · SSE /v1/chat/events ── gateway (limits, heartbeats)
+//!                         │
+//!                         ├─▶ Presence (tributary-server's registry: who is online, per channel)
+//!                         └─▶ typing indicators (ephemeral, rate limited, never stored)
+//!  Read markers ──▶ compacted topic `chat-read-markers` (key = channel + user, value = seq)
+//! ```
+//!
+//! **Channels.** A channel is public (anyone may join) or private (members add members); a
+//! direct message is a channel of two whose id is made from the two user ids
+//! (`dm:<a>:<b>`, sorted), so both users open the same one. Creating a channel, members joining
+//! and leaving, messages, edits and deletes are all events of the channel's own sequence.
+//!
+//! **Ordering.** Each channel has a sequence number assigned when its event is appended: the
+//! assignment and the append happen under one lock, so log order is seq order, and seqs are
+//! gapless (1, 2, 3, …). A send is answered `201` only once its event is durable (the log's
+//! class is `always`: fsync, with group commit across concurrent sends); then events are applied
+//! strictly in log order, which is per channel the seq order. Every reader (history, sync, live)
+//! sees only applied, durable events.
+//!
+//! **Idempotent sends.** A message may carry a `client_id`: sending it again to the same channel
+//! as the same user returns the first send's seq (`"duplicate": true`) and appends nothing.
+//!
+//! **Sync.** A connection names, per channel, the last seq it has seen (`since`); it first gets
+//! exactly the events after it, then live ones. Every event a connection gets is checked against
+//! its position in that channel: one at or below it is skipped (no duplicate), one beyond the
+//! next fills the gap from the channel's events first (no gap). So a reconnect, a queue overflow
+//! (a slow client), or a restart of the whole system on the same data folder all end with the
+//! client holding every event once, in order.
+//!
+//! **Search.** Messages go into the engine's search index `chat-messages` (text, scoped by
+//! channel) as they are applied; an edit replaces the text, a delete removes the message. The
+//! index commits every `SEARCH_COMMIT_INTERVAL_MS` (searches lag sends by about that), and each
+//! commit stores the log offset it covers: at start the log is replayed into the index from
+//! there. A search is scoped to the channels the user is a member of.
+//!
+//! **Read markers and unread counts.** `PUT …/read {"seq"}` stores how far a user has read a
+//! channel (durably, in a compacted topic; markers only move forward). The unread count of a
+//! channel is the messages after the marker that others sent and that are not deleted.
+//!
+//! **Presence and typing.** Each connection joins tributary-server's [`Presence`] for the
+//! channels its user is a member of when it connects; members' connections get join/leave events.
+//! Typing indicators go only to the connections of the channel's other members, are never
+//! stored, and a user may send one per channel every `TYPING_INTERVAL_MS_MIN`.
+//!
+//! **What is held only in memory, rebuilt at start.** Every channel's state (members, each
+//! event's JSON for sync, each message's latest text for history) and the read markers are read
+//! back from the log at start, so start-up time and memory grow with the history kept (no
+//! retention is set: the history is the product). Presence, typing and the connection index are
+//! this process's and gone on restart by nature.
+//!
+//! **What it does not do.** Threads, reactions, attachments, mobile push, group DMs of more than
+//! two, per-user signed identities (the platform's API tokens guard who may call at all; behind
+//! them the caller names the user, as in realtime-notifications), moderation of others'
+//! messages, presence updates for channels joined after a connection opened (reconnect), and more
+//! than one node. A failed append (the disk refused a write) stops writes to that log partition
+//! with `503` until a restart, which rebuilds the state from what the log holds.
+
+pub mod api;
+pub mod process;
+pub mod scenario;
+pub mod topology;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tributary_core::Record;
+use tributary_core::limits::BATCH_BYTES_MAX;
+use tributary_engine::search::{Document, SearchConfig, SearchError, SearchIndex, SearchQuery, SearchSchema};
+use tributary_engine::stream::{Topic, TopicConfig};
+use tributary_engine::{Engine, StreamError};
+use tributary_runtime::SystemMetrics;
+use tributary_server::{Gateway, Presence, SystemApi};
+
+use crate::{Context, System};
+use process::{Body, CHANNEL_MEMBERS_MAX, ChannelView, Event, Invalid, MessageView, Visibility};
+
+pub const ID: &str = "realtime-chat-messages";
+/// The durable log of every channel's events, keyed by channel.
+pub const EVENTS_TOPIC: &str = "chat-events";
+/// Read markers: key `<channel>\n<user>`, value the last read seq (compacted).
+pub const READ_MARKERS_TOPIC: &str = "chat-read-markers";
+/// The engine search index of messages.
+pub const SEARCH_INDEX: &str = "chat-messages";
+/// Partitions of the chat log, unless configured otherwise. One, for the reason
+/// realtime-notifications gives: under `always`, each partition's append is an fsync of its own,
+/// while one partition shares one fsync among all concurrent sends.
+pub const PARTITIONS_DEFAULT: u32 = 1;
+/// Events and indicators queued for one connection before it stops taking live ones and catches
+/// up from the channels' events instead.
+pub const CONNECTION_PENDING_MAX: usize = 4_096;
+/// How often the search index commits while messages wait (searches lag by about this).
+pub const SEARCH_COMMIT_INTERVAL_MS: u64 = 250;
+/// Commit the search index after this many changes even sooner.
+pub const SEARCH_COMMIT_DOCS: usize = 20_000;
+/// How long a duplicate send waits for the first one to be durable before answering.
+pub const DUPLICATE_WAIT: Duration = Duration::from_secs(10);
+/// Records read from the log per step at start.
+pub const REBUILD_CHUNK_RECORDS: usize = 5_000;
+
+/// How the chat log is laid out.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    pub partitions: u32,
+    pub segment_bytes: u64,
+    pub search: SearchConfig,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            partitions: PARTITIONS_DEFAULT,
+            segment_bytes: tributary_log::SEGMENT_BYTES_DEFAULT,
+            search: SearchConfig { commit_interval_ms: SEARCH_COMMIT_INTERVAL_MS, commit_docs: SEARCH_COMMIT_DOCS },
+        }
+    }
+}
+
+/// Why a chat operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    /// Writes to a log partition stopped after a failed append (see the module docs).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// One change a caller asks for.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Send { channel: String, user: String, text: String, client_id: Option<String> },
+    Edit { channel: String, user: String, target: u64, text: String },
+    Delete { channel: String, user: String, target: u64 },
+    Create { channel: String, user: String, visibility: Visibility, name: String, members: Vec<String> },
+    Join { channel: String, user: String, members: Vec<String> },
+    Leave { channel: String, user: String, members: Vec<String> },
+}
+
+impl Op {
+    fn channel(&self) -> &str {
+        match self {
+            Op::Send { channel, .. } | Op::Edit { channel, .. } | Op::Delete { channel, .. } | Op::Create { channel, .. } | Op::Join { channel, .. } | Op::Leave { channel, .. } => channel,
+        }
+    }
+}
+
+/// Where an accepted change landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub channel: String,
+    pub seq: u64,
+    pub ts: i64,
+    /// A repeated send (same client id) or a change that changed nothing: nothing was appended.
+    pub duplicate: bool,
+}
+
+/// What a connection's queue holds.
+#[derive(Clone)]
+pub enum Item {
+    Event { channel: Arc<str>, seq: u64, json: Arc<str>, accepted: Option<Instant> },
+    /// A typing indicator or a read marker: JSON sent as is, never replayed.
+    Ephemeral(Arc<str>),
+}
+
+/// One connection as the fan-out sees it.
+pub struct Connection {
+    pub id: u64,
+    pub user: Arc<str>,
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Item>,
+    overflowed: bool,
+}
+
+impl Connection {
+    fn push(&self, item: Item) -> bool {
+        let mut queue = self.queue.lock();
+        if queue.overflowed {
+            return false;
+        }
+        if queue.items.len() >= CONNECTION_PENDING_MAX {
+            queue.overflowed = true;
+            queue.items = VecDeque::new();
+            return true;
+        }
+        queue.items.push_back(item);
+        false
+    }
+
+    /// What is queued, and whether the queue overflowed (then the caller catches up instead; the
+    /// connection takes live items again from here).
+    pub fn take(&self) -> (Vec<Item>, bool) {
+        let mut queue = self.queue.lock();
+        let overflowed = std::mem::take(&mut queue.overflowed);
+        (std::mem::take(&mut queue.items).into(), overflowed)
+    }
+
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// The sequencer's view of a channel: what has been assigned, durable or not yet.
+#[derive(Default)]
+struct Assigned {
+    last_seq: u64,
+    visibility: Option<Visibility>,
+    members: BTreeSet<Arc<str>>,
+    /// Author and whether deleted, per message seq (to check edits and deletes).
+    authors: HashMap<u64, (Arc<str>, bool)>,
+    /// (user, client id) → seq of the first send.
+    client_ids: HashMap<(Arc<str>, Arc<str>), u64>,
+}
+
+impl Assigned {
+    fn apply(&mut self, event: &Event) {
+        self.last_seq = event.seq;
+        match &event.body {
+            Body::Created { visibility, members, .. } => {
+                self.visibility = Some(*visibility);
+                self.members.extend(members.iter().map(|m| Arc::from(m.as_str())));
+            }
+            Body::Joined { members } => self.members.extend(members.iter().map(|m| Arc::from(m.as_str()))),
+            Body::Left { members } => {
+                for member in members {
+                    self.members.remove(member.as_str());
+                }
+            }
+            Body::Message { client_id, .. } => {
+                let user: Arc<str> = Arc::from(event.user.as_str());
+                if let Some(client_id) = client_id {
+                    self.client_ids.insert((user.clone(), Arc::from(client_id.as_str())), event.seq);
+                }
+                self.authors.insert(event.seq, (user, false));
+            }
+            Body::Edited { .. } => {}
+            Body::Deleted { target } => {
+                if let Some(author) = self.authors.get_mut(target) {
+                    author.1 = true;
+                }
+            }
+        }
+    }
+
+    fn is_member(&self, user: &str) -> bool {
+        self.members.contains(user)
+    }
+}
+
+struct Channel {
+    assigned: Assigned,
+    view: ChannelView,
+}
+
+/// An appended event waiting to be applied in log order.
+struct Appended {
+    event: Event,
+    json: Arc<str>,
+    offset: u64,
+    accepted: Instant,
+}
+
+struct PartitionState {
+    /// The next offset to apply.
+    next: u64,
+    waiting: BTreeMap<u64, Vec<Appended>>,
+    broken: Option<String>,
+}
+
+/// (channel, user) → last read seq.
+type ReadMarkers = HashMap<(Arc<str>, Arc<str>), u64>;
+
+struct State {
+    channels: HashMap<Arc<str>, Channel>,
+    partitions: Vec<PartitionState>,
+    connections: HashMap<Arc<str>, HashMap<u64, Arc<Connection>>>,
+    read: ReadMarkers,
+    /// (channel, user) → last typing indicator.
+    typing: HashMap<(Arc<str>, Arc<str>), Instant>,
+}
+
+pub struct Chat {
+    gateway: Gateway,
+    presence: Presence,
+    log: Arc<Topic>,
+    markers: Arc<Topic>,
+    search: Arc<SearchIndex>,
+    state: Mutex<State>,
+    metrics: SystemMetrics,
+    next_connection: AtomicU64,
+    connection_count: AtomicUsize,
+    sent: AtomicU64,
+    delivered: AtomicU64,
+    overflows: AtomicU64,
+    search_errors: AtomicU64,
+}
+
+pub fn start(context: &Context) -> anyhow::Result<Arc<dyn System>> {
+    Ok(Chat::open(context, ChatConfig::default())?)
+}
+
+fn search_schema() -> SearchSchema {
+    SearchSchema { text_fields: vec!["text".into()], filter_fields: vec!["channel".into()] }
+}
+
+fn message_doc(channel: &str, seq: u64, text: &str) -> Document {
+    Document { id: format!("{channel}/{seq}"), text: vec![("text".into(), text.to_string())], filters: vec![("channel".into(), channel.to_string())] }
+}
+
+/// The search index change an applied event makes.
+fn index_event(search: &SearchIndex, event: &Event, deleted: bool, position: (u32, u64)) -> Result<(), SearchError> {
+    match &event.body {
+        Body::Message { text, .. } => search.upsert(message_doc(&event.channel, event.seq, text), position),
+        Body::Edited { target, text } if !deleted => search.upsert(message_doc(&event.channel, *target, text), position),
+        Body::Deleted { target } => search.delete(&format!("{}/{}", event.channel, target), position),
+        _ => search.advance(position),
+    }
+}
+
+impl Chat {
+    pub fn open(context: &Context, config: ChatConfig) -> anyhow::Result<Arc<Chat>> {
+        let engine: &Engine = &context.engine;
+        let log = engine.topics.create(EVENTS_TOPIC, TopicConfig { partitions: config.partitions, segment_bytes: config.segment_bytes, ..TopicConfig::default() })?;
+        let markers = engine.topics.create(READ_MARKERS_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
+        let search = engine.search.index(SEARCH_INDEX, search_schema(), config.search)?;
+        let checkpoint = search.checkpoint();
+        let mut channels: HashMap<Arc<str>, Channel> = HashMap::new();
+        let mut partitions = Vec::new();
+        for partition in 0..log.partition_count() {
+            let (start, end) = log.offsets(partition)?;
+            let replay_from = checkpoint.get(&partition).copied().unwrap_or(0);
+            let mut offset = start;
+            while offset < end {
+                let records = log.fetch(partition, offset, REBUILD_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+                let Some(last) = records.last() else { break };
+                offset = last.offset + 1;
+                for record in records {
+                    let Some(value) = record.value.as_deref() else { continue };
+                    let event: Event = serde_json::from_slice(value).map_err(|e| anyhow::anyhow!("{EVENTS_TOPIC} partition {partition} offset {}: unreadable event: {e}", record.offset))?;
+                    let channel = channels.entry(Arc::from(event.channel.as_str())).or_insert_with(|| Channel { assigned: Assigned::default(), view: ChannelView::new(Visibility::Public, String::new()) });
+                    if let Body::Created { visibility, name, .. } = &event.body {
+                        channel.view.visibility = *visibility;
+                        channel.view.name = name.clone();
+                    }
+                    anyhow::ensure!(event.seq == channel.view.last_seq() + 1, "{EVENTS_TOPIC}: channel {} has seq {} after {}", event.channel, event.seq, channel.view.last_seq());
+                    let deleted = event_target_deleted(&channel.view, &event);
+                    channel.assigned.apply(&event);
+                    let json: Arc<str> = Arc::from(std::str::from_utf8(value).unwrap_or_default());
+                    channel.view.apply(&event, json);
+                    if record.offset >= replay_from {
+                        index_event(&search, &event, deleted, (partition, record.offset))?;
+                    }
+                }
+            }
+            partitions.push(PartitionState { next: end, waiting: BTreeMap::new(), broken: None });
+        }
+        let read = load_markers(&markers)?;
+        let system = Chat {
+            gateway: context.gateway.clone(),
+            presence: Presence::new(),
+            log,
+            markers,
+            search,
+            state: Mutex::new(State { channels, partitions, connections: HashMap::new(), read, typing: HashMap::new() }),
+            metrics: SystemMetrics::new(ID),
+            next_connection: AtomicU64::new(1),
+            connection_count: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+            search_errors: AtomicU64::new(0),
+        };
+        Ok(Arc::new(system))
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
+    pub fn search_index(&self) -> &SearchIndex {
+        &self.search
+    }
+
+    /// Check `ops` against what has been assigned; nothing changes.
+    fn validate(state: &State, op: &Op) -> Result<(), Invalid> {
+        let channel_id = op.channel();
+        let channel = state.channels.get(channel_id).map(|c| &c.assigned);
+        let existing = || channel.filter(|c| c.visibility.is_some()).ok_or_else(|| Invalid::NotFound(format!("channel {channel_id:?} does not exist")));
+        let member = |user: &str| -> Result<&Assigned, Invalid> {
+            let channel = existing()?;
+            if !channel.is_member(user) {
+                return Err(Invalid::Forbidden(format!("{user:?} is not a member of channel {channel_id:?}")));
+            }
+            Ok(channel)
+        };
+        match op {
+            Op::Send { user, text, client_id, .. } => {
+                process::check_text(text)?;
+                if let Some(client_id) = client_id {
+                    process::check_client_id(client_id)?;
+                }
+                member(user)?;
+            }
+            Op::Edit { user, target, text, .. } => {
+                process::check_text(text)?;
+                check_author(member(user)?, channel_id, user, *target)?;
+            }
+            Op::Delete { user, target, .. } => {
+                check_author(member(user)?, channel_id, user, *target)?;
+            }
+            Op::Create { user, visibility, name, members, .. } => {
+                if channel.is_some_and(|c| c.visibility.is_some()) {
+                    return Err(Invalid::Conflict(format!("channel {channel_id:?} exists already")));
+                }
+                if name.len() > process::CHANNEL_NAME_BYTES_MAX {
+                    return Err(Invalid::TooLarge(format!("name is {} bytes: at most CHANNEL_NAME_BYTES_MAX ({})", name.len(), process::CHANNEL_NAME_BYTES_MAX)));
+                }
+                for m in members {
+                    process::check_user(m)?;
+                }
+                if !members.contains(user) {
+                    return Err(Invalid::Bad("the creator is one of the members".into()));
+                }
+                if members.len() > CHANNEL_MEMBERS_MAX {
+                    return Err(Invalid::TooLarge(format!("{} members: at most CHANNEL_MEMBERS_MAX ({CHANNEL_MEMBERS_MAX})", members.len())));
+                }
+                if *visibility == Visibility::Direct && process::dm_users(channel_id).is_none() {
+                    return Err(Invalid::Bad("direct-message channels are opened with POST /v1/chat/dms".into()));
+                }
+            }
+            Op::Join { user, members, .. } => {
+                let channel = existing()?;
+                for m in members {
+                    process::check_user(m)?;
+                }
+                match channel.visibility {
+                    Some(Visibility::Direct) => return Err(Invalid::Forbidden(format!("{channel_id:?} is a direct message: its members are fixed"))),
+                    Some(Visibility::Public) if members.iter().all(|m| m == user) => {}
+                    _ if channel.is_member(user) => {}
+                    _ => return Err(Invalid::Forbidden(format!("{user:?} is not a member of channel {channel_id:?} and may not add members to it"))),
+                }
+                let new = members.iter().filter(|m| !channel.is_member(m)).collect::<HashSet<_>>().len();
+                if channel.members.len() + new > CHANNEL_MEMBERS_MAX {
+                    return Err(Invalid::TooLarge(format!("channel {channel_id:?} would have {} members: at most CHANNEL_MEMBERS_MAX ({CHANNEL_MEMBERS_MAX})", channel.members.len() + new)));
+                }
+            }
+            Op::Leave { user, members, .. } => {
+                let channel = existing()?;
+                if channel.visibility == Some(Visibility::Direct) {
+                    return Err(Invalid::Forbidden(format!("{channel_id:?} is a direct message: its members are fixed")));
+                }
+                if members.iter().any(|m| m != user) && !channel.is_member(user) {
+                    return Err(Invalid::Forbidden(format!("{user:?} is not a member of channel {channel_id:?} and may not remove members")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate `ops` (all or nothing), assign each its channel's next seq, append them durably,
+    /// apply them in log order, and say where each landed.
+    pub fn submit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, ChatError> {
+        let now = tributary_core::now_ms();
+        let accepted = Instant::now();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
+        let mut waits: Vec<(usize, String, u64)> = Vec::new();
+        let mut appends = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            for op in &ops {
+                Self::validate(state, op)?;
+            }
+            let mut by_partition: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let partition = self.log.partition_for(Some(op.channel().as_bytes()), 0);
+                if let Some(reason) = &state.partitions[partition as usize].broken {
+                    return Err(ChatError::Unavailable(format!("writes to the chat log are stopped until a restart: {reason}")));
+                }
+                let key: Arc<str> = Arc::from(op.channel());
+                let channel = state.channels.entry(key.clone()).or_insert_with(|| Channel { assigned: Assigned::default(), view: ChannelView::new(Visibility::Public, String::new()) });
+                let assigned = &mut channel.assigned;
+                let (user, body) = match op {
+                    Op::Send { user, text, client_id, .. } => {
+                        if let Some(client_id) = &client_id
+                            && let Some(&seq) = assigned.client_ids.get(&(Arc::from(user.as_str()), Arc::from(client_id.as_str())))
+                        {
+                            waits.push((i, key.to_string(), seq));
+                            continue;
+                        }
+                        (user, Body::Message { text, client_id })
+                    }
+                    Op::Edit { user, target, text, .. } => (user, Body::Edited { target, text }),
+                    Op::Delete { user, target, .. } => (user, Body::Deleted { target }),
+                    Op::Create { user, visibility, name, members, .. } => {
+                        let mut members = members;
+                        members.sort();
+                        members.dedup();
+                        (user, Body::Created { visibility, name, members })
+                    }
+                    Op::Join { user, members, .. } => {
+                        let mut new: Vec<String> = members.into_iter().filter(|m| !assigned.is_member(m)).collect();
+                        new.sort();
+                        new.dedup();
+                        if new.is_empty() {
+                            outcomes[i] = Some(Outcome { channel: key.to_string(), seq: assigned.last_seq, ts: now, duplicate: true });
+                            continue;
+                        }
+                        (user, Body::Joined { members: new })
+                    }
+                    Op::Leave { user, members, .. } => {
+                        let mut gone: Vec<String> = members.into_iter().filter(|m| assigned.is_member(m)).collect();
+                        gone.sort();
+                        gone.dedup();
+                        if gone.is_empty() {
+                            outcomes[i] = Some(Outcome { channel: key.to_string(), seq: assigned.last_seq, ts: now, duplicate: true });
+                            continue;
+                        }
+                        (user, Body::Left { members: gone })
+                    }
+                };
+                let event = Event { channel: key.to_string(), seq: assigned.last_seq + 1, user, ts: now, body };
+                assigned.apply(&event);
+                outcomes[i] = Some(Outcome { channel: key.to_string(), seq: event.seq, ts: now, duplicate: false });
+                by_partition.entry(partition).or_default().push(event);
+            }
+            for (partition, events) in by_partition {
+                let records: Vec<Record> = events.iter().map(|e| Record::keyed(Bytes::copy_from_slice(e.channel.as_bytes()), e.json())).collect();
+                let pending = self.log.log(partition).and_then(|log| log.append_pending(&records, 0, 0).map_err(StreamError::Log));
+                match pending {
+                    Ok(pending) => appends.push((partition, events, records, pending)),
+                    Err(error) => {
+                        state.partitions[partition as usize].broken = Some(error.to_string());
+                        self.metrics.error();
+                        return Err(error.into());
+                    }
+                }
+            }
+        }
+        let mut count = 0;
+        for (partition, events, records, pending) in appends {
+            let appended = match pending.wait() {
+                Ok(appended) => appended,
+                Err(error) => {
+                    self.state.lock().partitions[partition as usize].broken = Some(error.to_string());
+                    self.metrics.error();
+                    return Err(StreamError::Log(error).into());
+                }
+            };
+            count += events.iter().filter(|e| matches!(e.body, Body::Message { .. })).count() as u64;
+            let batch = events
+                .into_iter()
+                .zip(records)
+                .enumerate()
+                .map(|(n, (event, record))| {
+                    let json: Arc<str> = Arc::from(std::str::from_utf8(record.value.as_deref().unwrap_or_default()).unwrap_or_default());
+                    Appended { event, json, offset: appended.base_offset + n as u64, accepted }
+                })
+                .collect();
+            self.apply(partition, appended.base_offset, batch);
+        }
+        self.metrics.messages_in(count);
+        self.sent.fetch_add(count, Ordering::Relaxed);
+        // Repeated sends answer once the first one is applied (durable).
+        for (i, channel, seq) in waits {
+            let deadline = Instant::now() + DUPLICATE_WAIT;
+            loop {
+                let applied = self.state.lock().channels.get(channel.as_str()).map_or(0, |c| c.view.last_seq());
+                if applied >= seq {
+                    let ts = self.message(&channel, seq).map_or(now, |m| m.ts);
+                    outcomes[i] = Some(Outcome { channel: channel.clone(), seq, ts, duplicate: true });
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ChatError::Unavailable(format!("the first send of this client_id (seq {seq} of {channel:?}) is not durable yet: retry")));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("every op has an outcome")).collect())
+    }
+
+    /// Apply a durable batch once every batch before it in the partition is applied.
+    fn apply(&self, partition: u32, base: u64, batch: Vec<Appended>) {
+        let mut wake: HashMap<u64, Arc<Connection>> = HashMap::new();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let p = partition as usize;
+        state.partitions[p].waiting.insert(base, batch);
+        loop {
+            let next = state.partitions[p].next;
+            let Some(batch) = state.partitions[p].waiting.remove(&next) else { break };
+            for appended in batch {
+                state.partitions[p].next = appended.offset + 1;
+                let Appended { event, json, offset, accepted } = appended;
+                let Some(channel) = state.channels.get_mut(event.channel.as_str()) else { continue };
+                if let Body::Created { visibility, name, .. } = &event.body {
+                    channel.view.visibility = *visibility;
+                    channel.view.name = name.clone();
+                }
+                let deleted = event_target_deleted(&channel.view, &event);
+                let mut recipients: Vec<Arc<str>> = Vec::new();
+                if let Body::Left { members } = &event.body {
+                    recipients.extend(members.iter().map(|m| Arc::from(m.as_str())));
+                }
+                channel.view.apply(&event, json.clone());
+                recipients.extend(channel.view.members.iter().cloned());
+                if let Err(error) = index_event(&self.search, &event, deleted, (partition, offset)) {
+                    self.search_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, "chat search index");
+                }
+                let key: Arc<str> = state.channels.get_key_value(event.channel.as_str()).map(|(k, _)| k.clone()).expect("the channel exists");
+                let item = Item::Event { channel: key, seq: event.seq, json, accepted: Some(accepted) };
+                for user in recipients {
+                    if let Some(connections) = state.connections.get(&user) {
+                        for connection in connections.values() {
+                            if connection.push(item.clone()) {
+                                self.overflows.fetch_add(1, Ordering::Relaxed);
+                            }
+                            wake.entry(connection.id).or_insert_with(|| connection.clone());
+                        }
+                    }
+                }
+            }
+        }
+        drop(guard);
+        for connection in wake.into_values() {
+            connection.wake.notify_one();
+        }
+    }
+
+    /// Register a connection of `user`: from now on it is offered every event of its user's
+    /// channels.
+    pub fn register(&self, user: &str) -> Arc<Connection> {
+        let user: Arc<str> = Arc::from(user);
+        let connection = Arc::new(Connection { id: self.next_connection.fetch_add(1, Ordering::Relaxed), user: user.clone(), queue: Mutex::new(Queue::default()), wake: Notify::new() });
+        self.state.lock().connections.entry(user).or_default().insert(connection.id, connection.clone());
+        self.connection_count.fetch_add(1, Ordering::Relaxed);
+        connection
+    }
+
+    pub fn unregister(&self, connection: &Connection) {
+        let mut state = self.state.lock();
+        if let Some(connections) = state.connections.get_mut(&connection.user) {
+            connections.remove(&connection.id);
+            if connections.is_empty() {
+                state.connections.remove(&connection.user);
+            }
+        }
+        self.connection_count.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The wire JSON of `channel`'s events after seq `after` up to `until` (inclusive), if the
+    /// user may read it.
+    pub fn events_after(&self, channel: &str, after: u64, until: Option<u64>) -> Vec<(u64, Arc<str>)> {
+        let state = self.state.lock();
+        let Some(channel) = state.channels.get(channel) else { return Vec::new() };
+        let last = until.unwrap_or(u64::MAX).min(channel.view.last_seq());
+        (after + 1..=last).map(|seq| (seq, channel.view.events[(seq - 1) as usize].clone())).collect()
+    }
+
+    /// A user's channels: id, visibility, name, members, last seq, read seq, unread count.
+    pub fn channels_of(&self, user: &str) -> Vec<ChannelSummary> {
+        let state = self.state.lock();
+        let mut out: Vec<ChannelSummary> = state
+            .channels
+            .iter()
+            .filter(|(_, c)| c.view.last_seq() > 0 && c.view.members.contains(user))
+            .map(|(id, c)| summary(&state, id, c, user))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// One channel as `user` sees it (members may see any channel; others only public ones).
+    pub fn channel(&self, id: &str, user: &str) -> Result<(ChannelSummary, Vec<String>), Invalid> {
+        let state = self.state.lock();
+        let (key, channel) = state.channels.get_key_value(id).filter(|(_, c)| c.view.last_seq() > 0).ok_or_else(|| Invalid::NotFound(format!("channel {id:?} does not exist")))?;
+        if !channel.view.members.contains(user) && channel.view.visibility != Visibility::Public {
+            return Err(Invalid::NotFound(format!("channel {id:?} does not exist")));
+        }
+        Ok((summary(&state, key, channel, user), channel.view.members.iter().map(|m| m.to_string()).collect()))
+    }
+
+    fn readable<'a>(state: &'a State, id: &str, user: &str) -> Result<&'a Channel, Invalid> {
+        let channel = state.channels.get(id).filter(|c| c.view.last_seq() > 0).ok_or_else(|| Invalid::NotFound(format!("channel {id:?} does not exist")))?;
+        if !channel.view.members.contains(user) {
+            return Err(Invalid::Forbidden(format!("{user:?} is not a member of channel {id:?}")));
+        }
+        Ok(channel)
+    }
+
+    /// A page of history (see [`ChannelView::history`]).
+    pub fn history(&self, id: &str, user: &str, before: Option<u64>, after: Option<u64>, limit: usize) -> Result<(Vec<MessageView>, bool, u64), Invalid> {
+        let state = self.state.lock();
+        let channel = Self::readable(&state, id, user)?;
+        let (page, more) = channel.view.history(id, before, after, limit);
+        Ok((page, more, channel.view.last_seq()))
+    }
+
+    pub fn message(&self, id: &str, seq: u64) -> Option<MessageView> {
+        self.state.lock().channels.get(id)?.view.view(id, seq)
+    }
+
+    /// Store that `user` has read `channel` up to `seq` (durably; markers only move forward).
+    /// Returns the marker and the unread count.
+    pub fn mark_read(&self, id: &str, user: &str, seq: u64) -> Result<(u64, u64), ChatError> {
+        {
+            let state = self.state.lock();
+            let channel = Self::readable(&state, id, user)?;
+            if seq > channel.view.last_seq() {
+                return Err(Invalid::Bad(format!("seq {seq} is beyond the channel's last seq {}", channel.view.last_seq())).into());
+            }
+            let marker = state.read.get(&(Arc::from(id), Arc::from(user))).copied().unwrap_or(0);
+            if seq <= marker {
+                // Markers only move forward: nothing to store or tell.
+                return Ok((marker, channel.view.unread(user, marker)));
+            }
+        }
+        let key = format!("{id}\n{user}");
+        self.markers.produce_to(0, &[Record::keyed(Bytes::from(key), seq.to_string())])?;
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let marker = state.read.entry((Arc::from(id), Arc::from(user))).or_insert(0);
+        *marker = (*marker).max(seq);
+        let marker = *marker;
+        let unread = state.channels.get(id).map_or(0, |c| c.view.unread(user, marker));
+        let json: Arc<str> = Arc::from(serde_json::json!({"read": {"channel": id, "seq": marker, "unread": unread}}).to_string());
+        let mut wake = Vec::new();
+        if let Some(connections) = state.connections.get(user) {
+            for connection in connections.values() {
+                connection.push(Item::Ephemeral(json.clone()));
+                wake.push(connection.clone());
+            }
+        }
+        drop(guard);
+        for connection in wake {
+            connection.wake.notify_one();
+        }
+        Ok((marker, unread))
+    }
+
+    /// A typing indicator of `user` in `channel`, to the other members' connections.
+    pub fn typing(&self, id: &str, user: &str) -> Result<(), Invalid> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let channel = Self::readable(state, id, user)?;
+        let members: Vec<Arc<str>> = channel.view.members.iter().filter(|m| &***m != user).cloned().collect();
+        let key = (Arc::from(id), Arc::from(user));
+        let now = Instant::now();
+        if let Some(last) = state.typing.get(&key)
+            && now.duration_since(*last) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN)
+        {
+            return Err(Invalid::RateLimited(format!("one typing indicator per channel every TYPING_INTERVAL_MS_MIN ({} ms)", process::TYPING_INTERVAL_MS_MIN)));
+        }
+        if state.typing.len() > 100_000 {
+            state.typing.retain(|_, at| now.duration_since(*at) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN));
+        }
+        state.typing.insert(key, now);
+        let json: Arc<str> = Arc::from(serde_json::json!({"typing": {"channel": id, "user": user}}).to_string());
+        let mut wake = Vec::new();
+        for member in members {
+            if let Some(connections) = state.connections.get(&member) {
+                for connection in connections.values() {
+                    connection.push(Item::Ephemeral(json.clone()));
+                    wake.push(connection.clone());
+                }
+            }
+        }
+        drop(guard);
+        for connection in wake {
+            connection.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Search the messages of `user`'s channels (or of one of them).
+    pub fn search(&self, user: &str, text: &str, channel: Option<&str>, offset: usize, limit: usize) -> Result<(usize, Vec<MessageView>), ChatError> {
+        let scope: Vec<String> = match channel {
+            Some(id) => {
+                let state = self.state.lock();
+                Self::readable(&state, id, user)?;
+                vec![id.to_string()]
+            }
+            None => self.channels_of(user).into_iter().map(|c| c.id).collect(),
+        };
+        let page = self.search.search(&SearchQuery { text: text.to_string(), filter: Some(("channel".into(), scope)), offset, limit })?;
+        let state = self.state.lock();
+        let mut hits = Vec::with_capacity(page.hits.len());
+        for hit in page.hits {
+            let Some((id, seq)) = hit.id.rsplit_once('/') else { continue };
+            let Ok(seq) = seq.parse::<u64>() else { continue };
+            // The index may lag the log by a commit: show the message as it is now.
+            if let Some(view) = state.channels.get(id).and_then(|c| c.view.view(id, seq)).filter(|v| !v.deleted) {
+                hits.push(view);
+            }
+        }
+        Ok((page.total, hits))
+    }
+
+    fn count_delivered(&self, n: u64) {
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+        self.metrics.messages_out(n);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connection_count.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether the message an edit targets is deleted (an edit of a deleted message must not put
+/// it back into the index).
+fn event_target_deleted(view: &ChannelView, event: &Event) -> bool {
+    match &event.body {
+        Body::Edited { target, .. } => view.messages.get(target).is_none_or(|m| m.text.is_none()),
+        _ => false,
+    }
+}
+
+fn check_author(channel: &Assigned, channel_id: &str, user: &str, target: u64) -> Result<(), Invalid> {
+    match channel.authors.get(&target) {
+        None => Err(Invalid::NotFound(format!("channel {channel_id:?} has no message {target}"))),
+        Some((_, true)) => Err(Invalid::NotFound(format!("message {target} of channel {channel_id:?} was deleted"))),
+        Some((author, false)) if &**author != user => Err(Invalid::Forbidden(format!("message {target} of channel {channel_id:?} is {author:?}'s: only its author may change it"))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// A channel as listed for one user.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ChannelSummary {
+    pub id: String,
+    pub visibility: Visibility,
+    pub name: String,
+    pub members: usize,
+    pub last_seq: u64,
+    pub read_seq: u64,
+    pub unread: u64,
+}
+
+fn summary(state: &State, id: &Arc<str>, channel: &Channel, user: &str) -> ChannelSummary {
+    let read_seq = state.read.get(&(id.clone(), Arc::from(user))).copied().unwrap_or(0);
+    ChannelSummary {
+        id: id.to_string(),
+        visibility: channel.view.visibility,
+        name: channel.view.name.clone(),
+        members: channel.view.members.len(),
+        last_seq: channel.view.last_seq(),
+        read_seq,
+        unread: if channel.view.members.contains(user) { channel.view.unread(user, read_seq) } else { 0 },
+    }
+}
+
+/// The read markers, from the compacted topic (the last value per key wins; markers only move
+/// forward, so the largest is kept).
+fn load_markers(markers: &Topic) -> anyhow::Result<ReadMarkers> {
+    let mut read = HashMap::new();
+    let (start, end) = markers.offsets(0)?;
+    let mut offset = start;
+    while offset < end {
+        let records = markers.fetch(0, offset, REBUILD_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+        let Some(last) = records.last() else { break };
+        offset = last.offset + 1;
+        for record in records {
+            let (Some(key), Some(value)) = (record.key.as_deref(), record.value.as_deref()) else { continue };
+            let Some((channel, user)) = std::str::from_utf8(key).ok().and_then(|k| k.split_once('\n')) else { continue };
+            let Some(seq) = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()) else { continue };
+            let marker = read.entry((Arc::from(channel), Arc::from(user))).or_insert(0);
+            *marker = seq.max(*marker);
+        }
+    }
+    Ok(read)
+}
+
+impl System for Chat {
+    fn id(&self) -> &'static str {
+        ID
+    }
+
+    fn api(self: Arc<Self>) -> SystemApi {
+        api::router(self)
+    }
+
+    fn metrics(&self) -> &SystemMetrics {
+        &self.metrics
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let presence = self.presence.stats();
+        let channels = self.state.lock().channels.len();
+        serde_json::json!({
+            "connections": self.connections(),
+            "users_online": presence.users,
+            "channels": channels,
+            "sent_total": self.sent.load(Ordering::Relaxed),
+            "delivered_total": self.delivered.load(Ordering::Relaxed),
+            "queue_overflows_total": self.overflows.load(Ordering::Relaxed),
+            "search_documents": self.search.documents(),
+            "search_errors_total": self.search_errors.load(Ordering::Relaxed),
+        })
+    }
+}
