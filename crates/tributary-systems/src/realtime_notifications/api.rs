@@ -260,19 +260,17 @@ impl Sink<'_> {
             }
         };
         match self {
-            Sink::Ws(ws) => loop {
-                tokio::select! {
-                    _ = connection.woken() => return Ok(Wake::Queued),
-                    event = presence_event => return Ok(Wake::Presence(event)),
-                    frame = ws.recv() => match frame {
-                        None => return Err(Gone),
-                        Some(_) => {
-                            let reply = serde_json::json!({"error": {"code": "bad_request", "message": "this stream takes no frames from the client; to change topics, reconnect with them and the last token"}});
-                            ws.send(&reply).await.map_err(|_| Gone)?;
-                            return Ok(Wake::Queued);
-                        }
-                    },
-                }
+            Sink::Ws(ws) => tokio::select! {
+                _ = connection.woken() => Ok(Wake::Queued),
+                event = presence_event => Ok(Wake::Presence(event)),
+                frame = ws.recv() => match frame {
+                    None => Err(Gone),
+                    Some(_) => {
+                        let reply = serde_json::json!({"error": {"code": "bad_request", "message": "this stream takes no frames from the client; to change topics, reconnect with them and the last token"}});
+                        ws.send(&reply).await.map_err(|_| Gone)?;
+                        Ok(Wake::Queued)
+                    }
+                },
             },
             Sink::Sse(tx) => tokio::select! {
                 _ = connection.woken() => Ok(Wake::Queued),
