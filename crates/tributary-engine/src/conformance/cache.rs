@@ -11,12 +11,8 @@ use super::{CaseFuture, Report, ok, refused};
 use crate::cache::{CacheError, CacheResult, CacheStore, KeyType, Limit, Order, Ttl};
 
 
-/// One guarantee.
-pub struct Case {
-    pub name: &'static str,
-    pub guarantee: &'static str,
-    run: for<'a> fn(&'a dyn CacheStore, Keys) -> CaseFuture<'a>,
-}
+/// One guarantee of the CacheStore interface.
+pub type Case = super::Case<dyn CacheStore, Keys>;
 
 /// Every case, in the order they run.
 pub const CASES: &[Case] = &[
@@ -36,20 +32,8 @@ pub const CASES: &[Case] = &[
 ];
 
 /// Runs every case against `store`, with keys under `namespace` (make it unique per run).
-pub async fn run(store: &dyn CacheStore, namespace: &str) -> Report {
-    let mut report = Report { backend: store.backend(), ..Report::default() };
-    for case in CASES {
-        if let Some(gap) = store.gaps().iter().find(|g| g.case == case.name) {
-            report.skipped.push((case.name, gap.reason));
-            continue;
-        }
-        let keys = Keys { prefix: format!("{namespace}:{}:", case.name) };
-        match (case.run)(store, keys).await {
-            Ok(()) => report.passed.push(case.name),
-            Err(why) => report.failed.push((case.name, why)),
-        }
-    }
-    report
+pub async fn run(store: &(dyn CacheStore + 'static), namespace: &str) -> Report {
+    super::run_cases(store, store.backend(), store.gaps(), CASES, |case| Keys { prefix: format!("{namespace}:{case}:") }, super::nothing_to_tidy).await
 }
 
 /// Keys of one case.

@@ -64,6 +64,46 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// One guarantee of the interface `S`, checked by `run` against a backend, given the case's own
+/// namespace `A` (a topic or queue name, a key prefix, a subject prefix).
+pub struct Case<S: ?Sized, A> {
+    pub name: &'static str,
+    pub guarantee: &'static str,
+    pub(crate) run: for<'a> fn(&'a S, A) -> CaseFuture<'a>,
+}
+
+/// The one loop of every suite: runs each case the backend does not declare a gap, with its own
+/// namespace from `namespace_of(case name)`, then `tidy` with that namespace again (deleting the
+/// case's topic or queue, whatever the outcome).
+pub(crate) async fn run_cases<S: ?Sized, A>(
+    store: &S,
+    backend: &'static str,
+    gaps: &[crate::Gap],
+    cases: &[Case<S, A>],
+    namespace_of: impl Fn(&str) -> A,
+    tidy: for<'a> fn(&'a S, A) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
+) -> Report {
+    let mut report = Report { backend, ..Report::default() };
+    for case in cases {
+        if let Some(gap) = gaps.iter().find(|g| g.case == case.name) {
+            report.skipped.push((case.name, gap.reason));
+            continue;
+        }
+        let result = (case.run)(store, namespace_of(case.name)).await;
+        tidy(store, namespace_of(case.name)).await;
+        match result {
+            Ok(()) => report.passed.push(case.name),
+            Err(why) => report.failed.push((case.name, why)),
+        }
+    }
+    report
+}
+
+/// A `tidy` for suites whose cases leave nothing behind.
+pub(crate) fn nothing_to_tidy<S: ?Sized, A>(_: &S, _: A) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async {})
+}
+
 /// What a case's async body is: `Err` says what was wrong.
 pub(crate) type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 

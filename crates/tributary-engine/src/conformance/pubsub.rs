@@ -9,12 +9,8 @@ use tributary_core::{Subject, SubjectPattern};
 use super::{CaseFuture, Report, ok};
 use crate::pubsub::{PubSubStore, RecvError, SlowConsumerPolicy, Subscribed, SubscriberOptions};
 
-/// One guarantee.
-pub struct Case {
-    pub name: &'static str,
-    pub guarantee: &'static str,
-    run: for<'a> fn(&'a dyn PubSubStore, String) -> CaseFuture<'a>,
-}
+/// One guarantee of the PubSubStore interface.
+pub type Case = super::Case<dyn PubSubStore, String>;
 
 /// Every case, in the order they run.
 pub const CASES: &[Case] = &[
@@ -29,19 +25,8 @@ pub const CASES: &[Case] = &[
 ];
 
 /// Runs every case against `store`, with subjects under `namespace` (one token: `A-Za-z0-9-`).
-pub async fn run(store: &dyn PubSubStore, namespace: &str) -> Report {
-    let mut report = Report { backend: store.backend(), ..Report::default() };
-    for case in CASES {
-        if let Some(gap) = store.gaps().iter().find(|g| g.case == case.name) {
-            report.skipped.push((case.name, gap.reason));
-            continue;
-        }
-        match (case.run)(store, format!("{namespace}.{}", case.name.replace('_', "-"))).await {
-            Ok(()) => report.passed.push(case.name),
-            Err(why) => report.failed.push((case.name, why)),
-        }
-    }
-    report
+pub async fn run(store: &(dyn PubSubStore + 'static), namespace: &str) -> Report {
+    super::run_cases(store, store.backend(), store.gaps(), CASES, |case| format!("{namespace}.{}", case.replace('_', "-")), super::nothing_to_tidy).await
 }
 
 const WAIT: Duration = Duration::from_secs(3);

@@ -10,12 +10,8 @@ use tributary_core::Header;
 use super::{CaseFuture, Report, ok, refused};
 use crate::queue::{Backoff, Delivery, NewMessage, QueueConfig, QueueError, QueueStore, ReceiptOutcome};
 
-/// One guarantee.
-pub struct Case {
-    pub name: &'static str,
-    pub guarantee: &'static str,
-    run: for<'a> fn(&'a dyn QueueStore, String) -> CaseFuture<'a>,
-}
+/// One guarantee of the QueueStore interface.
+pub type Case = super::Case<dyn QueueStore, String>;
 
 /// Every case, in the order they run.
 pub const CASES: &[Case] = &[
@@ -40,22 +36,8 @@ pub const CASES: &[Case] = &[
 
 /// Runs every case against `store`, with queues under `namespace` (unique per run; keep it short:
 /// queue names are at most `NAME_BYTES_MAX` bytes).
-pub async fn run(store: &dyn QueueStore, namespace: &str) -> Report {
-    let mut report = Report { backend: store.backend(), ..Report::default() };
-    for case in CASES {
-        if let Some(gap) = store.gaps().iter().find(|g| g.case == case.name) {
-            report.skipped.push((case.name, gap.reason));
-            continue;
-        }
-        let queue = format!("{namespace}-{}", case.name.replace('_', "-"));
-        let result = (case.run)(store, queue.clone()).await;
-        let _ = store.delete_queue(&queue).await;
-        match result {
-            Ok(()) => report.passed.push(case.name),
-            Err(why) => report.failed.push((case.name, why)),
-        }
-    }
-    report
+pub async fn run(store: &(dyn QueueStore + 'static), namespace: &str) -> Report {
+    super::run_cases(store, store.backend(), store.gaps(), CASES, |case| format!("{namespace}-{}", case.replace('_', "-")), |s, queue| Box::pin(async move { let _ = s.delete_queue(&queue).await; })).await
 }
 
 /// A queue with a short default lease, `deliveries_max` deliveries and a 100 ms backoff.

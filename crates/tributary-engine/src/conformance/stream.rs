@@ -13,12 +13,8 @@ use crate::StreamError;
 use crate::stream::{StreamStore, TopicConfig};
 
 
-/// One guarantee.
-pub struct Case {
-    pub name: &'static str,
-    pub guarantee: &'static str,
-    run: for<'a> fn(&'a dyn StreamStore, String) -> CaseFuture<'a>,
-}
+/// One guarantee of the StreamStore interface.
+pub type Case = super::Case<dyn StreamStore, String>;
 
 /// Every case, in the order they run.
 pub const CASES: &[Case] = &[
@@ -35,22 +31,8 @@ pub const CASES: &[Case] = &[
 
 /// Runs every case against `store`, with topics under `namespace` (unique per run; keep it short:
 /// topic names are at most `NAME_BYTES_MAX` bytes).
-pub async fn run(store: &dyn StreamStore, namespace: &str) -> Report {
-    let mut report = Report { backend: store.backend(), ..Report::default() };
-    for case in CASES {
-        if let Some(gap) = store.gaps().iter().find(|g| g.case == case.name) {
-            report.skipped.push((case.name, gap.reason));
-            continue;
-        }
-        let topic = format!("{namespace}-{}", case.name.replace('_', "-"));
-        let result = (case.run)(store, topic.clone()).await;
-        let _ = store.delete_topic(&topic).await;
-        match result {
-            Ok(()) => report.passed.push(case.name),
-            Err(why) => report.failed.push((case.name, why)),
-        }
-    }
-    report
+pub async fn run(store: &(dyn StreamStore + 'static), namespace: &str) -> Report {
+    super::run_cases(store, store.backend(), store.gaps(), CASES, |case| format!("{namespace}-{}", case.replace('_', "-")), |s, topic| Box::pin(async move { let _ = s.delete_topic(&topic).await; })).await
 }
 
 
