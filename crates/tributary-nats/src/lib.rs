@@ -276,10 +276,10 @@ impl StreamStore for NatsStreams {
                 self.meta.delete(&key).await.map_err(backend)?;
             }
             for partition in 0..config.partitions {
-                if let Err(e) = self.jetstream.delete_stream(self.stream_name(name, partition)).await {
-                    if !e.to_string().contains("not found") {
-                        return Err(backend(e));
-                    }
+                if let Err(e) = self.jetstream.delete_stream(self.stream_name(name, partition)).await
+                    && !e.to_string().contains("not found")
+                {
+                    return Err(backend(e));
                 }
             }
             self.meta.delete(NatsStreams::topic_key(name)).await.map_err(backend)

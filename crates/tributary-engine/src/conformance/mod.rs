@@ -81,7 +81,7 @@ pub(crate) async fn run_cases<S: ?Sized, A>(
     gaps: &[crate::Gap],
     cases: &[Case<S, A>],
     namespace_of: impl Fn(&str) -> A,
-    tidy: for<'a> fn(&'a S, A) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>,
+    tidy: Tidy<S, A>,
 ) -> Report {
     let mut report = Report { backend, ..Report::default() };
     for case in cases {
@@ -99,8 +99,11 @@ pub(crate) async fn run_cases<S: ?Sized, A>(
     report
 }
 
+/// What [`run_cases`] does after each case with the case's namespace.
+pub(crate) type Tidy<S, A> = for<'a> fn(&'a S, A) -> crate::BoxFuture<'a, ()>;
+
 /// A `tidy` for suites whose cases leave nothing behind.
-pub(crate) fn nothing_to_tidy<S: ?Sized, A>(_: &S, _: A) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+pub(crate) fn nothing_to_tidy<S: ?Sized, A>(_: &S, _: A) -> crate::BoxFuture<'_, ()> {
     Box::pin(async {})
 }
 

@@ -475,7 +475,7 @@ pub fn retry_delay_ms(retry: &RetrySpec, attempts: u32) -> u64 {
 
 /// `PUT /v1/email/config` (every field optional; what is left out gets its default) and what
 /// `GET` shows (secrets replaced by `"***"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// Where mail is handed off. Until one is set, accepted mail waits in its queue.
@@ -492,12 +492,6 @@ pub struct EmailConfig {
     pub domains: BTreeMap<String, RateSpec>,
     #[serde(default)]
     pub retry: RetrySpec,
-}
-
-impl Default for EmailConfig {
-    fn default() -> Self {
-        EmailConfig { relay: None, webhook: None, domain_rate: RateSpec::default(), domains: BTreeMap::new(), retry: RetrySpec::default() }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

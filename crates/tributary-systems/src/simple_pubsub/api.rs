@@ -437,15 +437,15 @@ impl Sink<'_> {
         match self {
             Sink::Ws(connection) => {
                 tokio::select! {
-                    r = end.changed() => return r.map(|_| Wake::Published).map_err(|_| Gone),
-                    _ = changed => return Ok(Wake::Checked),
-                    _ = tokio::time::sleep(IDLE_CHECK) => return Ok(Wake::Checked),
+                    r = end.changed() => r.map(|_| Wake::Published).map_err(|_| Gone),
+                    _ = changed => Ok(Wake::Checked),
+                    _ = tokio::time::sleep(IDLE_CHECK) => Ok(Wake::Checked),
                     frame = connection.recv() => match frame {
-                        None => return Err(Gone),
+                        None => Err(Gone),
                         Some(_) => {
                             let reply = serde_json::json!({"code": "bad_request", "message": "this stream takes only {\"credit\": n} frames"});
                             connection.send(&HashMap::from([("error", reply)])).await.map_err(|_| Gone)?;
-                            return Ok(Wake::Checked);
+                            Ok(Wake::Checked)
                         }
                     },
                 }
