@@ -150,7 +150,8 @@ fn drop_oldest(s: &dyn PubSubStore, base: String) -> CaseFuture<'_> {
         for i in 0..100u64 {
             ok(s.publish(&topic, i, Bytes::from(i.to_string())).await, "publish")?;
         }
-        tokio::time::sleep(QUIET).await;
+        // Let every message reach the subscription's buffer before reading it.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let got = drain(&mut sub).await?;
         let expected: Vec<String> = (90..100).map(|i: u64| i.to_string()).collect();
         check_eq!(got, expected);
