@@ -6,15 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::Gateway;
 
 use super::{Notifications, NotificationsConfig};
+use crate::test_support::{Served, until_last_handle};
 use crate::{Context, System};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -25,8 +24,7 @@ struct App {
     client: reqwest::Client,
     system: Arc<Notifications>,
     engine: Arc<Engine>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    served: Served,
 }
 
 impl App {
@@ -38,29 +36,17 @@ impl App {
         let engine = Arc::new(Engine::open(dir).unwrap());
         let context = Context { engine: engine.clone(), gateway: Gateway::default() };
         let system = Notifications::open(&context, config).unwrap();
-        let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tributary_server::serve(listener, app, async move {
-            let _ = stopped.await;
-        }));
-        App { base: format!("http://{addr}"), ws_base: format!("ws://{addr}"), client: reqwest::Client::new(), system, engine, stop: Some(stop), server: Some(server) }
+        let served = Served::start(system.clone().api()).await;
+        App { base: served.base(), ws_base: served.ws_base(), client: reqwest::Client::new(), system, engine, served }
     }
 
     /// Stop serving and drop everything holding the engine without a clean close (only what
     /// was acknowledged is relied on afterwards).
     async fn stop(mut self) {
         self.system.gateway().close();
-        let _ = self.stop.take().unwrap().send(());
-        self.server.take().unwrap().await.unwrap().unwrap();
+        self.served.stop().await;
         let (system, engine) = (self.system, self.engine);
-        for _ in 0..200 {
-            if Arc::strong_count(&system) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_last_handle(&system).await;
         drop(system);
         drop(engine);
     }
