@@ -220,14 +220,9 @@ impl Queue {
         self.publish_inner(messages, None)
     }
 
+    /// Appends messages already checked by [`check_publish`].
     fn publish_inner(&self, messages: &[NewMessage], only_group: Option<&str>) -> Result<Vec<MessageId>> {
         self.check_live()?;
-        if messages.len() > BATCH_RECORDS_MAX {
-            return Err(QueueError::LimitExceeded { limit: "BATCH_RECORDS_MAX", max: BATCH_RECORDS_MAX as u64, got: messages.len() as u64 });
-        }
-        for message in messages {
-            check_message(message)?;
-        }
         let now = self.core.clock.now_ms();
         let levels = QUEUE_PRIORITY_LEVELS as usize;
         let mut ids: Vec<Option<MessageId>> = vec![None; messages.len()];
@@ -507,6 +502,8 @@ impl Queue {
                     dedup_id: Some(format!("tributary.redrive.{}", l.dlq_offset)),
                 })
                 .collect();
+            // Dead letters hold only the user's headers, so the publish checks apply as they are.
+            check_publish(&messages)?;
             self.publish_inner(&messages, Some(group))?;
             let offsets: Vec<u64> = chunk.iter().map(|l| l.dlq_offset).collect();
             redriven.log.append(&[Record::from_value(postcard::to_stdvec(&offsets).expect("offsets encode"))])?;
