@@ -96,6 +96,40 @@ pub(crate) fn escape(name: &str) -> String {
     out
 }
 
+/// A namespace is one NATS token of `A-Z a-z 0-9 -`.
+pub(crate) fn check_namespace(namespace: &str) -> Result<(), String> {
+    if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}"));
+    }
+    Ok(())
+}
+
+/// Connects to `url`: several servers of one cluster may be given, comma-separated; the client
+/// also learns the others from the servers and reconnects to one of them when its server goes
+/// away.
+pub(crate) async fn connect_client(url: &str) -> Result<async_nats::Client, String> {
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    async_nats::connect(servers).await.map_err(|e| format!("connecting to {url}: {e}"))
+}
+
+/// Deletes a stream; one that is not there is not an error.
+pub(crate) async fn delete_stream_if_any(jetstream: &jetstream::Context, name: &str) -> Result<(), String> {
+    match jetstream.delete_stream(name).await {
+        Err(e) if !e.to_string().contains("not found") => Err(format!("deleting stream {name}: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Deletes the streams whose names start with `prefix`, and the namespace's KV bucket.
+pub(crate) async fn delete_streams(jetstream: &jetstream::Context, namespace: &str, prefix: &str) -> Result<(), String> {
+    let names: Vec<String> = jetstream.stream_names().try_collect().await.map_err(|e| e.to_string())?;
+    let bucket = format!("KV_trib_{namespace}");
+    for name in names.into_iter().filter(|n| n.starts_with(prefix) || *n == bucket) {
+        delete_stream_if_any(jetstream, &name).await?;
+    }
+    Ok(())
+}
+
 /// Why [`connect_namespace`] failed.
 pub(crate) enum Connect {
     Invalid(String),
@@ -105,16 +139,11 @@ pub(crate) enum Connect {
 /// Connects to `url` and opens the namespace's KV bucket `trib_<namespace>` (where topic and
 /// queue configurations live), made with `replicas` copies.
 pub(crate) async fn connect_namespace(url: &str, namespace: &str, replicas: usize) -> Result<(jetstream::Context, kv::Store), Connect> {
-    if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(Connect::Invalid(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}")));
-    }
+    check_namespace(namespace).map_err(Connect::Invalid)?;
     if !(1..=5).contains(&replicas) {
         return Err(Connect::Invalid(format!("JetStream replicas are 1 to 5, got {replicas}")));
     }
-    // Several servers of one cluster may be given, comma-separated; the client also learns the
-    // others from the servers and reconnects to one of them when its server goes away.
-    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    let client = async_nats::connect(servers).await.map_err(|e| Connect::Backend(format!("connecting to {url}: {e}")))?;
+    let client = connect_client(url).await.map_err(Connect::Backend)?;
     let jetstream = jetstream::new(client);
     let bucket = format!("trib_{namespace}");
     // The KV stream is made by hand: creating a KV bucket through the client fails on
@@ -155,12 +184,7 @@ impl NatsStreams {
 
     /// Deletes every stream of the namespace and its KV bucket (tests and tear-down).
     pub async fn delete_namespace(&self) -> Result<(), StreamError> {
-        let prefix = format!("TRIB_{}_", self.namespace);
-        let names: Vec<String> = self.jetstream.stream_names().try_collect().await.map_err(backend)?;
-        for name in names.into_iter().filter(|n| n.starts_with(&prefix) || *n == format!("KV_trib_{}", self.namespace)) {
-            self.jetstream.delete_stream(&name).await.map_err(backend)?;
-        }
-        Ok(())
+        delete_streams(&self.jetstream, &self.namespace, &format!("TRIB_{}_", self.namespace)).await.map_err(backend)
     }
 
     fn stream_name(&self, topic: &str, partition: u32) -> String {
@@ -276,11 +300,7 @@ impl StreamStore for NatsStreams {
                 self.meta.delete(&key).await.map_err(backend)?;
             }
             for partition in 0..config.partitions {
-                if let Err(e) = self.jetstream.delete_stream(self.stream_name(name, partition)).await
-                    && !e.to_string().contains("not found")
-                {
-                    return Err(backend(e));
-                }
+                delete_stream_if_any(&self.jetstream, &self.stream_name(name, partition)).await.map_err(backend)?;
             }
             self.meta.delete(NatsStreams::topic_key(name)).await.map_err(backend)
         })

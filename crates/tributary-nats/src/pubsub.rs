@@ -56,11 +56,8 @@ impl std::fmt::Debug for NatsPubSub {
 impl NatsPubSub {
     /// Connects to `url`; subjects live under `tribps.<namespace>` (`A-Z a-z 0-9 -`).
     pub async fn connect(url: &str, namespace: &str) -> Result<NatsPubSub, PubSubError> {
-        if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(backend(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}")));
-        }
-        let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        let client = async_nats::connect(servers).await.map_err(|e| backend(format!("connecting to {url}: {e}")))?;
+        crate::check_namespace(namespace).map_err(backend)?;
+        let client = crate::connect_client(url).await.map_err(backend)?;
         Ok(NatsPubSub { client, prefix: format!("tribps.{namespace}.") })
     }
 }

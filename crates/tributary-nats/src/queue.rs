@@ -56,7 +56,7 @@ use tributary_engine::queue::{
     check_receipts, check_receive,
 };
 
-use crate::{Connect, connect_namespace, escape};
+use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape};
 
 const BACKEND: &str = "nats";
 
@@ -167,6 +167,11 @@ fn parse(receipt: &Receipt) -> Option<Parsed> {
     })
 }
 
+/// The priority level a message subject (`tribq.<namespace>.<queue>.m.<priority>`) names.
+fn priority_of(subject: &str) -> u8 {
+    subject.rsplit('.').next().and_then(|p| p.parse().ok()).filter(|p| *p < QUEUE_PRIORITY_LEVELS).unwrap_or(0)
+}
+
 fn backend(message: impl std::fmt::Display) -> QueueError {
     QueueError::Backend { backend: BACKEND, message: message.to_string() }
 }
@@ -211,16 +216,7 @@ impl NatsQueues {
 
     /// Deletes every queue stream of the namespace and its KV bucket (tests and tear-down).
     pub async fn delete_namespace(&self) -> Result<(), QueueError> {
-        let prefix = format!("TRIBQ_{}_", self.namespace);
-        let names: Vec<String> = self.jetstream.stream_names().try_collect().await.map_err(backend)?;
-        for name in names.into_iter().filter(|n| n.starts_with(&prefix) || *n == format!("KV_trib_{}", self.namespace)) {
-            if let Err(e) = self.jetstream.delete_stream(&name).await
-                && !e.to_string().contains("not found")
-            {
-                return Err(backend(e));
-            }
-        }
-        Ok(())
+        delete_streams(&self.jetstream, &self.namespace, &format!("TRIBQ_{}_", self.namespace)).await.map_err(backend)
     }
 
     fn stream_name(&self, queue: &str) -> String {
@@ -233,6 +229,15 @@ impl NatsQueues {
 
     fn subject(&self, queue: &str, priority: u8) -> String {
         format!("tribq.{}.{}.m.{priority}", self.namespace, escape(queue))
+    }
+
+    /// Every priority level's subject of a queue.
+    fn messages_filter(&self, queue: &str) -> String {
+        format!("tribq.{}.{}.m.*", self.namespace, escape(queue))
+    }
+
+    fn dlq_subject(&self, queue: &str) -> String {
+        format!("tribq.{}.{}.dlq", self.namespace, escape(queue))
     }
 
     fn consumer_name(group: &str) -> String {
@@ -271,7 +276,7 @@ impl NatsQueues {
                     deliver_policy: DeliverPolicy::All,
                     max_deliver: -1,
                     max_ack_pending: -1,
-                    filter_subject: format!("tribq.{}.{}.m.*", self.namespace, escape(queue)),
+                    filter_subject: self.messages_filter(queue),
                     num_replicas: self.replicas,
                     ..Default::default()
                 },
@@ -318,7 +323,7 @@ impl NatsQueues {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("{}.{}.{}", escape(&letter.group), letter.offset, letter.delivery_count).as_str());
         let id = MessageId { priority: letter.priority, offset: letter.offset };
-        let subject = format!("tribq.{}.{}.dlq", self.namespace, escape(queue));
+        let subject = self.dlq_subject(queue);
         let ack = self.jetstream.publish_with_headers(subject, headers, payload.into()).await.map_err(backend)?;
         ack.await.map_err(|e| backend(format!("dead-lettering {id} of queue {queue:?}: {e}")))?;
         self.confirm(reply, Bytes::from_static(b"+TERM")).await
@@ -373,26 +378,19 @@ impl QueueStore for NatsQueues {
                     return Err(QueueError::AlreadyExists { kind: "queue", name: name.to_string() });
                 }
             }
-            let messages = stream::Config {
-                name: self.stream_name(name),
-                subjects: vec![format!("tribq.{}.{}.m.*", self.namespace, escape(name))],
-                storage: stream::StorageType::File,
-                num_replicas: self.replicas,
-                allow_direct: true,
-                duplicate_window: Duration::from_millis(config.dedup_window_ms.max(1)),
-                ..Default::default()
-            };
-            self.jetstream.get_or_create_stream(messages).await.map_err(|e| backend(format!("creating the stream of queue {name:?}: {e}")))?;
-            let letters = stream::Config {
-                name: self.dlq_name(name),
-                subjects: vec![format!("tribq.{}.{}.dlq", self.namespace, escape(name))],
-                storage: stream::StorageType::File,
-                num_replicas: self.replicas,
-                allow_direct: true,
-                duplicate_window: Duration::from_millis(config.dedup_window_ms.max(1)),
-                ..Default::default()
-            };
-            self.jetstream.get_or_create_stream(letters).await.map_err(|e| backend(format!("creating the dead letters of queue {name:?}: {e}")))?;
+            let window = Duration::from_millis(config.dedup_window_ms.max(1));
+            for (stream, subject, what) in [(self.stream_name(name), self.messages_filter(name), "stream"), (self.dlq_name(name), self.dlq_subject(name), "dead letters")] {
+                let config = stream::Config {
+                    name: stream,
+                    subjects: vec![subject],
+                    storage: stream::StorageType::File,
+                    num_replicas: self.replicas,
+                    allow_direct: true,
+                    duplicate_window: window,
+                    ..Default::default()
+                };
+                self.jetstream.get_or_create_stream(config).await.map_err(|e| backend(format!("creating the {what} of queue {name:?}: {e}")))?;
+            }
             Ok(())
         })
     }
@@ -402,11 +400,7 @@ impl QueueStore for NatsQueues {
             self.config(name).await?;
             self.forget_consumers(name);
             for stream in [self.stream_name(name), self.dlq_name(name)] {
-                if let Err(e) = self.jetstream.delete_stream(&stream).await
-                    && !e.to_string().contains("not found")
-                {
-                    return Err(backend(e));
-                }
+                delete_stream_if_any(&self.jetstream, &stream).await.map_err(backend)?;
             }
             self.meta.delete(NatsQueues::queue_key(name)).await.map_err(backend)
         })
@@ -476,7 +470,7 @@ impl QueueStore for NatsQueues {
                 for message in pulled {
                     let info = message.info().map_err(backend)?;
                     let id = MessageId {
-                        priority: message.subject.as_str().rsplit('.').next().and_then(|p| p.parse().ok()).filter(|p| *p < QUEUE_PRIORITY_LEVELS).unwrap_or(0),
+                        priority: priority_of(message.subject.as_str()),
                         offset: info.stream_sequence - 1,
                     };
                     let delivered = u32::try_from(info.delivered).unwrap_or(u32::MAX);
@@ -534,7 +528,7 @@ impl QueueStore for NatsQueues {
                     // The last allowed delivery: dead-letter it instead of giving it back.
                     let stream = self.jetstream.get_stream(self.stream_name(queue)).await.map_err(backend)?;
                     let stored = stream.direct_get(parsed.sequence).await.map_err(|e| backend(format!("reading message {} of queue {queue:?}: {e}", parsed.sequence - 1)))?;
-                    let priority = stored.subject.as_str().rsplit('.').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    let priority = priority_of(stored.subject.as_str());
                     let envelope = decode_message(&stored.payload, &format!("message {} of queue {queue:?}", parsed.sequence - 1))?;
                     let id = MessageId { priority, offset: parsed.sequence - 1 };
                     let letter = Letter::new(id, group, parsed.delivered, "nacked on the last allowed delivery", envelope);
