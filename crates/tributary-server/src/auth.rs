@@ -2,6 +2,9 @@
 //! to start without them. A token is scoped to systems (`*` for all); it is presented as
 //! `Authorization: Bearer <token>`, or as `?access_token=<token>` where a browser cannot set
 //! headers (EventSource, WebSocket, the dashboard).
+//!
+//! Behind the tokens, a caller names the user it acts for ([`named_user`]: `?user=` or the
+//! `Tributary-User` header); there are no per-user signed identities, so the caller vouches for it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +14,20 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
+
+/// The header naming the user a request acts for, where a query parameter is not wanted.
+pub const USER_HEADER: &str = "tributary-user";
+
+/// The user a request names: `?user=` first, else the `Tributary-User` header; a clear 400 when
+/// neither is there, naming the user by its `role` ("calling", "connecting"). The system checks
+/// the id's form itself.
+pub fn named_user(query_user: Option<&str>, headers: &axum::http::HeaderMap, role: &str) -> Result<String, ApiError> {
+    match (query_user, headers.get(USER_HEADER)) {
+        (Some(user), _) => Ok(user.to_string()),
+        (None, Some(value)) => Ok(value.to_str().map_err(|_| ApiError::bad_request("the Tributary-User header is not text"))?.to_string()),
+        (None, None) => Err(ApiError::bad_request(format!("name the {role} user: ?user=<id> or the Tributary-User header"))),
+    }
+}
 
 /// Shortest token accepted: a guessable token is no protection.
 pub const TOKEN_BYTES_MIN: usize = 16;

@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-pub use auth::ApiToken;
+pub use auth::{ApiToken, USER_HEADER, named_user};
 pub use error::{ApiError, blocking};
 pub use gateway::{Gateway, WsConnection};
 pub use json::Json;

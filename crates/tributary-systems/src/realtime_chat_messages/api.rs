@@ -53,8 +53,6 @@ use super::{Chat, ChatError, ChannelSummary, Connection, ID, Item, Op, Outcome};
 pub const SSE_EVENTS_MAX: usize = 16;
 /// Most events in one frame.
 pub const FRAME_EVENTS_MAX: usize = 500;
-/// The header naming the calling user.
-pub const USER_HEADER: &str = "tributary-user";
 /// Members listed by the presence route.
 pub const PRESENCE_LIMIT: usize = 1_000;
 
@@ -115,11 +113,7 @@ pub struct Caller {
 }
 
 fn caller(user: Option<&String>, headers: &HeaderMap) -> Result<String, ApiError> {
-    let user = match (user, headers.get(USER_HEADER)) {
-        (Some(user), _) => user.clone(),
-        (None, Some(value)) => value.to_str().map_err(|_| ApiError::bad_request("the Tributary-User header is not text"))?.to_string(),
-        (None, None) => return Err(ApiError::bad_request("name the calling user: ?user=<id> or the Tributary-User header")),
-    };
+    let user = tributary_server::named_user(user.map(String::as_str), headers, "calling")?;
     process::check_user(&user)?;
     Ok(user)
 }

@@ -38,8 +38,6 @@ use super::{Connection, ID, Notifications};
 pub const SSE_EVENTS_MAX: usize = 16;
 /// Members listed by the presence route unless `limit` says otherwise.
 pub const PRESENCE_LIMIT_DEFAULT: usize = 100;
-/// The header naming the connecting user, where a query parameter is not wanted.
-pub const USER_HEADER: &str = "tributary-user";
 
 type Shared = Arc<Notifications>;
 
@@ -119,11 +117,7 @@ struct Session {
 }
 
 fn session(system: &Notifications, query: &ConnectQuery, headers: &HeaderMap, token: Option<&str>) -> Result<Session, ApiError> {
-    let user = match (&query.user, headers.get(USER_HEADER)) {
-        (Some(user), _) => user.clone(),
-        (None, Some(value)) => value.to_str().map_err(|_| ApiError::bad_request("the Tributary-User header is not text"))?.to_string(),
-        (None, None) => return Err(ApiError::bad_request("name the connecting user: ?user=<id> or the Tributary-User header")),
-    };
+    let user = tributary_server::named_user(query.user.as_deref(), headers, "connecting")?;
     process::check_user(&user)?;
     let topics = process::connection_topics(&user, query.topics.as_deref())?;
     let mut options = BTreeMap::new();
