@@ -52,7 +52,7 @@ use tributary_core::limits::{QUEUE_PRIORITY_LEVELS, check_name};
 use tributary_core::{Header, now_ms};
 use tributary_engine::Gap;
 use tributary_engine::queue::{
-    Backoff, DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, QueueFuture, QueueStore, Receipt, ReceiptOutcome, check_lease, check_publish,
+    DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, QueueFuture, QueueStore, Receipt, ReceiptOutcome, StoredQueueConfig, check_lease, check_publish,
     check_receipts, check_receive,
 };
 
@@ -76,44 +76,6 @@ const GAPS: &[Gap] = &[
     Gap { case: "in_flight_limit", reason: "JetStream bounds the leases of a group (max_ack_pending), not of one consumer" },
     Gap { case: "stale_receipt", reason: "nats-server acks by stream sequence, whatever delivery count the ack subject names: an earlier receipt acks the redelivery" },
 ];
-
-/// A queue's configuration as kept in the KV bucket.
-#[derive(Serialize, Deserialize, PartialEq)]
-struct Stored {
-    durability: String,
-    deliveries_max: u32,
-    lease_ms_default: u64,
-    backoff: Backoff,
-    dedup_window_ms: u64,
-    segment_bytes: u64,
-    in_flight_per_consumer_max: usize,
-}
-
-impl Stored {
-    fn of(config: &QueueConfig) -> Stored {
-        Stored {
-            durability: config.durability.to_string(),
-            deliveries_max: config.deliveries_max,
-            lease_ms_default: config.lease_ms_default,
-            backoff: config.backoff,
-            dedup_window_ms: config.dedup_window_ms,
-            segment_bytes: config.segment_bytes,
-            in_flight_per_consumer_max: config.in_flight_per_consumer_max,
-        }
-    }
-
-    fn config(self) -> Result<QueueConfig, String> {
-        Ok(QueueConfig {
-            durability: self.durability.parse()?,
-            deliveries_max: self.deliveries_max,
-            lease_ms_default: self.lease_ms_default,
-            backoff: self.backoff,
-            dedup_window_ms: self.dedup_window_ms,
-            segment_bytes: self.segment_bytes,
-            in_flight_per_consumer_max: self.in_flight_per_consumer_max,
-        })
-    }
-}
 
 /// How a message travels in a payload.
 #[derive(Serialize, Deserialize)]
@@ -251,8 +213,8 @@ impl NatsQueues {
     async fn config(&self, queue: &str) -> Result<QueueConfig, QueueError> {
         match self.meta.get(NatsQueues::queue_key(queue)).await.map_err(backend)? {
             Some(bytes) if !bytes.is_empty() => {
-                let stored: Stored = serde_json::from_slice(&bytes).map_err(|e| backend(format!("queue {queue:?} has a configuration that does not parse: {e}")))?;
-                stored.config().map_err(|e| backend(format!("queue {queue:?} has a configuration that does not parse: {e}")))
+                let stored: StoredQueueConfig = serde_json::from_slice(&bytes).map_err(|e| backend(format!("queue {queue:?} has a configuration that does not parse: {e}")))?;
+                QueueConfig::try_from(stored).map_err(|e| backend(format!("queue {queue:?} has a configuration that does not parse: {e}")))
             }
             _ => Err(not_found(queue)),
         }
@@ -369,7 +331,7 @@ impl QueueStore for NatsQueues {
         Box::pin(async move {
             check_name("queue", name).map_err(QueueError::InvalidName)?;
             config.validate()?;
-            let text = serde_json::to_vec(&Stored::of(&config)).expect("a queue config serializes");
+            let text = serde_json::to_vec(&StoredQueueConfig::from(&config)).expect("a queue config serializes");
             if let Err(e) = self.meta.create(NatsQueues::queue_key(name), Bytes::from(text)).await {
                 if e.kind() != kv::CreateErrorKind::AlreadyExists {
                     return Err(backend(e));

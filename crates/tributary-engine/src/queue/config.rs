@@ -113,17 +113,7 @@ impl QueueConfig {
     }
 
     pub(crate) fn save(&self, dir: &Path) -> Result<()> {
-        let stored = StoredConfig {
-            version: 1,
-            durability: self.durability.to_string(),
-            deliveries_max: self.deliveries_max,
-            lease_ms_default: self.lease_ms_default,
-            backoff: self.backoff,
-            dedup_window_ms: self.dedup_window_ms,
-            segment_bytes: self.segment_bytes,
-            in_flight_per_consumer_max: self.in_flight_per_consumer_max as u64,
-        };
-        let bytes = postcard::to_stdvec(&stored).expect("a config always encodes");
+        let bytes = postcard::to_stdvec(&StoredQueueConfig::from(self)).expect("a config always encodes");
         let path = dir.join(CONFIG_FILE);
         tributary_log::write_atomically(dir, &path, &bytes).map_err(io(|| format!("writing {}", path.display())))
     }
@@ -132,21 +122,8 @@ impl QueueConfig {
         let path = dir.join(CONFIG_FILE);
         let bytes = std::fs::read(&path).map_err(io(|| format!("reading {}", path.display())))?;
         let corrupt = |reason: String| QueueError::Corrupt { path: path.display().to_string(), reason };
-        let stored: StoredConfig = postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if stored.version != 1 {
-            return Err(corrupt(format!("unknown config version {}", stored.version)));
-        }
-        let config = QueueConfig {
-            durability: stored.durability.parse().map_err(corrupt)?,
-            deliveries_max: stored.deliveries_max,
-            lease_ms_default: stored.lease_ms_default,
-            backoff: stored.backoff,
-            dedup_window_ms: stored.dedup_window_ms,
-            segment_bytes: stored.segment_bytes,
-            in_flight_per_consumer_max: stored.in_flight_per_consumer_max as usize,
-        };
-        config.validate().map_err(|e| corrupt(e.to_string()))?;
-        Ok(config)
+        let stored: StoredQueueConfig = postcard::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        QueueConfig::try_from(stored).map_err(corrupt)
     }
 }
 
@@ -156,8 +133,10 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     tributary_log::sync_dir(dir).map_err(io(|| format!("syncing {}", dir.display())))
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredConfig {
+/// A queue configuration as it is kept: in the queue's config file (postcard) and in a
+/// distributed backend's metadata (JSON). Plain fields, the durability as text, a format version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredQueueConfig {
     version: u32,
     durability: String,
     deliveries_max: u32,
@@ -166,6 +145,42 @@ struct StoredConfig {
     dedup_window_ms: u64,
     segment_bytes: u64,
     in_flight_per_consumer_max: u64,
+}
+
+impl From<&QueueConfig> for StoredQueueConfig {
+    fn from(config: &QueueConfig) -> Self {
+        StoredQueueConfig {
+            version: 1,
+            durability: config.durability.to_string(),
+            deliveries_max: config.deliveries_max,
+            lease_ms_default: config.lease_ms_default,
+            backoff: config.backoff,
+            dedup_window_ms: config.dedup_window_ms,
+            segment_bytes: config.segment_bytes,
+            in_flight_per_consumer_max: config.in_flight_per_consumer_max as u64,
+        }
+    }
+}
+
+/// The configuration, or why the stored form is not a valid one.
+impl TryFrom<StoredQueueConfig> for QueueConfig {
+    type Error = String;
+    fn try_from(stored: StoredQueueConfig) -> Result<QueueConfig, String> {
+        if stored.version != 1 {
+            return Err(format!("unknown config version {}", stored.version));
+        }
+        let config = QueueConfig {
+            durability: stored.durability.parse()?,
+            deliveries_max: stored.deliveries_max,
+            lease_ms_default: stored.lease_ms_default,
+            backoff: stored.backoff,
+            dedup_window_ms: stored.dedup_window_ms,
+            segment_bytes: stored.segment_bytes,
+            in_flight_per_consumer_max: stored.in_flight_per_consumer_max as usize,
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
 }
 
 /// What a [`super::Queues`] registry hands every queue: the config of `create_default`, and the

@@ -102,7 +102,7 @@ use tributary_core::limits::{QUEUE_PRIORITY_LEVELS, check_name};
 
 pub use bench::{QueueBenchReport, bench_queue};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Backoff, QUEUE_DEDUP_WINDOW_MS_DEFAULT, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, QUEUE_SEGMENT_BYTES_DEFAULT, QueueConfig, QueueDefaults};
+pub use config::{Backoff, QUEUE_DEDUP_WINDOW_MS_DEFAULT, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, QUEUE_SEGMENT_BYTES_DEFAULT, QueueConfig, QueueDefaults, StoredQueueConfig};
 pub use error::{QueueError, Result};
 pub use message::{DeadLetter, Delivery, MessageId, NewMessage, RESERVED_HEADER_PREFIX, Receipt, ReceiptOutcome, Redrive};
 pub use queue::{GroupStats, Queue, QueueStats, check_lease, check_publish, check_receipts, check_receive};
