@@ -118,6 +118,8 @@ pub const SEARCH_COMMIT_INTERVAL_MS: u64 = 250;
 pub const SEARCH_COMMIT_DOCS: usize = 20_000;
 /// How long a duplicate send waits for the first one to be durable before answering.
 pub const DUPLICATE_WAIT: Duration = Duration::from_secs(10);
+/// Last-typing times kept before the ones older than `TYPING_INTERVAL_MS_MIN` are swept out.
+pub const TYPING_ENTRIES_MAX: usize = 100_000;
 /// Records read from the log per step at start.
 pub const REBUILD_CHUNK_RECORDS: usize = 5_000;
 
@@ -660,9 +662,7 @@ impl Chat {
             }
         }
         drop(guard);
-        for connection in wake.into_values() {
-            connection.wake.notify_one();
-        }
+        wake_all(wake.into_values());
     }
 
     /// Register a connection of `user`: from now on it is offered every event of its user's
@@ -762,17 +762,9 @@ impl Chat {
         let marker = *marker;
         let unread = state.channels.get(id).map_or(0, |c| c.view.unread(user, marker));
         let json: Arc<str> = Arc::from(serde_json::json!({"read": {"channel": id, "seq": marker, "unread": unread}}).to_string());
-        let mut wake = Vec::new();
-        if let Some(connections) = state.connections.get(user) {
-            for connection in connections.values() {
-                connection.push(Item::Ephemeral(json.clone()));
-                wake.push(connection.clone());
-            }
-        }
+        let wake = queue_ephemeral(state, [user], &json);
         drop(guard);
-        for connection in wake {
-            connection.wake.notify_one();
-        }
+        wake_all(wake);
         Ok((marker, unread))
     }
 
@@ -789,24 +781,14 @@ impl Chat {
         {
             return Err(Invalid::RateLimited(format!("one typing indicator per channel every TYPING_INTERVAL_MS_MIN ({} ms)", process::TYPING_INTERVAL_MS_MIN)));
         }
-        if state.typing.len() > 100_000 {
+        if state.typing.len() > TYPING_ENTRIES_MAX {
             state.typing.retain(|_, at| now.duration_since(*at) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN));
         }
         state.typing.insert(key, now);
         let json: Arc<str> = Arc::from(serde_json::json!({"typing": {"channel": id, "user": user}}).to_string());
-        let mut wake = Vec::new();
-        for member in members {
-            if let Some(connections) = state.connections.get(&member) {
-                for connection in connections.values() {
-                    connection.push(Item::Ephemeral(json.clone()));
-                    wake.push(connection.clone());
-                }
-            }
-        }
+        let wake = queue_ephemeral(state, members.iter().map(|m| &**m), &json);
         drop(guard);
-        for connection in wake {
-            connection.wake.notify_one();
-        }
+        wake_all(wake);
         Ok(())
     }
 
@@ -906,6 +888,25 @@ fn load_markers(markers: &Topic) -> anyhow::Result<ReadMarkers> {
         }
     }
     Ok(read)
+}
+
+/// Queue an ephemeral message (typing, a read marker) for every connection of `users`; the
+/// connections are returned to be woken once the state lock is released.
+fn queue_ephemeral<'a>(state: &State, users: impl IntoIterator<Item = &'a str>, json: &Arc<str>) -> Vec<Arc<Connection>> {
+    let mut wake = Vec::new();
+    for user in users {
+        for connection in state.connections.get(user).into_iter().flat_map(|c| c.values()) {
+            connection.push(Item::Ephemeral(json.clone()));
+            wake.push(connection.clone());
+        }
+    }
+    wake
+}
+
+fn wake_all(connections: impl IntoIterator<Item = Arc<Connection>>) {
+    for connection in connections {
+        connection.wake.notify_one();
+    }
 }
 
 impl System for Chat {
