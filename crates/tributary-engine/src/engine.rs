@@ -8,6 +8,7 @@
 //! what a subscriber receives is theirs to define.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::cache::{Cache, CacheConfig};
 use crate::queue::{QueueDefaults, QueueError, Queues};
@@ -31,7 +32,8 @@ pub enum EngineError {
 pub struct Engine {
     dir: PathBuf,
     pub topics: Topics,
-    pub queues: Queues,
+    /// Shared, so that it also serves as the `dyn QueueStore` of systems on the embedded engine.
+    pub queues: Arc<Queues>,
     pub cache: Cache,
     pub search: Searches,
 }
@@ -43,7 +45,7 @@ impl Engine {
     pub fn open(dir: impl AsRef<Path>) -> Result<Engine, EngineError> {
         let dir = dir.as_ref().to_path_buf();
         let topics = Topics::open(dir.join("streams"))?;
-        let queues = Queues::open(dir.join("queues"), QueueDefaults::default())?;
+        let queues = Arc::new(Queues::open(dir.join("queues"), QueueDefaults::default())?);
         let cache = Cache::new(CacheConfig::default());
         let snapshot = dir.join(CACHE_SNAPSHOT);
         if snapshot.exists() {

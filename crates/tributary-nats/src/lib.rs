@@ -96,6 +96,11 @@ pub(crate) fn escape(name: &str) -> String {
     out
 }
 
+/// The name [`escape`] was given.
+pub(crate) fn unescape(escaped: &str) -> String {
+    escaped.replace("_2E", ".").replace("_5F", "_")
+}
+
 /// A namespace is one NATS token of `A-Z a-z 0-9 -`.
 pub(crate) fn check_namespace(namespace: &str) -> Result<(), String> {
     if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {

@@ -13,7 +13,9 @@
 //! | a [`Receipt`] | the delivery's ack subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<seq>…`), so any node can ack it |
 //! | ack / nack with a delay / extend | `+ACK` / `-NAK {"delay":…}` / `+WPI`, each confirmed by the server |
 //! | `dedup_id` | the `Nats-Msg-Id` header; the stream's `duplicate_window` is the queue's `dedup_window_ms` |
-//! | dead letters | the stream `TRIBQ_<namespace>_<queue>_DLQ`; dead-letter offset `n` is sequence `n + 1` |
+//! | dead letters | the stream `TRIBQ_<namespace>_<queue>_DLQ`, subject `tribq.<namespace>.<queue>.dlq.<group>`; dead-letter offset `n` is sequence `n + 1` |
+//! | a redriven dead letter | the message republished with the header `Tributary-Group: <group>` (other groups ack it unseen) and `Nats-Msg-Id` `tributary.redrive.<dlq offset>`; then the KV key `redriven.<queue>.<dlq offset>` |
+//! | stats of a group | the consumer's `num_pending` (depth) and `num_ack_pending` (in flight); dead letters counted per DLQ subject; acked = published − depth − in flight − dead-lettered |
 //!
 //! **Dead letters.** JetStream's own `max_deliver` drops a message with only an advisory, which a
 //! node that is not listening misses. So the consumer has no limit and Tributary moves the
@@ -33,6 +35,9 @@
 //!   a receive or extend naming another lease is refused with `InvalidMessage`.
 //! - **in_flight_limit**: JetStream bounds the leases of a whole group (`max_ack_pending`), not
 //!   of one consumer; the per-consumer limit is not enforced.
+//! - **stats**: a message nacked with a delay stays in JetStream's ack-pending set until it is
+//!   due, so it counts as `in_flight`, not `delayed` (always 0); `oldest_available_age_ms` is not
+//!   known (None). Counting reads every group's consumer info: one round trip per group.
 //! - **stale_receipt**: nats-server (2.9, seen in the suite) acks by stream sequence, whatever
 //!   delivery count the ack subject names, so the receipt of an earlier attempt acks (or nacks)
 //!   the redelivery and the outcome is `Ok`, not `Stale`.
@@ -48,15 +53,15 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tributary_core::limits::{QUEUE_PRIORITY_LEVELS, check_name};
+use tributary_core::limits::{BATCH_RECORDS_MAX, QUEUE_PRIORITY_LEVELS, check_name};
 use tributary_core::{Header, now_ms};
 use tributary_engine::Gap;
 use tributary_engine::queue::{
-    DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, QueueFuture, QueueStore, Receipt, ReceiptOutcome, StoredQueueConfig, check_lease, check_publish,
-    check_receipts, check_receive,
+    DeadLetter, Delivery, GroupStats, MessageId, NewMessage, QueueConfig, QueueError, QueueFuture, QueueStats, QueueStore, Receipt, ReceiptOutcome, Redrive, StoredQueueConfig,
+    check_lease, check_publish, check_receipts, check_receive,
 };
 
-use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape};
+use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape, unescape};
 
 const BACKEND: &str = "nats";
 
@@ -68,6 +73,9 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shortest long poll worth a pull request; a shorter wait is a single look.
 const PULL_WAIT_MIN: Duration = Duration::from_millis(10);
+
+/// The header of a redriven message naming the only group that receives it.
+const GROUP_HEADER: &str = "Tributary-Group";
 
 const GAPS: &[Gap] = &[
     Gap { case: "priority", reason: "one JetStream consumer serves every level in publish order: no weighting by priority" },
@@ -198,8 +206,27 @@ impl NatsQueues {
         format!("tribq.{}.{}.m.*", self.namespace, escape(queue))
     }
 
-    fn dlq_subject(&self, queue: &str) -> String {
-        format!("tribq.{}.{}.dlq", self.namespace, escape(queue))
+    /// The dead letters of one group.
+    fn dlq_subject(&self, queue: &str, group: &str) -> String {
+        format!("tribq.{}.{}.dlq.{}", self.namespace, escape(queue), escape(group))
+    }
+
+    /// The dead letters of every group.
+    fn dlq_filter(&self, queue: &str) -> String {
+        format!("tribq.{}.{}.dlq.*", self.namespace, escape(queue))
+    }
+
+    fn redriven_prefix(queue: &str) -> String {
+        format!("redriven.{}.", escape(queue))
+    }
+
+    fn redriven_key(queue: &str, dlq_offset: u64) -> String {
+        format!("{}{dlq_offset}", NatsQueues::redriven_prefix(queue))
+    }
+
+    /// Whether dead letter `dlq_offset` of `queue` was redriven.
+    async fn is_redriven(&self, queue: &str, dlq_offset: u64) -> Result<bool, QueueError> {
+        Ok(self.meta.get(NatsQueues::redriven_key(queue, dlq_offset)).await.map_err(backend)?.is_some())
     }
 
     fn consumer_name(group: &str) -> String {
@@ -233,6 +260,8 @@ impl NatsQueues {
                 &name,
                 pull::Config {
                     durable_name: Some(name.clone()),
+                    // The group's own name, for stats (the consumer's name is escaped).
+                    description: Some(group.to_string()),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: Duration::from_millis(config.lease_ms_default),
                     deliver_policy: DeliverPolicy::All,
@@ -285,7 +314,7 @@ impl NatsQueues {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("{}.{}.{}", escape(&letter.group), letter.offset, letter.delivery_count).as_str());
         let id = MessageId { priority: letter.priority, offset: letter.offset };
-        let subject = self.dlq_subject(queue);
+        let subject = self.dlq_subject(queue, &letter.group);
         let ack = self.jetstream.publish_with_headers(subject, headers, payload.into()).await.map_err(backend)?;
         ack.await.map_err(|e| backend(format!("dead-lettering {id} of queue {queue:?}: {e}")))?;
         self.confirm(reply, Bytes::from_static(b"+TERM")).await
@@ -311,6 +340,89 @@ impl NatsQueues {
             }
         });
         futures_util::future::try_join_all(sends).await
+    }
+}
+
+impl NatsQueues {
+    /// Publishes `messages` (checked), pipelined, for every group or, with `only`, for that
+    /// group alone; one id per message, in order, once JetStream stored them.
+    async fn publish_for(&self, queue: &str, config: &QueueConfig, messages: Vec<NewMessage>, only: Option<&str>) -> Result<Vec<MessageId>, QueueError> {
+        let stamp = now_ms() as u64;
+        let mut acks = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut headers = HeaderMap::new();
+            if let Some(dedup_id) = &message.dedup_id
+                && config.dedup_window_ms > 0
+            {
+                headers.insert("Nats-Msg-Id", dedup_id.as_str());
+            }
+            if let Some(group) = only {
+                headers.insert(GROUP_HEADER, group);
+            }
+            let envelope = Envelope { body: message.body, key: message.key, headers: message.headers.into_iter().map(|h| (h.name, h.value)).collect(), enqueued_at_ms: stamp };
+            let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
+            let ack = self.jetstream.publish_with_headers(self.subject(queue, message.priority), headers, payload.into()).await.map_err(backend)?;
+            acks.push((message.priority, ack));
+        }
+        let mut ids = Vec::with_capacity(acks.len());
+        for (priority, ack) in acks {
+            let ack = ack.await.map_err(|e| backend(format!("publishing to queue {queue:?}: {e}")))?;
+            ids.push(MessageId { priority, offset: ack.sequence - 1 });
+        }
+        Ok(ids)
+    }
+
+    /// Removes the redriven marks of a queue (its dead letters are gone with it).
+    async fn forget_redriven(&self, queue: &str) -> Result<(), QueueError> {
+        let subject = format!("{}{}>", self.meta.prefix, NatsQueues::redriven_prefix(queue));
+        self.meta.stream.purge().filter(subject).await.map_err(|e| backend(format!("forgetting the redriven marks of queue {queue:?}: {e}")))?;
+        Ok(())
+    }
+
+    /// Dead letters of `queue` from dead-letter offset `from` on, at most `max`, of one group or
+    /// all, with whether each was redriven.
+    async fn read_dead_letters(&self, queue: &str, group: Option<&str>, from: u64, max: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut stream = self.jetstream.get_stream(self.dlq_name(queue)).await.map_err(|e| backend(format!("the dead letters of queue {queue:?}: {e}")))?;
+        let state = stream.info().await.map_err(backend)?.state.clone();
+        let end = state.last_sequence;
+        let mut offset = from.max(state.first_sequence.saturating_sub(1));
+        let mut letters = Vec::new();
+        let stream = &stream;
+        let wanted = group.map(|g| self.dlq_subject(queue, g));
+        while letters.len() < max && offset < end {
+            let chunk = (end - offset).min(DLQ_READS_IN_FLIGHT_MAX as u64);
+            let read: Vec<Option<DeadLetter>> = futures_util::stream::iter(offset..offset + chunk)
+                .map(|o| {
+                    let wanted = wanted.as_deref();
+                    async move {
+                        let message = stream.direct_get(o + 1).await.map_err(|e| backend(format!("reading dead letter {o} of queue {queue:?}: {e}")))?;
+                        if wanted.is_some_and(|w| w != message.subject.as_str()) {
+                            return Ok(None);
+                        }
+                        let letter: Letter = postcard::from_bytes(&message.payload).map_err(|e| backend(format!("dead letter {o} of queue {queue:?} does not parse: {e}")))?;
+                        let redriven = self.is_redriven(queue, o).await?;
+                        Ok::<_, QueueError>(Some(DeadLetter {
+                            dlq_offset: o,
+                            id: MessageId { priority: letter.priority, offset: letter.offset },
+                            group: letter.group,
+                            delivery_count: letter.delivery_count,
+                            reason: letter.reason,
+                            body: letter.message.body,
+                            key: letter.message.key,
+                            headers: letter.message.headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
+                            enqueued_at_ms: letter.message.enqueued_at_ms,
+                            dead_lettered_at_ms: letter.dead_lettered_at_ms,
+                            redriven,
+                        }))
+                    }
+                })
+                .buffered(DLQ_READS_IN_FLIGHT_MAX)
+                .try_collect()
+                .await?;
+            offset += chunk;
+            letters.extend(read.into_iter().flatten().take(max - letters.len()));
+        }
+        Ok(letters)
     }
 }
 
@@ -341,7 +453,7 @@ impl QueueStore for NatsQueues {
                 }
             }
             let window = Duration::from_millis(config.dedup_window_ms.max(1));
-            for (stream, subject, what) in [(self.stream_name(name), self.messages_filter(name), "stream"), (self.dlq_name(name), self.dlq_subject(name), "dead letters")] {
+            for (stream, subject, what) in [(self.stream_name(name), self.messages_filter(name), "stream"), (self.dlq_name(name), self.dlq_filter(name), "dead letters")] {
                 let config = stream::Config {
                     name: stream,
                     subjects: vec![subject],
@@ -364,6 +476,7 @@ impl QueueStore for NatsQueues {
             for stream in [self.stream_name(name), self.dlq_name(name)] {
                 delete_stream_if_any(&self.jetstream, &stream).await.map_err(backend)?;
             }
+            self.forget_redriven(name).await?;
             self.meta.delete(NatsQueues::queue_key(name)).await.map_err(backend)
         })
     }
@@ -375,31 +488,7 @@ impl QueueStore for NatsQueues {
                 return Err(QueueError::InvalidMessage(format!("the nats backend has no delayed delivery (delay_ms {})", delayed.delay_ms)));
             }
             let config = self.config(queue).await?;
-            let stamp = now_ms() as u64;
-            let mut acks = Vec::with_capacity(messages.len());
-            for message in messages {
-                let mut headers = HeaderMap::new();
-                if let Some(dedup_id) = &message.dedup_id
-                    && config.dedup_window_ms > 0
-                {
-                    headers.insert("Nats-Msg-Id", dedup_id.as_str());
-                }
-                let envelope = Envelope {
-                    body: message.body,
-                    key: message.key,
-                    headers: message.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-                    enqueued_at_ms: stamp,
-                };
-                let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
-                let ack = self.jetstream.publish_with_headers(self.subject(queue, message.priority), headers, payload.into()).await.map_err(backend)?;
-                acks.push((message.priority, ack));
-            }
-            let mut ids = Vec::with_capacity(acks.len());
-            for (priority, ack) in acks {
-                let ack = ack.await.map_err(|e| backend(format!("publishing to queue {queue:?}: {e}")))?;
-                ids.push(MessageId { priority, offset: ack.sequence - 1 });
-            }
-            Ok(ids)
+            self.publish_for(queue, &config, messages, None).await
         })
     }
 
@@ -437,6 +526,13 @@ impl QueueStore for NatsQueues {
                     };
                     let delivered = u32::try_from(info.delivered).unwrap_or(u32::MAX);
                     let reply = message.reply.as_ref().map(|r| r.to_string()).ok_or_else(|| backend("a pulled message has no ack subject"))?;
+                    if let Some(only) = message.headers.as_ref().and_then(|h| h.get(GROUP_HEADER))
+                        && only.as_str() != group
+                    {
+                        // Redriven for another group: settled here unseen.
+                        self.confirm(&reply, Bytes::from_static(b"+ACK")).await?;
+                        continue;
+                    }
                     let envelope = decode_message(&message.payload, &format!("message {id} of queue {queue:?}"))?;
                     if delivered > config.deliveries_max {
                         // Its last allowed lease expired.
@@ -480,12 +576,10 @@ impl QueueStore for NatsQueues {
             }
             let config = self.config(queue).await?;
             let parsed = self.sort_receipts(queue, group, &receipts);
-            let mut outcomes = Vec::with_capacity(receipts.len());
-            for (receipt, parsed) in receipts.iter().zip(parsed) {
-                let Some(parsed) = parsed else {
-                    outcomes.push(ReceiptOutcome::Invalid);
-                    continue;
-                };
+            let config = &config;
+            // Pipelined: every receipt's answer is awaited, in parallel.
+            let sends = receipts.iter().zip(parsed).map(|(receipt, parsed)| async move {
+                let Some(parsed) = parsed else { return Ok(ReceiptOutcome::Invalid) };
                 if parsed.delivered >= config.deliveries_max {
                     // The last allowed delivery: dead-letter it instead of giving it back.
                     let stream = self.jetstream.get_stream(self.stream_name(queue)).await.map_err(backend)?;
@@ -495,15 +589,13 @@ impl QueueStore for NatsQueues {
                     let id = MessageId { priority, offset: parsed.sequence - 1 };
                     let letter = Letter::new(id, group, parsed.delivered, "nacked on the last allowed delivery", envelope);
                     self.dead_letter(queue, receipt.as_str(), letter).await?;
-                    outcomes.push(ReceiptOutcome::Ok);
-                    continue;
+                    return Ok(ReceiptOutcome::Ok);
                 }
                 let delay = delay_ms.unwrap_or_else(|| config.backoff.delay_ms(parsed.delivered, parsed.sequence));
                 let payload = if delay == 0 { Bytes::from_static(b"-NAK") } else { Bytes::from(format!("-NAK {{\"delay\":{}}}", u128::from(delay) * 1_000_000)) };
-                self.confirm(receipt.as_str(), payload).await?;
-                outcomes.push(ReceiptOutcome::Ok);
-            }
-            Ok(outcomes)
+                self.confirm(receipt.as_str(), payload).await.map(|_| ReceiptOutcome::Ok)
+            });
+            futures_util::future::try_join_all(sends).await
         })
     }
 
@@ -522,44 +614,108 @@ impl QueueStore for NatsQueues {
     fn dead_letters<'a>(&'a self, queue: &'a str, group: Option<&'a str>, from: u64, max: usize) -> QueueFuture<'a, Vec<DeadLetter>> {
         Box::pin(async move {
             self.config(queue).await?;
-            let mut stream = self.jetstream.get_stream(self.dlq_name(queue)).await.map_err(|e| backend(format!("the dead letters of queue {queue:?}: {e}")))?;
-            let state = stream.info().await.map_err(backend)?.state.clone();
-            let end = state.last_sequence;
-            let mut offset = from.max(state.first_sequence.saturating_sub(1));
-            let mut letters = Vec::new();
-            let stream = &stream;
-            while letters.len() < max && offset < end {
-                let chunk = (end - offset).min(DLQ_READS_IN_FLIGHT_MAX as u64);
-                let read: Vec<(u64, Letter)> = futures_util::stream::iter(offset..offset + chunk)
-                    .map(|o| async move {
-                        let message = stream.direct_get(o + 1).await.map_err(|e| backend(format!("reading dead letter {o} of queue {queue:?}: {e}")))?;
-                        let letter: Letter = postcard::from_bytes(&message.payload).map_err(|e| backend(format!("dead letter {o} of queue {queue:?} does not parse: {e}")))?;
-                        Ok::<_, QueueError>((o, letter))
+            self.read_dead_letters(queue, group, from, max).await
+        })
+    }
+
+    fn list_queues(&self) -> QueueFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let keys: Vec<String> = self.meta.keys().await.map_err(backend)?.try_collect().await.map_err(backend)?;
+            let mut names: Vec<String> = keys.iter().filter_map(|k| k.strip_prefix("queue.")).map(unescape).collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    fn queue_config<'a>(&'a self, name: &'a str) -> QueueFuture<'a, QueueConfig> {
+        Box::pin(async move { self.config(name).await })
+    }
+
+    fn redrive<'a>(&'a self, queue: &'a str, group: &'a str, which: Redrive) -> QueueFuture<'a, usize> {
+        Box::pin(async move {
+            let config = self.config(queue).await?;
+            check_name("group", group).map_err(QueueError::InvalidName)?;
+            let wanted: Option<Vec<MessageId>> = match which {
+                Redrive::All => None,
+                Redrive::Ids(ids) => Some(ids),
+            };
+            let letters: Vec<DeadLetter> = self
+                .read_dead_letters(queue, Some(group), 0, usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|l| !l.redriven && wanted.as_ref().is_none_or(|w| w.contains(&l.id)))
+                .collect();
+            for chunk in letters.chunks(BATCH_RECORDS_MAX) {
+                // Republished first, marked after: a redrive retried after a crash in between
+                // publishes nothing twice within the dedup window (the Nats-Msg-Id).
+                let messages: Vec<NewMessage> = chunk
+                    .iter()
+                    .map(|l| NewMessage {
+                        body: l.body.clone(),
+                        key: l.key.clone(),
+                        headers: l.headers.clone(),
+                        priority: l.id.priority,
+                        delay_ms: 0,
+                        dedup_id: Some(format!("tributary.redrive.{}", l.dlq_offset)),
                     })
-                    .buffered(DLQ_READS_IN_FLIGHT_MAX)
-                    .try_collect()
-                    .await?;
-                offset += chunk;
-                for (dlq_offset, letter) in read {
-                    if letters.len() == max || group.is_some_and(|g| g != letter.group) {
-                        continue;
-                    }
-                    letters.push(DeadLetter {
-                        dlq_offset,
-                        id: MessageId { priority: letter.priority, offset: letter.offset },
-                        group: letter.group,
-                        delivery_count: letter.delivery_count,
-                        reason: letter.reason,
-                        body: letter.message.body,
-                        key: letter.message.key,
-                        headers: letter.message.headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
-                        enqueued_at_ms: letter.message.enqueued_at_ms,
-                        dead_lettered_at_ms: letter.dead_lettered_at_ms,
-                        redriven: false,
-                    });
+                    .collect();
+                check_publish(&messages)?;
+                self.publish_for(queue, &config, messages, Some(group)).await?;
+                for letter in chunk {
+                    self.meta.put(NatsQueues::redriven_key(queue, letter.dlq_offset), Bytes::from_static(b"1")).await.map_err(backend)?;
                 }
             }
-            Ok(letters)
+            Ok(letters.len())
+        })
+    }
+
+    fn stats<'a>(&'a self, queue: &'a str) -> QueueFuture<'a, QueueStats> {
+        Box::pin(async move {
+            self.config(queue).await?;
+            let mut stream = self.jetstream.get_stream(self.stream_name(queue)).await.map_err(|e| backend(format!("the stream of queue {queue:?}: {e}")))?;
+            let published_total = stream.info().await.map_err(backend)?.state.last_sequence;
+            let dlq = self.jetstream.get_stream(self.dlq_name(queue)).await.map_err(|e| backend(format!("the dead letters of queue {queue:?}: {e}")))?;
+            let mut per_subject = dlq.info_with_subjects(self.dlq_filter(queue)).await.map_err(backend)?;
+            let mut dead: HashMap<String, u64> = HashMap::new();
+            while let Some((subject, count)) = per_subject.try_next().await.map_err(backend)? {
+                dead.insert(subject, count as u64);
+            }
+            let consumers: Vec<jetstream::consumer::Info> = stream.consumers().try_collect().await.map_err(backend)?;
+            let mut stats = QueueStats {
+                published_total,
+                depth: 0,
+                delayed: 0,
+                in_flight: 0,
+                lag: 0,
+                acked_total: 0,
+                dead_lettered: 0,
+                oldest_available_age_ms: None,
+                groups: Vec::with_capacity(consumers.len()),
+            };
+            for info in consumers {
+                let Some(name) = info.config.description.clone().or_else(|| info.name.strip_prefix("g_").map(unescape)) else { continue };
+                let dead_lettered = dead.get(&self.dlq_subject(queue, &name)).copied().unwrap_or(0);
+                let (depth, in_flight) = (info.num_pending, info.num_ack_pending as u64);
+                stats.groups.push(GroupStats {
+                    name,
+                    depth,
+                    delayed: 0,
+                    in_flight,
+                    lag: depth + in_flight,
+                    acked_total: published_total.saturating_sub(depth + in_flight + dead_lettered),
+                    dead_lettered,
+                    oldest_available_age_ms: None,
+                });
+            }
+            stats.groups.sort_by(|a, b| a.name.cmp(&b.name));
+            for group in &stats.groups {
+                stats.depth += group.depth;
+                stats.in_flight += group.in_flight;
+                stats.lag += group.lag;
+                stats.acked_total += group.acked_total;
+                stats.dead_lettered += group.dead_lettered;
+            }
+            Ok(stats)
         })
     }
 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tributary_core::Header;
 
 use super::{CaseFuture, Report, ok, refused};
-use crate::queue::{Backoff, Delivery, NewMessage, QueueConfig, QueueError, QueueStore, ReceiptOutcome};
+use crate::queue::{Backoff, Delivery, NewMessage, QueueConfig, QueueError, QueueStore, ReceiptOutcome, Redrive};
 
 /// One guarantee of the QueueStore interface.
 pub type Case = super::Case<dyn QueueStore, String>;
@@ -31,6 +31,8 @@ pub const CASES: &[Case] = &[
     Case { name: "delay", guarantee: "a message published with a delay is not received before it is due", run: delay },
     Case { name: "in_flight_limit", guarantee: "a consumer holding in_flight_per_consumer_max leases is refused by name", run: in_flight_limit },
     Case { name: "errors", guarantee: "unknown queues, bad names, reserved headers, bad priorities, oversized receives and conflicting configurations are refused by name", run: errors },
+    Case { name: "redrive", guarantee: "a redrive republishes a group's dead letters for that group only, each once, and marks them redriven", run: redrive },
+    Case { name: "stats", guarantee: "stats count per group what waits, what is leased, what was acked and what was dead-lettered; the queue is listed with its configuration", run: stats },
     Case { name: "delete", guarantee: "a deleted queue is gone with its messages and dead letters; one created again starts empty", run: delete },
 ];
 
@@ -331,6 +333,67 @@ fn errors(s: &dyn QueueStore, queue: String) -> CaseFuture<'_> {
         // Nothing refused was written.
         let got = ok(s.receive(&queue, "g", "c", 10, None, Duration::from_millis(300)).await, "receive")?;
         check!(got.is_empty(), "a refused publish wrote messages: {got:?}");
+        Ok(())
+    })
+}
+
+fn redrive(s: &dyn QueueStore, queue: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_queue(&queue, config(30_000, 1)).await, "create")?;
+        let ids = ok(s.publish(&queue, vec![NewMessage::new("x"), NewMessage::new("y")]).await, "publish")?;
+        let failed = receive_n(s, &queue, "g", "c", 2, Duration::from_secs(5)).await?;
+        check_eq!(failed.len(), 2);
+        let receipts = failed.iter().map(|d| d.receipt.clone()).collect();
+        check_eq!(ok(s.nack(&queue, "g", receipts, Some(0)).await, "nack the only delivery")?, vec![ReceiptOutcome::Ok; 2]);
+        let done = receive_n(s, &queue, "h", "c", 2, Duration::from_secs(5)).await?;
+        check_eq!(done.len(), 2);
+        ok(s.ack(&queue, "h", done.iter().map(|d| d.receipt.clone()).collect()).await, "ack in h")?;
+        let letters = ok(s.dead_letters(&queue, Some("g"), 0, 10).await, "dead letters")?;
+        check_eq!(letters.len(), 2);
+        check!(letters.iter().all(|l| !l.redriven), "letters are redriven before any redrive: {letters:?}");
+        check_eq!(ok(s.redrive(&queue, "g", Redrive::Ids(vec![ids[0]])).await, "redrive one")?, 1);
+        check_eq!(ok(s.redrive(&queue, "g", Redrive::All).await, "redrive the rest")?, 1);
+        check_eq!(ok(s.redrive(&queue, "g", Redrive::All).await, "redrive again")?, 0);
+        let letters = ok(s.dead_letters(&queue, Some("g"), 0, 10).await, "dead letters after the redrive")?;
+        check!(letters.len() == 2 && letters.iter().all(|l| l.redriven), "letters are not all marked redriven: {letters:?}");
+        let again = receive_n(s, &queue, "g", "c", 3, Duration::from_millis(1_500)).await?;
+        let mut bodies: Vec<String> = again.iter().map(text).collect();
+        bodies.sort();
+        check_eq!(bodies, vec!["x".to_string(), "y".to_string()]);
+        check!(again.iter().all(|d| d.delivery_count == 1 && !ids.contains(&d.id)), "redriven messages are not new messages: {again:?}");
+        let other = ok(s.receive(&queue, "h", "c", 10, None, Duration::from_millis(600)).await, "receive in h")?;
+        check!(other.is_empty(), "another group received redriven messages: {other:?}");
+        Ok(())
+    })
+}
+
+fn stats(s: &dyn QueueStore, queue: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        let made = config(30_000, 1);
+        ok(s.create_queue(&queue, made.clone()).await, "create")?;
+        check!(ok(s.list_queues().await, "list")?.contains(&queue), "the queue is not listed");
+        check_eq!(ok(s.queue_config(&queue).await, "config")?, made);
+        refused(s.queue_config("never-made").await, "the config of a missing queue", |e| matches!(e, QueueError::NotFound { .. }))?;
+        ok(s.publish(&queue, (0..4).map(|i| NewMessage::new(format!("m{i}"))).collect()).await, "publish")?;
+        // g: three leased, of which one acked and one dead-lettered; one never received.
+        let leased = receive_n(s, &queue, "g", "c", 3, Duration::from_secs(5)).await?;
+        check_eq!(leased.len(), 3);
+        ok(s.ack(&queue, "g", vec![leased[0].receipt.clone()]).await, "ack")?;
+        ok(s.nack(&queue, "g", vec![leased[1].receipt.clone()], Some(0)).await, "nack the only delivery")?;
+        // h: one received and acked.
+        let one = receive_n(s, &queue, "h", "c", 1, Duration::from_secs(5)).await?;
+        ok(s.ack(&queue, "h", vec![one[0].receipt.clone()]).await, "ack in h")?;
+        let stats = ok(s.stats(&queue).await, "stats")?;
+        check_eq!(stats.published_total, 4);
+        let group = |name: &str| stats.groups.iter().find(|g| g.name == name).cloned().ok_or_else(|| format!("group {name} is missing: {stats:?}"));
+        let g = group("g")?;
+        check_eq!((g.depth, g.in_flight, g.acked_total, g.dead_lettered, g.lag), (1, 1, 1, 1, 2));
+        let h = group("h")?;
+        check_eq!((h.depth, h.in_flight, h.acked_total, h.dead_lettered, h.lag), (3, 0, 1, 0, 3));
+        check_eq!((stats.depth, stats.in_flight, stats.acked_total, stats.dead_lettered, stats.lag), (4, 1, 2, 1, 5));
+        ok(s.delete_queue(&queue).await, "delete")?;
+        check!(!ok(s.list_queues().await, "list")?.contains(&queue), "a deleted queue is listed");
+        refused(s.stats(&queue).await, "stats of a deleted queue", |e| matches!(e, QueueError::NotFound { .. }))?;
         Ok(())
     })
 }

@@ -18,11 +18,15 @@
 //! - Bad input is refused by name before anything is written (the `check_*` functions here are
 //!   the one definition of what is bad, shared by every backend).
 //!
-//! Redrive, stats and group administration stay on [`Queues`] for now.
+//! - `stats` counts, per group, what waits (`depth`), what is leased (`in_flight`), what was
+//!   acked and what was dead-lettered; `redrive` republishes a group's dead letters for that
+//!   group only, each once (a second redrive skips letters already redriven).
+//!
+//! Group administration (create or delete a group by hand) stays on [`Queues`].
 
 use std::time::Duration;
 
-use super::{DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, Queues, Receipt, ReceiptOutcome, Result};
+use super::{DeadLetter, Delivery, MessageId, NewMessage, QueueConfig, QueueError, QueueStats, Queues, Receipt, ReceiptOutcome, Redrive, Result};
 use crate::{BoxFuture, Gap};
 
 /// What the async methods of a `dyn QueueStore` return.
@@ -36,6 +40,16 @@ pub trait QueueStore: Send + Sync + std::fmt::Debug {
     fn gaps(&self) -> &'static [Gap] {
         &[]
     }
+    /// True when calls complete on the polling thread (the embedded engine waits for its fsync
+    /// and long polls there): on an async runtime, poll them where blocking is allowed
+    /// (`tributary_server::on_backend`). False when calls are truly async (network backends).
+    fn blocking(&self) -> bool {
+        false
+    }
+    /// The names of every queue, sorted.
+    fn list_queues(&self) -> QueueFuture<'_, Vec<String>>;
+    /// A queue's configuration; [`QueueError::NotFound`] when there is no such queue.
+    fn queue_config<'a>(&'a self, name: &'a str) -> QueueFuture<'a, QueueConfig>;
     /// Creates a queue; creating one that exists with the same configuration is a no-op, with
     /// another is [`QueueError::AlreadyExists`].
     fn create_queue<'a>(&'a self, name: &'a str, config: QueueConfig) -> QueueFuture<'a, ()>;
@@ -54,6 +68,12 @@ pub trait QueueStore: Send + Sync + std::fmt::Debug {
     fn extend<'a>(&'a self, queue: &'a str, group: &'a str, receipts: Vec<Receipt>, lease_ms: u64) -> QueueFuture<'a, Vec<ReceiptOutcome>>;
     /// Dead letters from dead-letter offset `from` on, at most `max`, of one group or all.
     fn dead_letters<'a>(&'a self, queue: &'a str, group: Option<&'a str>, from: u64, max: usize) -> QueueFuture<'a, Vec<DeadLetter>>;
+    /// Republishes `group`'s dead letters (all not yet redriven, or those named) as new messages
+    /// only `group` receives, and marks them redriven; returns how many were republished.
+    fn redrive<'a>(&'a self, queue: &'a str, group: &'a str, which: Redrive) -> QueueFuture<'a, usize>;
+    /// The queue's numbers, summed over its groups and per group, with leases that ran out
+    /// counted as available again.
+    fn stats<'a>(&'a self, queue: &'a str) -> QueueFuture<'a, QueueStats>;
 }
 
 /// The embedded engine. Each call runs when the future is polled, on the polling thread: a
@@ -62,6 +82,15 @@ pub trait QueueStore: Send + Sync + std::fmt::Debug {
 impl QueueStore for Queues {
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+    fn blocking(&self) -> bool {
+        true
+    }
+    fn list_queues(&self) -> QueueFuture<'_, Vec<String>> {
+        Box::pin(async move { Ok(self.list()) })
+    }
+    fn queue_config<'a>(&'a self, name: &'a str) -> QueueFuture<'a, QueueConfig> {
+        Box::pin(async move { Ok(self.get(name)?.config().clone()) })
     }
     fn create_queue<'a>(&'a self, name: &'a str, config: QueueConfig) -> QueueFuture<'a, ()> {
         Box::pin(async move {
@@ -91,5 +120,15 @@ impl QueueStore for Queues {
     }
     fn dead_letters<'a>(&'a self, queue: &'a str, group: Option<&'a str>, from: u64, max: usize) -> QueueFuture<'a, Vec<DeadLetter>> {
         Box::pin(async move { self.get(queue)?.dead_letters(group, from, max) })
+    }
+    fn redrive<'a>(&'a self, queue: &'a str, group: &'a str, which: Redrive) -> QueueFuture<'a, usize> {
+        Box::pin(async move { self.get(queue)?.redrive(group, which) })
+    }
+    fn stats<'a>(&'a self, queue: &'a str) -> QueueFuture<'a, QueueStats> {
+        Box::pin(async move {
+            let queue = self.get(queue)?;
+            queue.tick()?;
+            queue.stats(None)
+        })
     }
 }
