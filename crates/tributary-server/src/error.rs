@@ -153,3 +153,19 @@ where
         Err(join) => Err(ApiError::internal(format!("engine task failed: {join}"))),
     }
 }
+
+/// Runs a call of an engine interface (`QueueStore`, `StreamStore`, ...): on the blocking pool
+/// when the backend completes calls on the polling thread (`blocking`: the embedded engine
+/// waits for its fsync and long polls there), else awaited on this task (network backends).
+/// The one place where a system bridges the two.
+pub async fn on_backend<T: Send + 'static>(blocking: bool, call: impl Future<Output = T> + Send + 'static) -> T {
+    if blocking {
+        let handle = tokio::runtime::Handle::current();
+        match tokio::task::spawn_blocking(move || handle.block_on(call)).await {
+            Ok(value) => value,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    } else {
+        call.await
+    }
+}

@@ -27,14 +27,28 @@ mod test_support;
 use std::sync::Arc;
 
 use tributary_engine::Engine;
+use tributary_engine::queue::QueueStore;
 use tributary_runtime::{SystemMetrics, Topology};
 use tributary_server::{Gateway, SystemApi};
 
 /// What a running system gets from the platform.
 #[derive(Clone)]
 pub struct Context {
+    /// The embedded engine in the node's data folder.
     pub engine: Arc<Engine>,
     pub gateway: Gateway,
+    /// The queue interface: the engine's own queues, or a distributed backend's (NATS
+    /// JetStream) shared by every node. Systems marked [`Entry::distributed`] use it and keep no
+    /// state in the node.
+    pub queues: Arc<dyn QueueStore>,
+}
+
+impl Context {
+    /// Every interface on the embedded engine.
+    pub fn embedded(engine: Arc<Engine>, gateway: Gateway) -> Context {
+        let queues: Arc<dyn QueueStore> = engine.queues.clone();
+        Context { engine, gateway, queues }
+    }
 }
 
 /// A running system.
@@ -56,24 +70,27 @@ pub trait System: Send + Sync + 'static {
     }
 }
 
-/// One implemented system: its id (as in the catalogue), its declared topology, and how to
-/// start it.
+/// One implemented system: its id (as in the catalogue), its declared topology, how to start
+/// it, and whether it runs on the distributed backends.
 pub struct Entry {
     pub id: &'static str,
     pub topology: fn() -> Topology,
     pub start: fn(&Context) -> anyhow::Result<Arc<dyn System>>,
+    /// True when all its state goes through the [`Context`]'s interfaces (no embedded engine of
+    /// its own): with distributed backends, several nodes can serve it behind a balancer.
+    pub distributed: bool,
 }
 
 /// Every implemented system, in seed order.
 pub fn entries() -> Vec<Entry> {
     vec![
-        Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start },
-        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start },
-        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start },
-        Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start },
-        Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start },
-        Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start },
-        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start },
+        Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start, distributed: true },
+        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: false },
+        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: false },
+        Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: false },
+        Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: false },
+        Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start, distributed: false },
+        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start, distributed: false },
     ]
 }
 

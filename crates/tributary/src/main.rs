@@ -87,11 +87,19 @@ struct UpArgs {
     /// TRIBUTARY_TOKENS takes several separated by spaces.
     #[arg(long = "token", env = "TRIBUTARY_TOKENS", value_delimiter = ' ', value_parser = ApiToken::parse)]
     tokens: Vec<ApiToken>,
+    /// Where queues live: a NATS JetStream URL (`nats://host:4222`, several servers
+    /// comma-separated). Then only the systems that keep no state in the node start, so several
+    /// nodes can serve them behind a load balancer. Default: the embedded engine.
+    #[arg(long, env = "TRIBUTARY_STREAM")]
+    stream: Option<String>,
+    /// What this deployment's streams and keys live under on a shared backend (A-Z a-z 0-9 -).
+    #[arg(long, env = "TRIBUTARY_NAMESPACE", default_value = platform::NAMESPACE_DEFAULT)]
+    namespace: String,
 }
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new() }
+        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
     }
 }
 
@@ -133,7 +141,8 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Up(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(platform::up(platform::UpConfig { listen: args.listen, data: args.data, tokens: args.tokens, announce: true }))?;
+            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
+            runtime.block_on(platform::up(config))?;
         }
         Command::Systems { json } => systems(json)?,
         Command::Check { system, json } => {

@@ -33,6 +33,32 @@ pub struct UpConfig {
     /// Say on stdout where the dashboard is and when the server stopped (off when embedded in
     /// a command whose stdout is JSON).
     pub announce: bool,
+    /// Where streams, queues and pub/sub live: None for the embedded engine, or a NATS URL
+    /// (several servers comma-separated).
+    pub stream: Option<String>,
+    /// What this deployment's names live under on a shared backend (`A-Z a-z 0-9 -`).
+    pub namespace: String,
+}
+
+/// The namespace of a deployment that names none.
+pub const NAMESPACE_DEFAULT: &str = "tributary";
+
+impl UpConfig {
+    /// Serve on `listen` with the data in `data`, embedded, without tokens or announcements.
+    pub fn embedded(listen: SocketAddr, data: PathBuf) -> UpConfig {
+        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, namespace: NAMESPACE_DEFAULT.to_string() }
+    }
+}
+
+/// The context of the systems: every interface embedded, or the queue interface on NATS.
+async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> anyhow::Result<Context> {
+    let mut context = Context::embedded(engine, gateway);
+    if let Some(url) = &config.stream {
+        anyhow::ensure!(url.starts_with("nats://") || url.starts_with("tls://"), "--stream takes a NATS URL (nats://host:port, several comma-separated), got {url:?}");
+        let queues = tributary_nats::NatsQueues::connect(url, &config.namespace).await.with_context(|| format!("connecting the queue interface to {url}"))?;
+        context.queues = Arc::new(queues);
+    }
+    Ok(context)
 }
 
 /// The dashboard's view of one system of the catalogue.
@@ -101,9 +127,15 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     let engine = tokio::task::spawn_blocking(move || Engine::open(&data)).await?.with_context(|| format!("opening the engine in {}", config.data.display()))?;
     let engine = Arc::new(engine);
     let gateway = Gateway::default();
-    let context = Context { engine: engine.clone(), gateway: gateway.clone() };
+    let context = context(&config, engine.clone(), gateway.clone()).await?;
+    let distributed = config.stream.is_some();
     let mut running: Vec<Arc<dyn System>> = Vec::new();
+    let mut left_out = Vec::new();
     for entry in entries() {
+        if distributed && !entry.distributed {
+            left_out.push(entry.id);
+            continue;
+        }
         running.push((entry.start)(&context).with_context(|| format!("starting {}", entry.id))?);
     }
     let apis = running.iter().map(|s| s.clone().api()).collect();
@@ -132,7 +164,13 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     });
 
     if config.announce {
-        println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display());
+        match &config.stream {
+            None => println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display()),
+            Some(url) => {
+                println!("Tributary is up: dashboard at http://{local}/ (queues on {url}, namespace {})", config.namespace);
+                println!("Not started in distributed mode (they keep state in the node): {}", left_out.join(", "));
+            }
+        }
     }
     // WebSockets and SSE streams never finish on their own: close them, or they hold the drain.
     let closing = gateway.clone();

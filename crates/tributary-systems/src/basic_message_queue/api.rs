@@ -1,6 +1,7 @@
 //! The routes of basic-message-queue: each handler checks its request with `process`, runs the
-//! engine call off the async workers (`blocking`), counts it, and maps the answer back with
-//! `process`. The WebSocket consumer loop is here too: it is IO (credit, socket, leases).
+//! queue call where the backend wants it (`MessageQueue::run`: the blocking pool for the
+//! embedded engine, awaited for NATS), counts it, and maps the answer back with `process`. The
+//! WebSocket consumer loop is here too: it is IO (credit, socket, leases).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,17 +13,17 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use tributary_engine::queue::{Delivery, Queue, QueueError, Receipt, ReceiptOutcome};
+use tributary_engine::queue::{Delivery, QueueError, QueueStore, Receipt, ReceiptOutcome};
 use tributary_server::utoipa;
 use tributary_server::utoipa_axum::router::OpenApiRouter;
 use tributary_server::utoipa_axum::routes;
-use tributary_server::{ApiError, Json, WsConnection, blocking};
+use tributary_server::{ApiError, Json, WsConnection, on_backend};
 
 use super::process::{
     self, AckRequest, ClientFrame, DeadLettersQuery, DeadLettersResponse, ExtendRequest, NackRequest, PublishRequest, PublishResponse, QueueList, QueueView,
     ReceiveRequest, ReceiveResponse, RedriveRequest, RedriveResponse, SettleResponse, SettleStatus, WsQuery,
 };
-use super::{ID, MessageQueue};
+use super::{ID, MessageQueue, all_stats};
 
 /// A long poll receives in slices this long, checking between them whether its client left.
 pub const LONG_POLL_SLICE: Duration = Duration::from_millis(250);
@@ -58,12 +59,8 @@ pub fn router(mq: Arc<MessageQueue>) -> OpenApiRouter {
 async fn publish(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<PublishRequest>, ApiError>) -> Result<(StatusCode, axum::Json<PublishResponse>), ApiError> {
     let result = async {
         let messages = process::new_messages(body?.0)?;
-        let engine = mq.clone();
-        let ids = blocking(move || -> Result<_, ApiError> {
-            let queue = engine.queue_or_create(&queue)?;
-            Ok(queue.publish(&messages)?)
-        })
-        .await?;
+        let name = process::engine_queue_name(&queue)?;
+        let ids = mq.publish(&queue, name, messages).await?;
         mq.metrics.messages_in(ids.len() as u64);
         Ok((StatusCode::CREATED, axum::Json(process::publish_response(&ids))))
     }
@@ -89,10 +86,19 @@ impl Drop for ClientGone {
 async fn receive(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<ReceiveRequest>, ApiError>) -> Result<axum::Json<ReceiveResponse>, ApiError> {
     let result = async {
         let request = process::receive(body?.0)?;
-        let queue = mq.queue(&queue)?;
+        let name = process::engine_queue_name(&queue)?;
         let gone = Arc::new(AtomicBool::new(false));
         let _guard = ClientGone(gone.clone());
-        let deliveries = blocking(move || long_poll(&queue, &request, &gone)).await?;
+        // A task of its own: it gives back what it leased when the client has left meanwhile.
+        let (queues, blocking) = (mq.queues.clone(), mq.queues.blocking());
+        let poll = tokio::spawn(long_poll(queues, blocking, name, request, gone));
+        let deliveries = match poll.await {
+            Ok(result) => result.map_err(|error| match error {
+                QueueError::NotFound { kind: "queue", .. } | QueueError::Deleted(_) => process::queue_not_found(&queue),
+                other => ApiError::from(other),
+            })?,
+            Err(join) => return Err(ApiError::internal(format!("receive task failed: {join}"))),
+        };
         mq.delivered(&deliveries);
         Ok(axum::Json(ReceiveResponse { messages: deliveries.iter().map(process::message).collect() }))
     }
@@ -102,15 +108,17 @@ async fn receive(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Rec
 
 /// Receive in slices, so that a client that left stops the wait; what was leased for a client
 /// that left is given back at once.
-fn long_poll(queue: &Queue, request: &process::Receive, gone: &AtomicBool) -> Result<Vec<Delivery>, QueueError> {
+async fn long_poll(queues: Arc<dyn QueueStore>, blocking: bool, queue: String, request: process::Receive, gone: Arc<AtomicBool>) -> Result<Vec<Delivery>, QueueError> {
     let deadline = Instant::now() + Duration::from_millis(request.wait_ms);
     loop {
         let slice = deadline.saturating_duration_since(Instant::now()).min(LONG_POLL_SLICE);
-        let deliveries = queue.receive(&request.group, &request.consumer, request.max, request.lease_ms, slice)?;
+        let (store, name, asked) = (queues.clone(), queue.clone(), request.clone());
+        let deliveries = on_backend(blocking, async move { store.receive(&name, &asked.group, &asked.consumer, asked.max, asked.lease_ms, slice).await }).await?;
         if gone.load(Ordering::Acquire) {
             if !deliveries.is_empty() {
                 let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
-                queue.nack(&request.group, &receipts, Some(0))?;
+                let (store, name, group) = (queues.clone(), queue.clone(), request.group.clone());
+                on_backend(blocking, async move { store.nack(&name, &group, receipts, Some(0)).await }).await?;
             }
             return Ok(Vec::new());
         }
@@ -140,7 +148,7 @@ fn settle_answer(verb: &str, receipts: &[Receipt], outcomes: &[ReceiptOutcome]) 
 async fn ack(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<AckRequest>, ApiError>) -> Result<Response, ApiError> {
     let result = async {
         let request = body?.0;
-        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Ack, |queue, group, receipts| queue.ack(group, receipts)).await
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Ack).await
     }
     .await;
     mq.counted(result)
@@ -157,7 +165,7 @@ async fn nack(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<NackRe
     let result = async {
         let request = body?.0;
         let delay_ms = process::nack_delay(request.delay_ms)?;
-        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Nack, move |queue, group, receipts| queue.nack(group, receipts, delay_ms)).await
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Nack(delay_ms)).await
     }
     .await;
     mq.counted(result)
@@ -173,8 +181,7 @@ async fn extend(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Exte
     let result = async {
         let request = body?.0;
         let lease_ms = process::extend_lease(request.lease_ms)?;
-        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Extend, move |queue, group, receipts| queue.extend(group, receipts, lease_ms))
-            .await
+        settle_with(&mq, &queue, request.group, request.receipts, SettleVerb::Extend(lease_ms)).await
     }
     .await;
     mq.counted(result)
@@ -184,46 +191,56 @@ async fn extend(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Exte
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SettleVerb {
     Ack,
-    Nack,
-    Extend,
+    /// With the delay asked for (None: the queue's backoff).
+    Nack(Option<u64>),
+    /// With the new lease.
+    Extend(u64),
 }
 
-/// The shared path of ack, nack and extend: validate, run the engine call off the async
-/// workers, account, answer with per-receipt outcomes.
-async fn settle_with<F>(mq: &Arc<MessageQueue>, queue: &str, group: String, receipts: Vec<String>, verb: SettleVerb, operation: F) -> Result<Response, ApiError>
-where
-    F: FnOnce(&Queue, &str, &[Receipt]) -> Result<Vec<ReceiptOutcome>, QueueError> + Send + 'static,
-{
-    let settle = process::settle(group, receipts)?;
-    let queue = mq.queue(queue)?;
-    let (group, receipts) = (settle.group.clone(), settle.receipts.clone());
-    let outcomes = blocking(move || operation(&queue, &group, &receipts)).await?;
-    if verb != SettleVerb::Extend {
-        mq.settled(&settle.receipts, &outcomes, verb == SettleVerb::Ack);
+impl SettleVerb {
+    /// The word of the answer (`acked`, ...), as HTTP and WebSocket answers say it.
+    fn word(self) -> &'static str {
+        match self {
+            SettleVerb::Ack => "acked",
+            SettleVerb::Nack(_) => "nacked",
+            SettleVerb::Extend(_) => "extended",
+        }
     }
-    let word = match verb {
-        SettleVerb::Ack => "acked",
-        SettleVerb::Nack => "nacked",
-        SettleVerb::Extend => "extended",
-    };
-    Ok(settle_answer(word, &settle.receipts, &outcomes))
+
+    /// Runs the verb on the queue interface.
+    async fn apply(self, mq: &MessageQueue, queue: &str, group: String, receipts: Vec<Receipt>) -> Result<Vec<ReceiptOutcome>, ApiError> {
+        let name = process::engine_queue_name(queue)?;
+        mq.run(queue, move |queues| async move {
+            match self {
+                SettleVerb::Ack => queues.ack(&name, &group, receipts).await,
+                SettleVerb::Nack(delay_ms) => queues.nack(&name, &group, receipts, delay_ms).await,
+                SettleVerb::Extend(lease_ms) => queues.extend(&name, &group, receipts, lease_ms).await,
+            }
+        })
+        .await
+    }
+
+    /// Forget (and time) settled receipts: an extend keeps them held.
+    fn account(self, mq: &MessageQueue, receipts: &[Receipt], outcomes: &[ReceiptOutcome]) {
+        if !matches!(self, SettleVerb::Extend(_)) {
+            mq.settled(receipts, outcomes, self == SettleVerb::Ack);
+        }
+    }
+}
+
+/// The shared path of ack, nack and extend: validate, run the verb, account, answer with
+/// per-receipt outcomes.
+async fn settle_with(mq: &Arc<MessageQueue>, queue: &str, group: String, receipts: Vec<String>, verb: SettleVerb) -> Result<Response, ApiError> {
+    let settle = process::settle(group, receipts)?;
+    let outcomes = verb.apply(mq, queue, settle.group.clone(), settle.receipts.clone()).await?;
+    verb.account(mq, &settle.receipts, &outcomes);
+    Ok(settle_answer(verb.word(), &settle.receipts, &outcomes))
 }
 
 /// Every queue with its depth, in-flight and dead-lettered counts.
 #[utoipa::path(get, path = "/v1/queues", tag = ID, responses((status = 200, body = QueueList)))]
 async fn list_queues(State(mq): Mq) -> Result<axum::Json<QueueList>, ApiError> {
-    let engine = mq.engine.clone();
-    let result = blocking(move || -> Result<_, QueueError> {
-        let mut queues = Vec::new();
-        for engine_name in engine.queues.list() {
-            let Some(name) = process::api_queue_name(&engine_name) else { continue };
-            let Ok(queue) = engine.queues.get(&engine_name) else { continue };
-            queue.tick()?;
-            queues.push(process::queue_summary(name, &queue.stats(None)?));
-        }
-        Ok(axum::Json(QueueList { queues }))
-    })
-    .await;
+    let result = mq.run("", all_stats).await.map(|all| axum::Json(QueueList { queues: all.iter().map(|(name, stats)| process::queue_summary(name, stats)).collect() }));
     mq.counted(result)
 }
 
@@ -233,13 +250,9 @@ async fn list_queues(State(mq): Mq) -> Result<axum::Json<QueueList>, ApiError> {
     responses((status = 200, body = QueueView), (status = 404, description = "no such queue")))]
 async fn get_queue(State(mq): Mq, Path(queue): Path<String>) -> Result<axum::Json<QueueView>, ApiError> {
     let result = async {
-        let handle = mq.queue(&queue)?;
-        blocking(move || -> Result<_, QueueError> {
-            // Expire leases first, so that in_flight and depth are current.
-            handle.tick()?;
-            Ok(axum::Json(process::queue_view(&queue, &handle.stats(None)?, handle.config())))
-        })
-        .await
+        let name = process::engine_queue_name(&queue)?;
+        let (stats, config) = mq.run(&queue, move |queues| async move { Ok((queues.stats(&name).await?, queues.queue_config(&name).await?)) }).await?;
+        Ok(axum::Json(process::queue_view(&queue, &stats, &config)))
     }
     .await;
     mq.counted(result)
@@ -251,10 +264,8 @@ async fn get_queue(State(mq): Mq, Path(queue): Path<String>) -> Result<axum::Jso
     responses((status = 204, description = "deleted"), (status = 404, description = "no such queue")))]
 async fn delete_queue(State(mq): Mq, Path(queue): Path<String>) -> Result<StatusCode, ApiError> {
     let result = async {
-        mq.queue(&queue)?;
         let name = process::engine_queue_name(&queue)?;
-        let engine = mq.engine.clone();
-        blocking(move || engine.queues.delete(&name)).await?;
+        mq.run(&queue, move |queues| async move { queues.delete_queue(&name).await }).await?;
         Ok(StatusCode::NO_CONTENT)
     }
     .await;
@@ -269,9 +280,9 @@ async fn dead_letters(State(mq): Mq, Path(queue): Path<String>, query: Result<Qu
     let result = async {
         let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let page = process::dead_letters_page(query)?;
-        let queue = mq.queue(&queue)?;
+        let name = process::engine_queue_name(&queue)?;
         let asked = page.clone();
-        let letters = blocking(move || queue.dead_letters(asked.group.as_deref(), asked.from, asked.max)).await?;
+        let letters = mq.run(&queue, move |queues| async move { queues.dead_letters(&name, asked.group.as_deref(), asked.from, asked.max).await }).await?;
         Ok(axum::Json(process::dead_letters_response(&page, &letters)))
     }
     .await;
@@ -286,8 +297,8 @@ async fn dead_letters(State(mq): Mq, Path(queue): Path<String>, query: Result<Qu
 async fn redrive(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<RedriveRequest>, ApiError>) -> Result<axum::Json<RedriveResponse>, ApiError> {
     let result = async {
         let (group, which) = process::redrive(body?.0)?;
-        let queue = mq.queue(&queue)?;
-        let redriven = blocking(move || queue.redrive(&group, which)).await?;
+        let name = process::engine_queue_name(&queue)?;
+        let redriven = mq.run(&queue, move |queues| async move { queues.redrive(&name, &group, which).await }).await?;
         Ok(axum::Json(RedriveResponse { redriven }))
     }
     .await;
@@ -304,22 +315,25 @@ async fn redrive(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Red
     params(("queue" = String, Path), WsQuery),
     responses((status = 101, description = "switching to the WebSocket protocol"), (status = 400, description = "bad input"), (status = 404, description = "no such queue")))]
 async fn consume_ws(State(mq): Mq, Path(queue): Path<String>, query: Result<Query<WsQuery>, QueryRejection>, upgrade: WebSocketUpgrade) -> Response {
-    let result = (|| {
+    let checked = async {
         let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let request = process::receive(ReceiveRequest { group: query.group, max: None, wait_ms: None, lease_ms: query.lease_ms, consumer: query.consumer })?;
-        let handle = mq.queue(&queue)?;
-        Ok::<_, ApiError>((request, handle, query.credit.unwrap_or(0)))
-    })();
-    let (request, handle, credit) = match mq.counted(result) {
+        let name = process::engine_queue_name(&queue)?;
+        let looked_up = name.clone();
+        mq.run(&queue, move |queues| async move { queues.queue_config(&looked_up).await }).await?;
+        Ok::<_, ApiError>((request, name, query.credit.unwrap_or(0)))
+    }
+    .await;
+    let (request, name, credit) = match mq.counted(checked) {
         Ok(ok) => ok,
         Err(error) => return error.into_response(),
     };
     let gateway = mq.gateway.clone();
-    gateway.websocket(ID, upgrade, Some(credit), move |connection| consume(mq, handle, request, connection))
+    gateway.websocket(ID, upgrade, Some(credit), move |connection| consume(mq, queue, name, request, connection))
 }
 
 /// The WebSocket consumer loop: lease only within credit, push, settle what the client sends.
-async fn consume(mq: Arc<MessageQueue>, queue: Arc<Queue>, request: process::Receive, mut connection: WsConnection) {
+async fn consume(mq: Arc<MessageQueue>, queue: String, name: String, request: process::Receive, mut connection: WsConnection) {
     // What this connection holds unsettled (by receipt), nacked when it closes.
     let mut held: HashMap<String, Receipt> = HashMap::new();
     let mut pending: Option<tokio::task::JoinHandle<Result<Vec<Delivery>, QueueError>>> = None;
@@ -328,9 +342,10 @@ async fn consume(mq: Arc<MessageQueue>, queue: Arc<Queue>, request: process::Rec
     'connection: loop {
         let credit = connection.credit().unwrap_or(0);
         if pending.is_none() && credit > 0 && !stalled {
-            let (queue, request) = (queue.clone(), request.clone());
+            let (queues, name, request) = (mq.queues.clone(), name.clone(), request.clone());
             let max = credit.min(WS_RECEIVE_BATCH_MAX);
-            pending = Some(tokio::task::spawn_blocking(move || queue.receive(&request.group, &request.consumer, max, request.lease_ms, WS_RECEIVE_WAIT)));
+            let blocking = queues.blocking();
+            pending = Some(tokio::spawn(on_backend(blocking, async move { queues.receive(&name, &request.group, &request.consumer, max, request.lease_ms, WS_RECEIVE_WAIT).await })));
         }
         tokio::select! {
             frame = connection.recv() => {
@@ -388,39 +403,28 @@ async fn consume(mq: Arc<MessageQueue>, queue: Arc<Queue>, request: process::Rec
     }
     if !held.is_empty() {
         let receipts: Vec<Receipt> = held.into_values().collect();
-        let group = request.group.clone();
-        let settled = receipts.clone();
-        if let Ok(outcomes) = blocking(move || queue.nack(&group, &receipts, Some(0))).await {
-            mq.settled(&settled, &outcomes, false);
+        let verb = SettleVerb::Nack(Some(0));
+        if let Ok(outcomes) = verb.apply(&mq, &queue, request.group.clone(), receipts.clone()).await {
+            verb.account(&mq, &receipts, &outcomes);
         }
     }
 }
 
-async fn settle_frame(mq: &MessageQueue, queue: &Arc<Queue>, group: &str, frame: ClientFrame, held: &mut HashMap<String, Receipt>) -> serde_json::Value {
-    let (queue, group) = (queue.clone(), group.to_string());
-    let (kind, receipts, result) = match frame {
-        ClientFrame::Ack(receipts) => {
-            let asked = receipts.clone();
-            ("acked", receipts, blocking(move || queue.ack(&group, &asked)).await)
-        }
-        ClientFrame::Nack(receipts, delay_ms) => {
-            let asked = receipts.clone();
-            ("nacked", receipts, blocking(move || queue.nack(&group, &asked, delay_ms)).await)
-        }
-        ClientFrame::Extend(receipts, lease_ms) => {
-            let asked = receipts.clone();
-            ("extended", receipts, blocking(move || queue.extend(&group, &asked, lease_ms)).await)
-        }
+async fn settle_frame(mq: &MessageQueue, queue: &str, group: &str, frame: ClientFrame, held: &mut HashMap<String, Receipt>) -> serde_json::Value {
+    let (verb, receipts) = match frame {
+        ClientFrame::Ack(receipts) => (SettleVerb::Ack, receipts),
+        ClientFrame::Nack(receipts, delay_ms) => (SettleVerb::Nack(delay_ms), receipts),
+        ClientFrame::Extend(receipts, lease_ms) => (SettleVerb::Extend(lease_ms), receipts),
     };
-    match result {
+    match verb.apply(mq, queue, group.to_string(), receipts.clone()).await {
         Ok(outcomes) => {
-            if kind != "extended" {
+            if !matches!(verb, SettleVerb::Extend(_)) {
                 for receipt in &receipts {
                     held.remove(receipt.as_str());
                 }
-                mq.settled(&receipts, &outcomes, kind == "acked");
             }
-            process::ws_settled(kind, &receipts, &outcomes)
+            verb.account(mq, &receipts, &outcomes);
+            process::ws_settled(verb.word(), &receipts, &outcomes)
         }
         Err(error) => {
             mq.metrics.error();

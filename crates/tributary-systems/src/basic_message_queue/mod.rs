@@ -10,7 +10,7 @@
 //!  producers ──POST /v1/queues/{q}/messages──▶ front door ──▶ publish (201 once durable)
 //!                                                                  │
 //!                                                                  ▼
-//!                      ┌──────────── engine queue "mq.{q}" (p0..p3 logs, fsync) ───────────┐
+//!                      ┌── queue "mq.{q}": embedded logs (fsync) or JetStream ──────────────┐
 //!                      │ group "billing": lease ─▶ ack / nack+backoff ─▶ (5th) dead letters │
 //!                      │ group "audit":   lease ─▶ ack / nack+backoff ─▶ (5th) dead letters │
 //!                      └──────────────┬──────────────────────────────┬─────────────────────┘
@@ -44,6 +44,17 @@
 //!
 //! Bodies are any JSON value, stored as their JSON bytes and delivered as the same JSON.
 //!
+//! # Backends
+//!
+//! The system holds no queue state itself: every call goes through the queue interface
+//! (`QueueStore`) of its [`Context`], the embedded engine's queues (in the node's data folder) or
+//! NATS JetStream's with `tributary up --stream nats://…`. On NATS, several nodes serve the same
+//! queues behind a load balancer: a receipt is the delivery's ack subject, so any node settles
+//! what another leased. What NATS does not give (`tributary_nats::queue` lists the gaps):
+//! priority weighting, `delay_ms` on publish (refused with 400), a per-receive `lease_ms` other
+//! than the queue's (refused with 400), the per-consumer in-flight bound, stale-receipt
+//! detection, and an ack naming a group that does not exist is `invalid` rather than 404.
+//!
 //! # Delivery guarantee: at-least-once
 //!
 //! A message is delivered to each group until a receipt of its current delivery acks it, or it
@@ -74,15 +85,16 @@ pub mod topology;
 mod tests;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use serde_json::json;
-use tributary_engine::Engine;
-use tributary_engine::queue::{Delivery, Queue, QueueError, Receipt, ReceiptOutcome};
+use tributary_engine::queue::{Delivery, QueueConfig, QueueError, QueueStats, QueueStore, Receipt, ReceiptOutcome};
 use tributary_runtime::SystemMetrics;
-use tributary_server::{ApiError, Gateway, SystemApi};
+use tributary_server::{ApiError, Gateway, SystemApi, on_backend};
 
 use crate::{Context, System};
 
@@ -92,9 +104,10 @@ pub const ID: &str = "basic-message-queue";
 /// the memory is cleared (those acks go untimed): bounded memory over complete samples.
 pub const LATENCY_RECEIPTS_MAX: usize = 100_000;
 
-/// The running system: the engine's queues behind the routes of [`api`].
+/// The running system: the queue interface (the embedded engine's queues, or NATS JetStream's)
+/// behind the routes of [`api`].
 pub struct MessageQueue {
-    engine: Arc<Engine>,
+    queues: Arc<dyn QueueStore>,
     gateway: Gateway,
     metrics: SystemMetrics,
     /// Receipt → enqueued_at_ms of deliveries handed out and not yet settled.
@@ -105,29 +118,51 @@ pub fn start(context: &Context) -> anyhow::Result<Arc<dyn System>> {
     Ok(Arc::new(MessageQueue::new(context)))
 }
 
+/// Queues of this system are created by their first publish, with the interface's defaults.
+fn default_config() -> QueueConfig {
+    QueueConfig::default()
+}
+
 impl MessageQueue {
     pub fn new(context: &Context) -> MessageQueue {
-        MessageQueue { engine: context.engine.clone(), gateway: context.gateway.clone(), metrics: SystemMetrics::new(ID), enqueued_at: Mutex::new(HashMap::new()) }
+        MessageQueue {
+            queues: context.queues.clone(),
+            gateway: context.gateway.clone(),
+            metrics: SystemMetrics::new(ID),
+            enqueued_at: Mutex::new(HashMap::new()),
+        }
     }
 
-    /// An existing queue, or 404.
-    fn queue(&self, queue: &str) -> Result<Arc<Queue>, ApiError> {
-        let name = process::engine_queue_name(queue)?;
-        self.engine.queues.get(&name).map_err(|_| process::queue_not_found(queue))
+    /// Runs a call of the queue interface where its backend wants it (`on_backend`); a missing
+    /// queue is answered as queue `queue` (its API name) not found.
+    async fn run<T, F>(&self, queue: &str, call: impl FnOnce(Arc<dyn QueueStore>) -> F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, QueueError>> + Send + 'static,
+    {
+        on_backend(self.queues.blocking(), call(self.queues.clone())).await.map_err(|error| match error {
+            QueueError::NotFound { kind: "queue", .. } | QueueError::Deleted(_) => process::queue_not_found(queue),
+            other => ApiError::from(other),
+        })
     }
 
-    /// The queue, created with the defaults if there is none (publish).
-    fn queue_or_create(&self, queue: &str) -> Result<Arc<Queue>, ApiError> {
-        let name = process::engine_queue_name(queue)?;
-        if let Ok(queue) = self.engine.queues.get(&name) {
-            return Ok(queue);
-        }
-        match self.engine.queues.create_default(&name) {
-            Ok(queue) => Ok(queue),
-            // Two first publishes raced: the other one created it.
-            Err(QueueError::AlreadyExists { .. }) => Ok(self.engine.queues.get(&name)?),
-            Err(error) => Err(error.into()),
-        }
+    /// Publishes to queue `queue` (the engine's name), creating it with the defaults on its
+    /// first publish.
+    async fn publish(&self, queue: &str, name: String, messages: Vec<tributary_engine::queue::NewMessage>) -> Result<Vec<tributary_engine::queue::MessageId>, ApiError> {
+        self.run(queue, move |queues| async move {
+            match queues.publish(&name, messages.clone()).await {
+                Err(QueueError::NotFound { kind: "queue", .. }) => {
+                    match queues.create_queue(&name, default_config()).await {
+                        // Two first publishes raced, or a queue made by other means: publish to it.
+                        Ok(()) | Err(QueueError::AlreadyExists { .. }) => {}
+                        Err(error) => return Err(error),
+                    }
+                    queues.publish(&name, messages).await
+                }
+                other => other,
+            }
+        })
+        .await
     }
 
     /// Count what a handler answered: an error is an error of the system.
@@ -163,6 +198,40 @@ impl MessageQueue {
     }
 }
 
+/// Every queue of this system with its stats (API name, stats); queues deleted meanwhile are
+/// left out.
+async fn all_stats(queues: Arc<dyn QueueStore>) -> Result<Vec<(String, QueueStats)>, QueueError> {
+    let mut out = Vec::new();
+    for engine_name in queues.list_queues().await? {
+        let Some(name) = process::api_queue_name(&engine_name) else { continue };
+        match queues.stats(&engine_name).await {
+            Ok(stats) => out.push((name.to_string(), stats)),
+            Err(QueueError::NotFound { .. } | QueueError::Deleted(_)) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(out)
+}
+
+fn status_json(all: &[(String, QueueStats)]) -> serde_json::Value {
+    let queues: Vec<serde_json::Value> = all
+        .iter()
+        .map(|(name, stats)| {
+            let groups: Vec<serde_json::Value> = stats.groups.iter().map(|g| json!({"name": g.name, "lag": g.lag, "in_flight": g.in_flight, "depth": g.depth})).collect();
+            json!({
+                "name": name,
+                "depth": stats.depth,
+                "in_flight": stats.in_flight,
+                "dead_lettered": stats.dead_lettered,
+                "delayed": stats.delayed,
+                "lag": stats.lag,
+                "groups": groups,
+            })
+        })
+        .collect();
+    json!({ "queues": queues })
+}
+
 impl System for MessageQueue {
     fn id(&self) -> &'static str {
         ID
@@ -176,24 +245,25 @@ impl System for MessageQueue {
         &self.metrics
     }
 
-    /// Per queue: depth, in flight, dead-lettered, delayed, and lag per group.
+    /// Per queue: depth, in flight, dead-lettered, delayed, and lag per group, with the backend.
+    /// The embedded engine answers at once; a network backend is asked in place (this worker
+    /// blocks for the round trips, as the dashboard's figures are read rarely).
     fn status(&self) -> serde_json::Value {
-        let mut queues = Vec::new();
-        for engine_name in self.engine.queues.list() {
-            let Some(name) = process::api_queue_name(&engine_name) else { continue };
-            let Ok(queue) = self.engine.queues.get(&engine_name) else { continue };
-            let Ok(stats) = queue.stats(None) else { continue };
-            let groups: Vec<serde_json::Value> = stats.groups.iter().map(|g| json!({"name": g.name, "lag": g.lag, "in_flight": g.in_flight, "depth": g.depth})).collect();
-            queues.push(json!({
-                "name": name,
-                "depth": stats.depth,
-                "in_flight": stats.in_flight,
-                "dead_lettered": stats.dead_lettered,
-                "delayed": stats.delayed,
-                "lag": stats.lag,
-                "groups": groups,
-            }));
-        }
-        json!({ "queues": queues })
+        let fresh = all_stats(self.queues.clone());
+        let answer = if self.queues.blocking() {
+            fresh.now_or_never()
+        } else {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => Some(tokio::task::block_in_place(|| runtime.block_on(fresh))),
+                _ => None,
+            }
+        };
+        let mut value = match answer {
+            Some(Ok(all)) => status_json(&all),
+            Some(Err(error)) => json!({ "queues": [], "error": error.to_string() }),
+            None => json!({ "queues": [], "error": "the backend cannot be asked from here" }),
+        };
+        value["backend"] = self.queues.backend().into();
+        value
     }
 }

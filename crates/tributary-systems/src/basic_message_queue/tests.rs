@@ -1,10 +1,14 @@
 //! Feature tests of basic-message-queue through its public HTTP and WebSocket API: the app runs
-//! in-process on 127.0.0.1:0 over an engine in a temporary folder, and reqwest and
-//! tokio-tungstenite are its clients.
+//! in-process on 127.0.0.1:0, and reqwest and tokio-tungstenite are its clients. Every test that
+//! holds on both backends runs twice (the [`on_both`] macro): on the embedded engine in a
+//! temporary folder, and on the machine's NATS JetStream (127.0.0.1:4222, or
+//! `TRIBUTARY_TEST_NATS_URL`) under a namespace of its own. The others name the gap of the NATS
+//! backend they depend on (`tributary_nats::queue` lists them).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,7 +22,57 @@ use tributary_server::{Gateway, ServerConfig};
 
 use crate::{Context, System};
 
-/// One running app over a data folder.
+/// Where the queues of a test live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backend {
+    Embedded,
+    /// NATS JetStream, under this namespace.
+    Nats(String),
+}
+
+impl Backend {
+    /// NATS under a namespace no other test or run uses.
+    fn nats() -> Backend {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+        Backend::Nats(format!("bmq-{}-{nanos}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    fn is_embedded(&self) -> bool {
+        *self == Backend::Embedded
+    }
+}
+
+fn nats_url() -> String {
+    std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A feature test on both backends: `mod <test> { embedded, nats }`.
+macro_rules! on_both {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$test(super::Backend::Embedded).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                let backend = super::Backend::nats();
+                super::$test(backend.clone()).await;
+                super::forget(&backend).await;
+            }
+        }
+    };
+}
+
+/// Deletes a NATS test namespace (its streams and KV bucket).
+async fn forget(backend: &Backend) {
+    if let Backend::Nats(namespace) = backend {
+        tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
+    }
+}
+
+/// One running app over a data folder, on a backend.
 struct App {
     base: String,
     client: reqwest::Client,
@@ -29,10 +83,13 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
+    async fn start(dir: &Path, backend: &Backend) -> App {
         let data: PathBuf = dir.to_path_buf();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
-        let context = Context { engine: engine.clone(), gateway: Gateway::default() };
+        let mut context = Context::embedded(engine.clone(), Gateway::default());
+        if let Backend::Nats(namespace) = backend {
+            context.queues = Arc::new(tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.expect("NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)"));
+        }
         let system = super::start(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -133,6 +190,35 @@ impl App {
     }
 }
 
+on_both!(a_published_message_is_received_with_its_json_body_and_acked_once);
+on_both!(every_consumer_group_gets_every_message);
+on_both!(consumers_within_a_group_compete_and_never_hold_one_message_at_once);
+on_both!(nack_with_delay_redelivers_later_with_the_delivery_count_raised);
+on_both!(a_nack_without_delay_retries_with_exponential_backoff);
+on_both!(a_message_failing_deliveries_max_times_is_dead_lettered_listed_and_redriven);
+on_both!(after_a_restart_acked_messages_stay_acked_and_unacked_ones_come_back);
+on_both!(a_repeated_dedup_id_returns_the_first_id_and_is_delivered_once);
+on_both!(a_long_poll_returns_as_soon_as_a_message_arrives);
+on_both!(a_websocket_consumer_gets_nothing_beyond_its_credit_and_acks_over_the_socket);
+on_both!(bad_input_is_refused_with_a_status_and_a_message_naming_the_problem);
+on_both!(a_deleted_queue_is_gone_and_a_publish_creates_it_afresh);
+
+/// Embedded only: the NATS backend's gap `priority`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_messages_are_delivered_first_embedded() {
+    higher_priority_messages_are_delivered_first(Backend::Embedded).await;
+}
+/// Embedded only: the NATS backend's gap `delay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_is_not_delivered_before_its_delay_embedded() {
+    a_delayed_message_is_not_delivered_before_its_delay(Backend::Embedded).await;
+}
+/// Embedded only: the NATS backend's gap `stale_receipt`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_receipt_gets_409_with_the_outcomes_and_the_current_one_acks_embedded() {
+    a_stale_receipt_gets_409_with_the_outcomes_and_the_current_one_acks(Backend::Embedded).await;
+}
+
 fn ids(messages: &[Value]) -> Vec<String> {
     messages.iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
 }
@@ -145,10 +231,9 @@ async fn receive_within(app: &App, queue: &str, request: Value, wait: Duration) 
     (messages, started.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_published_message_is_received_with_its_json_body_and_acked_once() {
+async fn a_published_message_is_received_with_its_json_body_and_acked_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let body = json!({"order": 42, "items": ["tea", {"n": 2}], "paid": true});
     let ids = app.publish("orders", json!([{"body": body, "key": "customer-7", "headers": {"trace": "abc"}, "priority": 1}])).await;
     assert_eq!(ids, vec!["p1-0"]);
@@ -185,10 +270,9 @@ async fn a_published_message_is_received_with_its_json_body_and_acked_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_consumer_group_gets_every_message() {
+async fn every_consumer_group_gets_every_message(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let published = app.publish_bodies("events", (0..5).map(|i| json!(i))).await;
     for group in ["billing", "audit"] {
         let messages = app.receive("events", json!({"group": group, "max": 100})).await;
@@ -202,10 +286,9 @@ async fn every_consumer_group_gets_every_message() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumers_within_a_group_compete_and_never_hold_one_message_at_once() {
+async fn consumers_within_a_group_compete_and_never_hold_one_message_at_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = Arc::new(App::start(dir.path()).await);
+    let app = Arc::new(App::start(dir.path(), &backend).await);
     let published = app.publish_bodies("jobs", (0..60).map(|i| json!({"job": i}))).await;
     let mut consumers = Vec::new();
     for consumer in ["a", "b", "c"] {
@@ -213,7 +296,7 @@ async fn consumers_within_a_group_compete_and_never_hold_one_message_at_once() {
         consumers.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
-                let messages = app.receive("jobs", json!({"group": "workers", "consumer": consumer, "max": 4, "lease_ms": 60_000})).await;
+                let messages = app.receive("jobs", json!({"group": "workers", "consumer": consumer, "max": 4})).await;
                 if messages.is_empty() {
                     return seen;
                 }
@@ -233,10 +316,9 @@ async fn consumers_within_a_group_compete_and_never_hold_one_message_at_once() {
     Arc::into_inner(app).unwrap().stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nack_with_delay_redelivers_later_with_the_delivery_count_raised() {
+async fn nack_with_delay_redelivers_later_with_the_delivery_count_raised(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish_bodies("retry", [json!("work")]).await;
     let first = app.receive("retry", json!({"group": "g"})).await;
     app.nack("retry", "g", &first, Some(400)).await;
@@ -250,10 +332,9 @@ async fn nack_with_delay_redelivers_later_with_the_delivery_count_raised() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nack_without_delay_retries_with_exponential_backoff() {
+async fn a_nack_without_delay_retries_with_exponential_backoff(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish_bodies("backoff", [json!("flaky")]).await;
     let request = json!({"group": "g", "wait_ms": 5_000});
     let mut message = app.receive("backoff", request.clone()).await;
@@ -272,10 +353,9 @@ async fn a_nack_without_delay_retries_with_exponential_backoff() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_failing_deliveries_max_times_is_dead_lettered_listed_and_redriven() {
+async fn a_message_failing_deliveries_max_times_is_dead_lettered_listed_and_redriven(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let ids = app.publish_bodies("poison", [json!({"bad": true})]).await;
     let deliveries_max = app.queue("poison").await["config"]["deliveries_max"].as_u64().unwrap();
     for attempt in 1..=deliveries_max {
@@ -305,35 +385,29 @@ async fn a_message_failing_deliveries_max_times_is_dead_lettered_listed_and_redr
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restart_acked_messages_stay_acked_and_unacked_ones_come_back() {
+async fn after_a_restart_acked_messages_stay_acked_and_unacked_ones_come_back(backend: Backend) {
+    // One acked, one nacked, one still leased (the default lease, 30 s) when the node stops.
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
-    let published = app.publish_bodies("durable", (0..3).map(|i| json!(i))).await;
-    let messages = app.receive("durable", json!({"group": "g", "max": 3, "lease_ms": 500})).await;
+    let app = App::start(dir.path(), &backend).await;
+    app.publish_bodies("durable", (0..3).map(|i| json!(i))).await;
+    let messages = app.receive("durable", json!({"group": "g", "max": 3})).await;
     assert_eq!(messages.len(), 3);
     app.ack("durable", "g", &messages[..1]).await;
+    app.nack("durable", "g", &messages[1..2], Some(0)).await;
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
-    let (again, _) = receive_within(&app, "durable", json!({"group": "g", "max": 10, "wait_ms": 3_000}), Duration::from_secs(3)).await;
-    let mut got = ids(&again);
-    if got.len() < 2 {
-        got.extend(ids(&app.receive("durable", json!({"group": "g", "max": 10, "wait_ms": 1_000})).await));
-    }
-    got.sort();
-    let acked = messages[0]["id"].as_str().unwrap();
-    let mut want: Vec<String> = published.into_iter().filter(|id| id != acked).collect();
-    want.sort();
-    assert_eq!(got, want, "the unacked messages come back once their leases run out; the acked one does not");
-    assert!(again.iter().all(|m| m["delivery_count"] == 2));
+    let app = App::start(dir.path(), &backend).await;
+    let again = app.receive("durable", json!({"group": "g", "max": 10, "wait_ms": 3_000})).await;
+    assert_eq!(ids(&again), ids(&messages[1..2]), "only the nacked message comes back: the acked one is done and the leased one keeps its lease");
+    assert_eq!(again[0]["delivery_count"], 2);
+    let view = app.queue("durable").await;
+    assert_eq!((view["in_flight"].as_u64(), view["groups"][0]["acked_total"].as_u64()), (Some(2), Some(1)), "{view}");
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_dedup_id_returns_the_first_id_and_is_delivered_once() {
+async fn a_repeated_dedup_id_returns_the_first_id_and_is_delivered_once(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let first = app.publish("dedup", json!([{"body": "a", "dedup_id": "order-1"}])).await;
     let second = app.publish("dedup", json!([{"body": "a again", "dedup_id": "order-1"}, {"body": "b", "dedup_id": "order-2"}])).await;
     assert_eq!(second[0], first[0]);
@@ -343,10 +417,9 @@ async fn a_repeated_dedup_id_returns_the_first_id_and_is_delivered_once() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn higher_priority_messages_are_delivered_first() {
+async fn higher_priority_messages_are_delivered_first(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish("prio", json!([{"body": "low 1", "priority": 3}, {"body": "low 2", "priority": 3}])).await;
     app.publish("prio", json!([{"body": "urgent 1", "priority": 0}, {"body": "urgent 2", "priority": 0}])).await;
     let first = app.receive("prio", json!({"group": "g", "max": 2})).await;
@@ -356,10 +429,9 @@ async fn higher_priority_messages_are_delivered_first() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delayed_message_is_not_delivered_before_its_delay() {
+async fn a_delayed_message_is_not_delivered_before_its_delay(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish("later", json!([{"body": "in 400 ms", "delay_ms": 400}])).await;
     assert!(app.receive("later", json!({"group": "g"})).await.is_empty());
     assert_eq!(app.queue("later").await["groups"][0]["delayed"], 1);
@@ -369,10 +441,9 @@ async fn a_delayed_message_is_not_delivered_before_its_delay() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_poll_returns_as_soon_as_a_message_arrives() {
+async fn a_long_poll_returns_as_soon_as_a_message_arrives(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = Arc::new(App::start(dir.path()).await);
+    let app = Arc::new(App::start(dir.path(), &backend).await);
     app.publish_bodies("poll", [json!("warm-up")]).await;
     app.ack("poll", "g", &app.receive("poll", json!({"group": "g"})).await).await;
     let poller = {
@@ -410,10 +481,9 @@ async fn ws_next(socket: &mut Socket, wait: Duration) -> Option<Value> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_consumer_gets_nothing_beyond_its_credit_and_acks_over_the_socket() {
+async fn a_websocket_consumer_gets_nothing_beyond_its_credit_and_acks_over_the_socket(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish_bodies("push", (0..5).map(|i| json!(i))).await;
     let url = format!("{}/v1/queues/push/ws?group=g&consumer=socket-1", app.base.replace("http://", "ws://"));
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -448,17 +518,20 @@ async fn a_websocket_consumer_gets_nothing_beyond_its_credit_and_acks_over_the_s
 
     // Closing with 3 unacked gives them back at once.
     socket.close(None).await.unwrap();
-    let again = app.receive("push", json!({"group": "g", "max": 10, "wait_ms": 3_000})).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut again = Vec::new();
+    while again.len() < 3 && Instant::now() < deadline {
+        again.extend(app.receive("push", json!({"group": "g", "max": 10, "wait_ms": 1_000})).await);
+    }
     assert_eq!(again.len(), 3, "unacked messages of a closed socket come back");
     let view = app.queue("push").await;
     assert_eq!(view["groups"][0]["acked_total"], 2, "{view}");
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_receipt_gets_409_with_the_outcomes_and_the_current_one_acks() {
+async fn a_stale_receipt_gets_409_with_the_outcomes_and_the_current_one_acks(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish_bodies("stale", [json!("x")]).await;
     let first = app.receive("stale", json!({"group": "g", "lease_ms": 100})).await;
     let second = app.receive("stale", json!({"group": "g", "wait_ms": 3_000})).await;
@@ -474,10 +547,9 @@ async fn a_stale_receipt_gets_409_with_the_outcomes_and_the_current_one_acks() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_refused_with_a_status_and_a_message_naming_the_problem() {
+async fn bad_input_is_refused_with_a_status_and_a_message_naming_the_problem(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let check = |(status, body): (StatusCode, Value), want: StatusCode, mentions: &str| {
         assert_eq!(status, want, "{body}");
         let message = body["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message: {body}"));
@@ -504,7 +576,10 @@ async fn bad_input_is_refused_with_a_status_and_a_message_naming_the_problem() {
     check(app.post("/v1/queues/q/receive", json!({"max": 1})).await, StatusCode::BAD_REQUEST, "group");
     check(app.post("/v1/queues/q/receive", json!({"group": "g", "lease_ms": 0})).await, StatusCode::BAD_REQUEST, "lease_ms");
     check(app.post("/v1/queues/q/ack", json!({"group": "g", "receipts": []})).await, StatusCode::BAD_REQUEST, "receipts");
-    check(app.post("/v1/queues/q/ack", json!({"group": "unknown-group", "receipts": ["r"]})).await, StatusCode::NOT_FOUND, "unknown-group");
+    if backend.is_embedded() {
+        // NATS does not look the group up on an ack (a round trip): the receipt is `invalid`.
+        check(app.post("/v1/queues/q/ack", json!({"group": "unknown-group", "receipts": ["r"]})).await, StatusCode::NOT_FOUND, "unknown-group");
+    }
     check(app.post("/v1/queues/q/dead-letters/redrive", json!({"group": "g", "ids": ["p9-x"]})).await, StatusCode::BAD_REQUEST, "ids[0]");
     check(app.get("/v1/queues/q/dead-letters?max=abc").await, StatusCode::BAD_REQUEST, "max");
 
@@ -513,10 +588,9 @@ async fn bad_input_is_refused_with_a_status_and_a_message_naming_the_problem() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_queue_is_gone_and_a_publish_creates_it_afresh() {
+async fn a_deleted_queue_is_gone_and_a_publish_creates_it_afresh(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.publish_bodies("tmp", [json!(1), json!(2)]).await;
     let (status, _) = app.send(app.client.delete(format!("{}/v1/queues/tmp", app.base))).await;
     assert_eq!(status, StatusCode::NO_CONTENT);

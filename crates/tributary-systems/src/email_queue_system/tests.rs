@@ -79,7 +79,7 @@ impl App {
     async fn start(dir: &Path) -> App {
         let data: PathBuf = dir.to_path_buf();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
-        let context = Context { engine: engine.clone(), gateway: Gateway::default() };
+        let context = Context::embedded(engine.clone(), Gateway::default());
         let system = EmailSystem::open(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -135,7 +135,7 @@ impl App {
                 Err(error) => panic!("opening the engine: {error}"),
             }
         };
-        let context = Context { engine: engine.clone(), gateway: Gateway::default() };
+        let context = Context::embedded(engine.clone(), Gateway::default());
         let system = Fanout::open(&context).unwrap();
         let email = with_email.then(|| {
             let entry = crate::entries().into_iter().find(|e| e.id == "email-queue-system").expect("email-queue-system is registered");

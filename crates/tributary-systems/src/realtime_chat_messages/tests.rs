@@ -35,7 +35,7 @@ fn config() -> ChatConfig {
 impl App {
     async fn start(dir: &Path) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context { engine: engine.clone(), gateway: Gateway::default() };
+        let context = Context::embedded(engine.clone(), Gateway::default());
         let system = Chat::open(&context, config()).unwrap();
         let served = Served::start(system.clone().api()).await;
         App { base: served.base(), ws_base: served.ws_base(), client: reqwest::Client::new(), system, engine, served }

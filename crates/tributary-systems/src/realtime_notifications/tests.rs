@@ -34,7 +34,7 @@ impl App {
 
     async fn start_with(dir: &Path, config: NotificationsConfig) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context { engine: engine.clone(), gateway: Gateway::default() };
+        let context = Context::embedded(engine.clone(), Gateway::default());
         let system = Notifications::open(&context, config).unwrap();
         let served = Served::start(system.clone().api()).await;
         App { base: served.base(), ws_base: served.ws_base(), client: reqwest::Client::new(), system, engine, served }

@@ -30,7 +30,7 @@ struct App {
 impl App {
     async fn start(dir: &Path) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context { engine, gateway: Gateway::default() };
+        let context = Context::embedded(engine, Gateway::default());
         let system = SimplePubsub::open(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -25,6 +25,7 @@ use tributary_core::Record;
 use tributary_engine::queue::{NewMessage, QueueConfig, QueueDefaults, QueueStore, Queues};
 use tributary_engine::stream::{StreamStore, TopicConfig, Topics};
 use tributary_nats::{NatsQueues, NatsStreams};
+use tributary_server::on_backend;
 
 use super::Machine;
 use super::engine::DataDir;
@@ -92,16 +93,6 @@ struct Backend {
     queues: Arc<dyn QueueStore>,
     /// The embedded interfaces block the polling thread.
     blocking: bool,
-}
-
-/// Runs `call` where it may block (the blocking pool) when the backend blocks, else awaits it.
-async fn run<T: Send + 'static>(blocking: bool, call: impl Future<Output = T> + Send + 'static) -> T {
-    if blocking {
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || handle.block_on(call)).await.expect("a bench call panicked")
-    } else {
-        call.await
-    }
 }
 
 pub async fn run_backends(args: &BackendsArgs) -> anyhow::Result<BackendsReport> {
@@ -190,7 +181,7 @@ where
                 let n = left.min(batch as u64);
                 let bodies = vec![body.clone(); n as usize];
                 let call_started = Instant::now();
-                run(blocking, send(bodies)).await?;
+                on_backend(blocking, send(bodies)).await?;
                 calls.record_ns(call_started.elapsed().as_nanos() as u64);
                 left -= n;
             }
@@ -222,7 +213,7 @@ async fn bench_stream(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<
     let mut offset = 0;
     while offset < args.messages {
         let streams = backend.streams.clone();
-        let fetched = run(backend.blocking, async move { streams.fetch(topic, 0, offset, FETCH_RECORDS).await }).await?;
+        let fetched = on_backend(backend.blocking, async move { streams.fetch(topic, 0, offset, FETCH_RECORDS).await }).await?;
         ensure!(!fetched.is_empty(), "the topic ended at offset {offset}, before the {} records produced", args.messages);
         offset += fetched.len() as u64;
     }
@@ -255,14 +246,14 @@ async fn bench_queue(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<V
             while acked.load(Ordering::Relaxed) < total {
                 let call_started = Instant::now();
                 let (queues_call, name_call) = (queues.clone(), name.clone());
-                let got = run(blocking, async move { queues_call.receive(queue, "bench", &name_call, batch, None, RECEIVE_WAIT).await }).await?;
+                let got = on_backend(blocking, async move { queues_call.receive(queue, "bench", &name_call, batch, None, RECEIVE_WAIT).await }).await?;
                 if got.is_empty() {
                     continue;
                 }
                 let receipts = got.into_iter().map(|d| d.receipt).collect::<Vec<_>>();
                 let n = receipts.len() as u64;
                 let queues_call = queues.clone();
-                run(blocking, async move { queues_call.ack(queue, "bench", receipts).await }).await?;
+                on_backend(blocking, async move { queues_call.ack(queue, "bench", receipts).await }).await?;
                 calls.record_ns(call_started.elapsed().as_nanos() as u64);
                 acked.fetch_add(n, Ordering::Relaxed);
             }

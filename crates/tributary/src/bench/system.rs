@@ -433,7 +433,7 @@ impl InProcess {
     }
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let config = crate::platform::UpConfig { listen: self.address, data: self.data.clone(), tokens: Vec::new(), announce: false };
+        let config = crate::platform::UpConfig::embedded(self.address, self.data.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(crate::platform::run(config, listener, async move {
             let _ = stopped.await;

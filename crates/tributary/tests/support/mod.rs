@@ -28,7 +28,7 @@ pub async fn start(tokens: Vec<ApiToken>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = UpConfig { listen: addr, data: data.path().join("data"), tokens, announce: false };
+    let config = UpConfig { tokens, ..UpConfig::embedded(addr, data.path().join("data")) };
     let task = tokio::spawn(run(config, listener, async move {
         let _ = stopped.await;
     }));
