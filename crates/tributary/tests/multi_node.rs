@@ -1,0 +1,221 @@
+//! Two `tributary up --stream nats://…` nodes on the machine's NATS, behind a balancer of the
+//! test's own (TCP, a backend per connection in turn, skipping one that refuses). Producers and
+//! consumers of basic-message-queue go through the balancer; one node is killed with SIGKILL
+//! under load. Clients retry what failed (publishes with their dedup ids, so a retry stores
+//! nothing twice), and every message a node acknowledged (201) is received afterwards: nothing
+//! acknowledged is lost, and the surviving node serves on.
+//!
+//! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), which `.ci/run`
+//! starts or checks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tributary_engine::queue::{QueueConfig, QueueStore};
+use tributary_nats::NatsQueues;
+
+/// The queue's lease: short, so that what the killed node had leased comes back soon.
+const LEASE_MS: u64 = 2_000;
+const PRODUCERS: u64 = 3;
+const BATCHES_PER_PRODUCER: u64 = 150;
+const BATCH: u64 = 10;
+
+/// Requests that failed (a broken connection or an error status) and were retried.
+static RETRIED: AtomicUsize = AtomicUsize::new(0);
+
+fn nats_url() -> String {
+    std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_node(data: &std::path::Path, port: u16, namespace: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--stream", &nats_url(), "--namespace", namespace, "--data"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the tributary binary starts")
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} did not become healthy");
+}
+
+/// The balancer: each accepted connection goes to the next backend in turn; a backend that
+/// refuses the connection is skipped (it is down) and the next one tried.
+async fn balance(listener: TcpListener, backends: Vec<SocketAddr>) {
+    let next = Arc::new(AtomicUsize::new(0));
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else { return };
+        let (backends, next) = (backends.clone(), next.clone());
+        tokio::spawn(async move {
+            let first = next.fetch_add(1, Ordering::Relaxed);
+            for i in 0..backends.len() {
+                if let Ok(mut outbound) = TcpStream::connect(backends[(first + i) % backends.len()]).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Posts `body` until a node answers with `want`; other answers and broken connections (the
+/// killed node) are retried through the balancer. Gives up after `within`.
+async fn post_until(client: &reqwest::Client, url: &str, body: &Value, want: reqwest::StatusCode, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(response) = client.post(url).json(body).send().await {
+            let status = response.status();
+            if let Ok(answer) = response.json::<Value>().await
+                && status == want
+            {
+                return answer;
+            }
+        }
+        assert!(Instant::now() < deadline, "POST {url} was not answered {want} within {within:?}");
+        RETRIED.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_killed() {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+    let namespace = format!("multinode-{}-{nanos}", std::process::id());
+    // The queue, made beforehand with a short lease; the nodes find it on their first publish.
+    let admin = NatsQueues::connect(&nats_url(), &namespace).await.expect("NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)");
+    admin.create_queue("mq.orders", QueueConfig { lease_ms_default: LEASE_MS, ..QueueConfig::default() }).await.unwrap();
+
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ports = [free_port(), free_port()];
+    let mut nodes = vec![start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
+    let direct = reqwest::Client::new();
+    for port in ports {
+        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let backends: Vec<SocketAddr> = ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect();
+    let balancer = tokio::spawn(balance(listener, backends));
+    // A new connection per request, so that requests alternate between the nodes.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+
+    // Producers: batches with dedup ids; what was answered 201 is acknowledged.
+    let acknowledged: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
+    let mut producers = Vec::new();
+    for producer in 0..PRODUCERS {
+        let (client, base, acknowledged) = (client.clone(), base.clone(), acknowledged.clone());
+        producers.push(tokio::spawn(async move {
+            for batch in 0..BATCHES_PER_PRODUCER {
+                let seqs: Vec<u64> = (0..BATCH).map(|k| (producer * BATCHES_PER_PRODUCER + batch) * BATCH + k).collect();
+                let messages: Vec<Value> = seqs.iter().map(|seq| json!({"body": {"seq": seq}, "dedup_id": format!("seq-{seq}")})).collect();
+                post_until(&client, &format!("{base}/v1/queues/orders/messages"), &json!({"messages": messages}), reqwest::StatusCode::CREATED, Duration::from_secs(60)).await;
+                acknowledged.lock().extend(seqs);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+
+    // Consumers: receive and ack through the balancer; count every sequence received.
+    let received: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for consumer in 0..2 {
+        let (client, base, received, stop) = (client.clone(), base.clone(), received.clone(), stop.clone());
+        consumers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let request = json!({"group": "workers", "consumer": format!("c{consumer}"), "max": 50, "wait_ms": 500});
+                let Ok(response) = client.post(format!("{base}/v1/queues/orders/receive")).json(&request).send().await else { continue };
+                let Ok(answer) = response.json::<Value>().await else { continue };
+                let Some(messages) = answer["messages"].as_array().filter(|m| !m.is_empty()) else { continue };
+                {
+                    let mut received = received.lock();
+                    for message in messages {
+                        *received.entry(message["body"]["seq"].as_u64().unwrap()).or_default() += 1;
+                    }
+                }
+                // An ack may fail with the node: the message then comes back after its lease.
+                let receipts: Vec<&Value> = messages.iter().map(|m| &m["receipt"]).collect();
+                let _ = client.post(format!("{base}/v1/queues/orders/ack")).json(&json!({"group": "workers", "receipts": receipts})).send().await;
+            }
+        }));
+    }
+
+    // Kill one node with SIGKILL once a third of the load is acknowledged.
+    let total = PRODUCERS * BATCHES_PER_PRODUCER * BATCH;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (acknowledged.lock().len() as u64) < total / 3 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nodes[0].kill().unwrap();
+    nodes[0].wait().unwrap();
+    let killed_at = acknowledged.lock().len();
+
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().clone();
+    assert_eq!(acknowledged.len() as u64, total, "every publish was acknowledged in the end, by the surviving node");
+
+    // Everything acknowledged is received (what the killed node had leased, after its lease).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = acknowledged.iter().filter(|seq| !received.lock().contains_key(seq)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing} of {} acknowledged messages were never received", acknowledged.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The surviving node's view, once what came back after a lost ack was received again:
+    // nothing left for the group.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view: Value = direct.get(format!("http://127.0.0.1:{}/v1/queues/orders", ports[1])).send().await.unwrap().json().await.unwrap();
+        if (view["depth"].as_u64(), view["in_flight"].as_u64()) == (Some(0), Some(0)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the group still has work: {view}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Release);
+    for consumer in consumers {
+        consumer.await.unwrap();
+    }
+    let received = received.lock().clone();
+    let twice = received.values().filter(|n| **n > 1).count();
+    let strangers = received.keys().filter(|seq| !acknowledged.contains(seq)).count();
+    assert_eq!(strangers, 0, "received messages that were never published");
+    println!(
+        "{} acknowledged ({killed_at} before the kill), all received; {twice} received more than once (at-least-once across the kill); {} publishes retried",
+        acknowledged.len(),
+        RETRIED.load(Ordering::Relaxed)
+    );
+
+    balancer.abort();
+    for node in &mut nodes[1..] {
+        unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+        node.wait().unwrap();
+    }
+    admin.delete_namespace().await.unwrap();
+}
