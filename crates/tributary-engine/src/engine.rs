@@ -31,7 +31,8 @@ pub enum EngineError {
 
 pub struct Engine {
     dir: PathBuf,
-    pub topics: Topics,
+    /// Shared, so that it also serves as the `dyn StreamStore` of systems on the embedded engine.
+    pub topics: Arc<Topics>,
     /// Shared, so that it also serves as the `dyn QueueStore` of systems on the embedded engine.
     pub queues: Arc<Queues>,
     pub cache: Cache,
@@ -44,7 +45,7 @@ impl Engine {
     /// Open (or create) the engine under `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Engine, EngineError> {
         let dir = dir.as_ref().to_path_buf();
-        let topics = Topics::open(dir.join("streams"))?;
+        let topics = Arc::new(Topics::open(dir.join("streams"))?);
         let queues = Arc::new(Queues::open(dir.join("queues"), QueueDefaults::default())?);
         let cache = Cache::new(CacheConfig::default());
         let snapshot = dir.join(CACHE_SNAPSHOT);

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use tributary_engine::Engine;
 use tributary_engine::queue::QueueStore;
+use tributary_engine::stream::StreamStore;
 use tributary_runtime::{SystemMetrics, Topology};
 use tributary_server::{Gateway, SystemApi};
 
@@ -41,13 +42,17 @@ pub struct Context {
     /// JetStream) shared by every node. Systems marked [`Entry::distributed`] use it and keep no
     /// state in the node.
     pub queues: Arc<dyn QueueStore>,
+    /// The stream interface: the engine's own topics, or a distributed backend's (NATS
+    /// JetStream), whose log every node appends to.
+    pub streams: Arc<dyn StreamStore>,
 }
 
 impl Context {
     /// Every interface on the embedded engine.
     pub fn embedded(engine: Arc<Engine>, gateway: Gateway) -> Context {
         let queues: Arc<dyn QueueStore> = engine.queues.clone();
-        Context { engine, gateway, queues }
+        let streams: Arc<dyn StreamStore> = engine.topics.clone();
+        Context { engine, gateway, queues, streams }
     }
 }
 
@@ -86,7 +91,7 @@ pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start, distributed: true },
         Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: false },
-        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: false },
+        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: true },
         Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: false },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: false },
         Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start, distributed: false },

@@ -50,13 +50,16 @@ impl UpConfig {
     }
 }
 
-/// The context of the systems: every interface embedded, or the queue interface on NATS.
+/// The context of the systems: every interface embedded, or the queue and stream interfaces on
+/// NATS JetStream.
 async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> anyhow::Result<Context> {
     let mut context = Context::embedded(engine, gateway);
     if let Some(url) = &config.stream {
         anyhow::ensure!(url.starts_with("nats://") || url.starts_with("tls://"), "--stream takes a NATS URL (nats://host:port, several comma-separated), got {url:?}");
         let queues = tributary_nats::NatsQueues::connect(url, &config.namespace).await.with_context(|| format!("connecting the queue interface to {url}"))?;
         context.queues = Arc::new(queues);
+        let streams = tributary_nats::NatsStreams::connect(url, &config.namespace).await.with_context(|| format!("connecting the stream interface to {url}"))?;
+        context.streams = Arc::new(streams);
     }
     Ok(context)
 }

@@ -35,6 +35,12 @@ pub trait StreamStore: Send + Sync + std::fmt::Debug {
     fn gaps(&self) -> &'static [Gap] {
         &[]
     }
+    /// True when calls complete on the polling thread (the embedded engine, in this process):
+    /// on an async runtime, poll them where blocking is allowed. False for network backends,
+    /// whose log other nodes append to as well.
+    fn blocking(&self) -> bool {
+        false
+    }
     /// Creates a topic; creating one that exists with the same configuration is a no-op, with
     /// another is [`StreamError::TopicExists`](crate::StreamError::TopicExists).
     fn create_topic<'a>(&'a self, name: &'a str, config: TopicConfig) -> StreamFuture<'a, ()>;
@@ -61,6 +67,9 @@ pub trait StreamStore: Send + Sync + std::fmt::Debug {
 impl StreamStore for Topics {
     fn backend(&self) -> &'static str {
         "embedded"
+    }
+    fn blocking(&self) -> bool {
+        true
     }
     fn create_topic<'a>(&'a self, name: &'a str, config: TopicConfig) -> StreamFuture<'a, ()> {
         Box::pin(async move { self.create(name, config).map(|_| ()) })

@@ -1,14 +1,12 @@
 //! Feature tests of basic-message-queue through its public HTTP and WebSocket API: the app runs
 //! in-process on 127.0.0.1:0, and reqwest and tokio-tungstenite are its clients. Every test that
-//! holds on both backends runs twice (the [`on_both`] macro): on the embedded engine in a
-//! temporary folder, and on the machine's NATS JetStream (127.0.0.1:4222, or
-//! `TRIBUTARY_TEST_NATS_URL`) under a namespace of its own. The others name the gap of the NATS
+//! holds on both backends runs twice (`test_support::on_both!`): on the embedded engine in a
+//! temporary folder, and on the machine's NATS JetStream under a namespace of its own. The others name the gap of the NATS
 //! backend they depend on (`tributary_nats::queue` lists them).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -18,59 +16,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::ServerConfig;
 
-use crate::{Context, System};
-
-/// Where the queues of a test live.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Backend {
-    Embedded,
-    /// NATS JetStream, under this namespace.
-    Nats(String),
-}
-
-impl Backend {
-    /// NATS under a namespace no other test or run uses.
-    fn nats() -> Backend {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
-        Backend::Nats(format!("bmq-{}-{nanos}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)))
-    }
-
-    fn is_embedded(&self) -> bool {
-        *self == Backend::Embedded
-    }
-}
-
-fn nats_url() -> String {
-    std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-/// A feature test on both backends: `mod <test> { embedded, nats }`.
-macro_rules! on_both {
-    ($test:ident) => {
-        mod $test {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$test(super::Backend::Embedded).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                let backend = super::Backend::nats();
-                super::$test(backend.clone()).await;
-                super::forget(&backend).await;
-            }
-        }
-    };
-}
-
-/// Deletes a NATS test namespace (its streams and KV bucket).
-async fn forget(backend: &Backend) {
-    if let Backend::Nats(namespace) = backend {
-        tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
-    }
-}
+use crate::System;
+use crate::test_support::{Backend, on_both};
 
 /// One running app over a data folder, on a backend.
 struct App {
@@ -86,10 +35,7 @@ impl App {
     async fn start(dir: &Path, backend: &Backend) -> App {
         let data: PathBuf = dir.to_path_buf();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
-        let mut context = Context::embedded(engine.clone(), Gateway::default());
-        if let Backend::Nats(namespace) = backend {
-            context.queues = Arc::new(tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.expect("NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)"));
-        }
+        let context = backend.context(engine.clone()).await;
         let system = super::start(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -206,8 +206,9 @@ fn unknown(name: &str) -> ApiError {
     ApiError::not_found(format!("no subscription named {name:?}"))
 }
 
+/// A registered subscription (on a shared log, also one registered through another node).
 fn find(system: &SimplePubsub, name: &str) -> Result<Arc<Named>, ApiError> {
-    system.subscription(name).ok_or_else(|| unknown(name))
+    system.lookup(name)?.ok_or_else(|| unknown(name))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -69,7 +69,8 @@ use tokio::sync::{Notify, watch};
 use tributary_core::SubjectPattern;
 use tributary_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, SUBSCRIPTIONS_MAX};
 use tributary_engine::pubsub::{Broker, DisconnectReason, PubSubError, RecvError, SubscriberOptions, SubscriberState, Subscription};
-use tributary_engine::stream::{Topic, TopicConfig};
+use tributary_core::{Record, StoredRecord};
+use tributary_engine::stream::{StreamStore, Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
 use tributary_server::{Gateway, SystemApi};
@@ -209,11 +210,64 @@ struct Fanout {
     pending: BTreeMap<u64, Vec<Arc<Message>>>,
 }
 
+/// Where the message log and the registry topic live.
+enum Log {
+    /// The engine's topics, in this process: a publish fans out itself, in offset order.
+    Local { messages: Arc<Topic>, registry: Arc<Topic> },
+    /// A log every node appends to (NATS JetStream): a publish only appends; each node's tailer
+    /// reads the log in order and fans out to its own connections, and follows the registry.
+    /// Calls are made from synchronous code on `runtime`.
+    Shared(Arc<dyn StreamStore>, tokio::runtime::Handle),
+}
+
+/// Waits for a call of the shared log from synchronous code: a blocking-pool thread, the
+/// tailer's thread, or an async worker of the multi-thread runtime (handed over meanwhile).
+fn wait<T>(runtime: &tokio::runtime::Handle, call: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| runtime.block_on(call))
+}
+
+impl Log {
+    fn produce(&self, topic: &str, records: &[Record]) -> Result<Vec<u64>, StreamError> {
+        match self {
+            Log::Local { messages, registry } => {
+                let topic = if topic == MESSAGES_TOPIC { messages } else { registry };
+                let appended = topic.produce_to(0, records)?;
+                Ok((appended.base_offset..=appended.last_offset).collect())
+            }
+            Log::Shared(streams, runtime) => Ok(wait(runtime, streams.produce(topic, records.to_vec()))?.into_iter().map(|p| p.offset).collect()),
+        }
+    }
+
+    fn fetch(&self, topic: &str, offset: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        match self {
+            Log::Local { messages, registry } => {
+                let topic = if topic == MESSAGES_TOPIC { messages } else { registry };
+                topic.fetch(0, offset, max, BATCH_BYTES_MAX)
+            }
+            Log::Shared(streams, runtime) => wait(runtime, streams.fetch(topic, 0, offset, max)),
+        }
+    }
+
+    fn offsets(&self, topic: &str) -> Result<(u64, u64), StreamError> {
+        match self {
+            Log::Local { messages, registry } => (if topic == MESSAGES_TOPIC { messages } else { registry }).offsets(0),
+            Log::Shared(streams, runtime) => wait(runtime, streams.offsets(topic, 0)),
+        }
+    }
+}
+
+/// How often a node's tailer looks for new records of a shared log when it found none.
+pub const TAIL_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+/// How often a node's tailer reads the registry topic of a shared log for other nodes' changes.
+pub const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 pub struct SimplePubsub {
     engine: Arc<Engine>,
     gateway: Gateway,
-    messages: Arc<Topic>,
-    registry_topic: Arc<Topic>,
+    log: Log,
+    /// The registry topic's records applied so far.
+    registry_next: Mutex<u64>,
+    stopping: Arc<AtomicBool>,
     broker: Broker<Arc<Message>>,
     fanout: Mutex<Fanout>,
     /// The fan-out watermark: every offset below it has been offered to every match.
@@ -245,14 +299,25 @@ pub fn start(context: &Context) -> anyhow::Result<Arc<dyn System>> {
 impl SimplePubsub {
     pub fn open(context: &Context) -> anyhow::Result<Arc<SimplePubsub>> {
         let engine = context.engine.clone();
-        let messages = engine.topics.create(MESSAGES_TOPIC, TopicConfig { partitions: 1, ..TopicConfig::default() })?;
-        let registry_topic = engine.topics.create(REGISTRY_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
-        let (_, end) = messages.offsets(0)?;
-        let system = SimplePubsub {
+        let log = if context.streams.blocking() {
+            let messages = engine.topics.create(MESSAGES_TOPIC, TopicConfig { partitions: 1, ..TopicConfig::default() })?;
+            let registry = engine.topics.create(REGISTRY_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
+            Log::Local { messages, registry }
+        } else {
+            let (streams, runtime) = (context.streams.clone(), tokio::runtime::Handle::current());
+            // A shared backend keeps every registry record (JetStream does not compact by key).
+            for topic in [MESSAGES_TOPIC, REGISTRY_TOPIC] {
+                wait(&runtime, streams.create_topic(topic, TopicConfig { partitions: 1, ..TopicConfig::default() }))?;
+            }
+            Log::Shared(streams, runtime)
+        };
+        let (_, end) = log.offsets(MESSAGES_TOPIC)?;
+        let system = Arc::new(SimplePubsub {
             engine,
             gateway: context.gateway.clone(),
-            messages,
-            registry_topic,
+            log,
+            registry_next: Mutex::new(0),
+            stopping: Arc::new(AtomicBool::new(false)),
             broker: Broker::new(),
             fanout: Mutex::new(Fanout { next: end, pending: BTreeMap::new() }),
             end: watch::Sender::new(end),
@@ -262,45 +327,77 @@ impl SimplePubsub {
             published: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             next_ad_hoc: AtomicU64::new(1),
-        };
-        system.load_registry()?;
-        Ok(Arc::new(system))
+        });
+        system.refresh_registry()?;
+        if matches!(system.log, Log::Shared(..)) {
+            let (weak, stopping) = (Arc::downgrade(&system), system.stopping.clone());
+            std::thread::Builder::new().name("pubsub-tail".into()).spawn(move || tail(weak, stopping))?;
+        }
+        Ok(system)
     }
 
-    /// Read the registry topic from its start and subscribe every live entry.
-    fn load_registry(&self) -> anyhow::Result<()> {
-        let (start, end) = self.registry_topic.offsets(0)?;
-        let mut specs: std::collections::HashMap<String, SubscriptionSpec> = std::collections::HashMap::new();
-        let mut offset = start;
+    /// Apply the registry topic's records not applied yet, in log order: registrations (also
+    /// other nodes') are subscribed, deletions close what was attached.
+    fn refresh_registry(&self) -> anyhow::Result<()> {
+        let mut next = self.registry_next.lock();
+        let (start, end) = self.log.offsets(REGISTRY_TOPIC)?;
+        let mut offset = (*next).max(start);
+        let mut changes: Vec<(String, Option<SubscriptionSpec>)> = Vec::new();
         while offset < end {
-            let records = self.registry_topic.fetch(0, offset, BATCH_RECORDS_MAX, BATCH_BYTES_MAX)?;
+            let records = self.log.fetch(REGISTRY_TOPIC, offset, BATCH_RECORDS_MAX)?;
             let Some(last) = records.last() else { break };
             offset = last.offset + 1;
             for record in &records {
                 match process::decode_registry_record(record) {
-                    Some((name, Some(spec))) => {
-                        specs.insert(name, spec);
-                    }
-                    Some((name, None)) => {
-                        specs.remove(&name);
-                    }
+                    Some(change) => changes.push(change),
                     None => tracing::warn!(offset = record.offset, "skipping a registry record that does not decode"),
                 }
             }
         }
-        let mut registry = self.registry.write();
-        for (name, spec) in specs {
-            let patterns = match spec.validate() {
-                Ok(patterns) => patterns,
-                Err(error) => {
-                    tracing::warn!(%name, %error, "skipping a registered subscription that no longer validates");
-                    continue;
+        *next = offset;
+        // The last change of each name wins.
+        let mut last: std::collections::HashMap<String, Option<SubscriptionSpec>> = std::collections::HashMap::new();
+        for (name, spec) in changes {
+            last.insert(name, spec);
+        }
+        for (name, spec) in last {
+            match spec {
+                None => {
+                    if let Some(old) = self.registry.write().remove(&name) {
+                        old.delete();
+                    }
                 }
-            };
-            let named = Named::subscribe(&self.broker, name.clone(), spec, patterns)?;
-            registry.put(name, Arc::new(named));
+                Some(spec) => {
+                    if self.registry.read().get(&name).is_some_and(|existing| existing.spec == spec) {
+                        continue;
+                    }
+                    let patterns = match spec.validate() {
+                        Ok(patterns) => patterns,
+                        Err(error) => {
+                            tracing::warn!(%name, %error, "skipping a registered subscription that no longer validates");
+                            continue;
+                        }
+                    };
+                    let named = Arc::new(Named::subscribe(&self.broker, name.clone(), spec, patterns)?);
+                    if let Some(old) = self.registry.write().put(name, named) {
+                        old.delete();
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A registered subscription; on a shared log, one registered through another node since the
+    /// last look is found too.
+    pub fn lookup(&self, name: &str) -> Result<Option<Arc<Named>>, StreamError> {
+        if let Some(named) = self.subscription(name) {
+            return Ok(Some(named));
+        }
+        if matches!(self.log, Log::Shared(..)) {
+            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+        }
+        Ok(self.subscription(name))
     }
 
     pub fn broker(&self) -> &Broker<Arc<Message>> {
@@ -316,28 +413,40 @@ impl SimplePubsub {
         self.end.subscribe()
     }
 
-    /// Append a validated batch durably, fan it out, and return its offsets.
+    /// Append a validated batch durably and return its offsets, once it is fanned out on this
+    /// node. On the engine's own log the publisher fans it out itself; on a shared log it reads
+    /// the log up to its own offsets (the tailer may be there first), and other nodes' tailers
+    /// fan it out within their poll.
     pub fn publish(&self, prepared: Prepared) -> Result<Vec<u64>, StreamError> {
         let count = prepared.records.len();
-        let appended = match self.messages.produce_to(0, &prepared.records) {
-            Ok(appended) => appended,
+        let offsets = match self.log.produce(MESSAGES_TOPIC, &prepared.records) {
+            Ok(offsets) => offsets,
             Err(error) => {
                 self.metrics.error();
                 return Err(error);
             }
         };
-        assert_eq!(appended.last_offset + 1 - appended.base_offset, count as u64, "one offset per record");
-        let batch: Vec<Arc<Message>> = prepared
-            .messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut m)| {
-                m.offset = appended.base_offset + i as u64;
-                Arc::new(m)
-            })
-            .collect();
-        let offsets = batch.iter().map(|m| m.offset).collect();
-        self.fan_out(appended.base_offset, batch);
+        assert_eq!(offsets.len(), count, "one offset per record");
+        if matches!(self.log, Log::Local { .. }) {
+            let base = offsets[0];
+            let batch: Vec<Arc<Message>> = prepared
+                .messages
+                .into_iter()
+                .zip(&offsets)
+                .map(|(mut m, offset)| {
+                    m.offset = *offset;
+                    Arc::new(m)
+                })
+                .collect();
+            self.fan_out(base, batch);
+        } else {
+            // Fanned out on this node before the answer, as on the engine's own log: what the
+            // publisher sees next on this node includes what it published.
+            let last = offsets[count - 1];
+            while *self.end.borrow() <= last {
+                self.tail_once()?;
+            }
+        }
         self.metrics.messages_in(count as u64);
         self.published.fetch_add(count as u64, Ordering::Relaxed);
         Ok(offsets)
@@ -382,8 +491,18 @@ impl SimplePubsub {
         }
         let _write = self.registry_write.lock();
         let records: Vec<_> = parsed.iter().map(|(name, spec, _)| process::registry_record(name, Some(spec))).collect();
+        if matches!(self.log, Log::Shared(..)) {
+            // The log's order decides between nodes: apply it, this write included.
+            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+            let created: Vec<bool> = parsed.iter().map(|(name, _, _)| self.registry.read().get(name).is_none()).collect();
+            for chunk in records.chunks(BATCH_RECORDS_MAX) {
+                self.log.produce(REGISTRY_TOPIC, chunk)?;
+            }
+            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+            return Ok(created);
+        }
         for chunk in records.chunks(BATCH_RECORDS_MAX) {
-            self.registry_topic.produce_to(0, chunk)?;
+            self.log.produce(REGISTRY_TOPIC, chunk)?;
         }
         let mut created = Vec::with_capacity(parsed.len());
         for (name, spec, patterns) in parsed {
@@ -406,10 +525,10 @@ impl SimplePubsub {
     /// Delete a registration durably. `false` if there was none.
     pub fn unregister(&self, name: &str) -> Result<bool, StreamError> {
         let _write = self.registry_write.lock();
-        if self.registry.read().get(name).is_none() {
+        if self.lookup(name)?.is_none() {
             return Ok(false);
         }
-        self.registry_topic.produce_to(0, &[process::registry_record(name, None)])?;
+        self.log.produce(REGISTRY_TOPIC, &[process::registry_record(name, None)])?;
         if let Some(old) = self.registry.write().remove(name) {
             old.delete();
         }
@@ -466,12 +585,12 @@ impl SimplePubsub {
     /// Matching messages of the log in `[from, to)`, at most `REPLAY_CHUNK_RECORDS` records
     /// read; returns them and where to continue.
     pub fn read_log(&self, from: u64, to: u64, patterns: &[SubjectPattern]) -> Result<(Vec<Arc<Message>>, u64), StreamError> {
-        let (start, _) = self.messages.offsets(0)?;
+        let (start, _) = self.log.offsets(MESSAGES_TOPIC)?;
         let from = from.max(start);
         if from >= to {
             return Ok((Vec::new(), to));
         }
-        let records = self.messages.fetch(0, from, REPLAY_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+        let records = self.log.fetch(MESSAGES_TOPIC, from, REPLAY_CHUNK_RECORDS)?;
         let mut out = Vec::new();
         for record in records.iter().filter(|r| r.offset >= from && r.offset < to) {
             if let Some(message) = process::decode_message(record)
@@ -495,7 +614,62 @@ impl SimplePubsub {
     }
 }
 
+/// A node's fan-out from a shared log, on a thread of its own: offers the log's new messages to
+/// the broker in offset order and follows the registry topic, until the system stops or is gone.
+fn tail(system: std::sync::Weak<SimplePubsub>, stopping: Arc<AtomicBool>) {
+    let mut registry_read = std::time::Instant::now();
+    while !stopping.load(Ordering::Acquire) {
+        let Some(system) = system.upgrade() else { return };
+        let found = match system.tail_once() {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "reading the shared pub/sub log failed; retrying");
+                std::thread::sleep(REGISTRY_POLL);
+                false
+            }
+        };
+        if registry_read.elapsed() >= REGISTRY_POLL {
+            registry_read = std::time::Instant::now();
+            if let Err(error) = system.refresh_registry() {
+                tracing::warn!(%error, "reading the shared pub/sub registry failed; retrying");
+            }
+        }
+        drop(system);
+        if !found {
+            std::thread::sleep(TAIL_IDLE_POLL);
+        }
+    }
+}
+
+impl SimplePubsub {
+    /// Fan out the shared log's records from the watermark on (one fetch); true if there were any.
+    /// Holds the fan-out lock across the read, so that the tailer and a publisher catching up
+    /// never offer one offset twice.
+    fn tail_once(&self) -> Result<bool, StreamError> {
+        let mut fanout = self.fanout.lock();
+        let records = self.log.fetch(MESSAGES_TOPIC, fanout.next, REPLAY_CHUNK_RECORDS)?;
+        let Some(last) = records.last() else { return Ok(false) };
+        for record in &records {
+            match process::decode_message(record) {
+                Some(message) => {
+                    let message = Arc::new(message);
+                    self.broker.publish(&message.subject, message.offset, Arc::clone(&message));
+                }
+                None => tracing::warn!(offset = record.offset, "skipping a pub/sub record that does not decode"),
+            }
+        }
+        fanout.next = last.offset + 1;
+        self.end.send_replace(fanout.next);
+        Ok(true)
+    }
+}
+
 impl System for SimplePubsub {
+    /// Stops the tailer of a shared log.
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     fn id(&self) -> &'static str {
         ID
     }

@@ -1,5 +1,7 @@
 //! Feature tests of simple-pubsub through its real HTTP, WebSocket and SSE API, on a server
-//! started in-process on 127.0.0.1:0 over an engine in a temporary folder.
+//! started in-process on 127.0.0.1:0. Each runs twice (`test_support::on_both!`): with the log
+//! and registry in the engine of a temporary folder, and on the machine's NATS JetStream, where
+//! the node's tailer fans the shared log out.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,10 +13,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::ServerConfig;
 
 use super::SimplePubsub;
-use crate::{Context, System};
+use crate::System;
+use crate::test_support::{Backend, on_both};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -28,9 +31,9 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
+    async fn start(dir: &Path, backend: &Backend) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context::embedded(engine, Gateway::default());
+        let context = backend.context(engine).await;
         let system = SimplePubsub::open(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -55,6 +58,7 @@ impl App {
         let _ = self.stop.take().unwrap().send(());
         self.server.take().unwrap().await.unwrap().unwrap();
         let system = self.system;
+        system.shutdown();
         for _ in 0..100 {
             if Arc::strong_count(&system) == 1 {
                 break;
@@ -111,6 +115,18 @@ impl App {
         sse
     }
 }
+
+on_both!(subscribers_receive_exactly_what_their_topics_and_wildcards_match);
+on_both!(the_registry_survives_a_restart_without_a_clean_close);
+on_both!(members_of_a_group_share_the_stream_each_message_to_one);
+on_both!(drop_oldest_keeps_the_newest_and_counts_what_it_dropped);
+on_both!(disconnect_closes_a_slow_subscriber_with_its_reason);
+on_both!(catch_up_recovers_every_message_from_the_log_then_rejoins_live);
+on_both!(a_websocket_resumes_from_an_offset_with_no_gap_and_no_duplicate);
+on_both!(sse_resumes_after_the_last_event_id_with_no_gap_and_no_duplicate);
+on_both!(a_newer_connection_takes_over_a_named_subscription);
+on_both!(bad_input_is_refused_with_the_reason);
+on_both!(registers_many_subscriptions_in_batches_and_still_delivers);
 
 type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -208,10 +224,9 @@ impl Sse {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribers_receive_exactly_what_their_topics_and_wildcards_match() {
+async fn subscribers_receive_exactly_what_their_topics_and_wildcards_match(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("orders", json!({"patterns": ["orders.*.created", "billing.>"]})).await;
     let mut named = app.ws("/v1/pubsub/subscriptions/orders/ws").await;
     let mut mqtt = app.ws("/v1/pubsub/ws?patterns=sensors/%2B/temp,alarms/%23").await;
@@ -251,10 +266,9 @@ async fn subscribers_receive_exactly_what_their_topics_and_wildcards_match() {
     assert_eq!(status["connected_subscribers"], 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_registry_survives_a_restart_without_a_clean_close() {
+async fn the_registry_survives_a_restart_without_a_clean_close(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("keep", json!({"patterns": ["a.>"], "policy": "catch_up", "buffer": 16})).await;
     app.put("gone", json!({"patterns": ["b.*"]})).await;
     let batch: Vec<Value> = (0..3).map(|i| json!({"name": format!("bulk-{i}"), "patterns": [format!("c.{i}"), "sensors/#"], "group": "g"})).collect();
@@ -265,7 +279,7 @@ async fn the_registry_survives_a_restart_without_a_clean_close() {
     app.publish(vec![("a.before", json!(0))]).await;
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let (_, list) = app.get("/v1/pubsub/subscriptions").await;
     assert_eq!(list["total"], 4);
     let names: Vec<&str> = list["subscriptions"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
@@ -280,10 +294,9 @@ async fn the_registry_survives_a_restart_without_a_clean_close() {
     assert_eq!(ws.offsets(2).await, vec![0, 1]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_of_a_group_share_the_stream_each_message_to_one() {
+async fn members_of_a_group_share_the_stream_each_message_to_one(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("worker-1", json!({"patterns": ["jobs.>"], "group": "workers"})).await;
     app.put("worker-2", json!({"patterns": ["jobs.>"], "group": "workers"})).await;
     let mut one = app.ws("/v1/pubsub/subscriptions/worker-1/ws").await;
@@ -298,10 +311,9 @@ async fn members_of_a_group_share_the_stream_each_message_to_one() {
     assert_eq!(got, offsets, "each message went to exactly one member");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drop_oldest_keeps_the_newest_and_counts_what_it_dropped() {
+async fn drop_oldest_keeps_the_newest_and_counts_what_it_dropped(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("prices", json!({"patterns": ["prices.>"], "policy": "drop_oldest", "buffer": 5})).await;
     app.publish((0..20).map(|i| ("prices.acme", json!(i))).collect()).await;
     let (_, view) = app.get("/v1/pubsub/subscriptions/prices").await;
@@ -315,10 +327,9 @@ async fn drop_oldest_keeps_the_newest_and_counts_what_it_dropped() {
     assert_eq!((view["connected"].as_bool(), view["lag"].as_u64(), view["subscribers"][0]["state"].as_str()), (Some(true), Some(0), Some("active")));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_closes_a_slow_subscriber_with_its_reason() {
+async fn disconnect_closes_a_slow_subscriber_with_its_reason(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("strict", json!({"patterns": ["ticks"], "policy": "disconnect", "buffer": 3})).await;
     let mut ws = app.ws("/v1/pubsub/subscriptions/strict/ws?credit=0").await;
     app.publish(vec![("ticks", json!(0))]).await;
@@ -337,10 +348,9 @@ async fn disconnect_closes_a_slow_subscriber_with_its_reason() {
     assert_eq!(again.offsets(6).await, vec![4, 5, 6, 7, 8, 9]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catch_up_recovers_every_message_from_the_log_then_rejoins_live() {
+async fn catch_up_recovers_every_message_from_the_log_then_rejoins_live(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("ledger", json!({"patterns": ["ledger.*", "audit.>"], "policy": "catch_up", "buffer": 4})).await;
     let mut ws = app.ws("/v1/pubsub/subscriptions/ledger/ws?credit=1").await;
     let mut expected = Vec::new();
@@ -360,10 +370,9 @@ async fn catch_up_recovers_every_message_from_the_log_then_rejoins_live() {
     assert!(view["subscribers"].as_array().unwrap().iter().all(|s| s["state"] == "active"), "{view}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_resumes_from_an_offset_with_no_gap_and_no_duplicate() {
+async fn a_websocket_resumes_from_an_offset_with_no_gap_and_no_duplicate(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = Arc::new(App::start(dir.path()).await);
+    let app = Arc::new(App::start(dir.path(), &backend).await);
     app.put("feed", json!({"patterns": ["feed.>"]})).await;
     let mut expected = Vec::new();
     for i in 0..30 {
@@ -400,10 +409,9 @@ async fn a_websocket_resumes_from_an_offset_with_no_gap_and_no_duplicate() {
     ws.quiet().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_resumes_after_the_last_event_id_with_no_gap_and_no_duplicate() {
+async fn sse_resumes_after_the_last_event_id_with_no_gap_and_no_duplicate(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("news", json!({"patterns": ["news.*"]})).await;
     let mut sse = app.sse("/v1/pubsub/subscriptions/news/events", None).await;
     let first = app.publish((0..6).map(|i| (if i == 2 { "sport.x" } else { "news.world" }, json!(i))).collect()).await;
@@ -419,10 +427,9 @@ async fn sse_resumes_after_the_last_event_id_with_no_gap_and_no_duplicate() {
     assert_eq!(sse.offsets(1).await, live);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newer_connection_takes_over_a_named_subscription() {
+async fn a_newer_connection_takes_over_a_named_subscription(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.put("session", json!({"patterns": ["s.>"]})).await;
     let mut old = app.ws("/v1/pubsub/subscriptions/session/ws").await;
     let mut new = app.ws("/v1/pubsub/subscriptions/session/ws").await;
@@ -432,10 +439,9 @@ async fn a_newer_connection_takes_over_a_named_subscription() {
     assert_eq!(new.offsets(1).await, offsets);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_refused_with_the_reason() {
+async fn bad_input_is_refused_with_the_reason(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let post = reqwest::Method::POST;
     let put = reqwest::Method::PUT;
     let cases: Vec<(reqwest::Method, String, Option<Value>, u16, &str)> = vec![
@@ -473,12 +479,11 @@ async fn bad_input_is_refused_with_the_reason() {
 
 /// `PUBSUB_SUBSCRIPTIONS=1000000 cargo test -p tributary-systems registers_many -- --nocapture`
 /// measures the million; by default a small number proves the path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registers_many_subscriptions_in_batches_and_still_delivers() {
+async fn registers_many_subscriptions_in_batches_and_still_delivers(backend: Backend) {
     use super::scenario;
     let count: usize = std::env::var("PUBSUB_SUBSCRIPTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000);
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let rss_before = rss_bytes();
     let started = Instant::now();
     let mut i = 0;
@@ -512,4 +517,34 @@ async fn registers_many_subscriptions_in_batches_and_still_delivers() {
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
+}
+
+/// Two nodes on one NATS namespace: a subscription registered through one is served by the
+/// other, and what is published through either reaches the subscribers of both, in one offset
+/// order; a deletion through one closes the other's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_shared_log_serve_the_same_subscriptions() {
+    let backend = Backend::nats();
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = App::start(one.path(), &backend).await;
+    let b = App::start(two.path(), &backend).await;
+    a.put("orders", json!({"patterns": ["orders.>"]})).await;
+    let mut on_b = b.ws("/v1/pubsub/subscriptions/orders/ws").await;
+    let mut on_a = a.ws("/v1/pubsub/ws?patterns=orders.%3E").await;
+    let mut sse_b = b.sse("/v1/pubsub/events?patterns=orders.us", None).await;
+    let mut offsets = a.publish(vec![("orders.eu", json!(1)), ("noise", json!(0))]).await;
+    offsets.extend(b.publish(vec![("orders.us", json!(2))]).await);
+    let wanted = vec![offsets[0], offsets[2]];
+    assert_eq!(on_b.offsets(2).await, wanted);
+    assert_eq!(on_a.offsets(2).await, wanted);
+    assert_eq!(sse_b.offsets(1).await, vec![offsets[2]]);
+
+    let (status, _) = a.call(reqwest::Method::DELETE, "/v1/pubsub/subscriptions/orders", None).await;
+    assert_eq!(status, 204);
+    let closed = on_b.next().await;
+    assert_eq!(closed["closed"]["reason"], "deleted", "{closed}");
+    drop((on_a, on_b, sse_b));
+    a.stop().await;
+    b.stop().await;
+    backend.forget().await;
 }

@@ -1,4 +1,7 @@
 //! What several systems' feature tests share:
+//! - [`Backend`] and [`on_both!`]: a feature test run on the embedded engine and on the
+//!   machine's NATS JetStream (127.0.0.1:4222, or `TRIBUTARY_TEST_NATS_URL`), each NATS run
+//!   under a namespace of its own, removed at its end;
 //! - [`Served`]: a system's routes behind the real front door on 127.0.0.1:0, stopped on demand;
 //! - [`SmtpRelay`]: an SMTP relay to deliver to (Python's aiosmtpd in a child process, running
 //!   `smtp_sink.py`, which answers 250, 4xx or 5xx by recipient and prints each accepted message
@@ -13,6 +16,70 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 const SMTP_SINK: &str = include_str!("smtp_sink.py");
+
+/// Where the state of a system under test lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The engine in the test's folder.
+    Embedded,
+    /// NATS JetStream (queues and streams), under this namespace.
+    Nats(String),
+}
+
+impl Backend {
+    /// NATS under a namespace no other test or run uses.
+    pub fn nats() -> Backend {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+        Backend::Nats(format!("t-{}-{nanos}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)))
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        *self == Backend::Embedded
+    }
+
+    /// The systems' context over `engine`, with the queue and stream interfaces on this backend.
+    pub async fn context(&self, engine: Arc<tributary_engine::Engine>) -> crate::Context {
+        let mut context = crate::Context::embedded(engine, tributary_server::Gateway::default());
+        if let Backend::Nats(namespace) = self {
+            const NEEDS: &str = "NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)";
+            context.queues = Arc::new(tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.expect(NEEDS));
+            context.streams = Arc::new(tributary_nats::NatsStreams::connect(&nats_url(), namespace).await.expect(NEEDS));
+        }
+        context
+    }
+
+    /// Removes what a NATS run made (its streams and KV bucket).
+    pub async fn forget(&self) {
+        if let Backend::Nats(namespace) = self {
+            tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
+            tributary_nats::NatsStreams::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
+        }
+    }
+}
+
+pub fn nats_url() -> String {
+    std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A feature test `async fn name(backend: Backend)` run on both backends: `mod name { embedded, nats }`.
+macro_rules! on_both {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$test($crate::test_support::Backend::Embedded).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                let backend = $crate::test_support::Backend::nats();
+                super::$test(backend.clone()).await;
+                backend.forget().await;
+            }
+        }
+    };
+}
+pub(crate) use on_both;
 
 /// A system's API served by the front door (`tributary_server::router`) on a loopback port.
 pub struct Served {
