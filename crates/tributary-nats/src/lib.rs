@@ -101,6 +101,24 @@ pub(crate) fn unescape(escaped: &str) -> String {
     escaped.replace("_2E", ".").replace("_5F", "_")
 }
 
+/// Publishes `messages` (subject, headers, payload) to JetStream in order and returns their
+/// acknowledgements in order. Each acknowledgement is awaited on a task of its own as soon as it
+/// is sent: the client bounds the acknowledgements in flight on a connection (a semaphore of
+/// `max_ack_inflight` permits, 5,000), and an acknowledgement nobody polls keeps its permit, so
+/// concurrent callers that sent large batches before awaiting any would wait on each other.
+pub(crate) async fn publish_in_order(jetstream: &jetstream::Context, messages: impl IntoIterator<Item = (String, async_nats::HeaderMap, Bytes)>) -> Result<Vec<jetstream::publish::PublishAck>, String> {
+    let mut acks = Vec::new();
+    for (subject, headers, payload) in messages {
+        let ack = jetstream.publish_with_headers(subject, headers, payload).await.map_err(|e| e.to_string())?;
+        acks.push(tokio::spawn(std::future::IntoFuture::into_future(ack)));
+    }
+    let mut done = Vec::with_capacity(acks.len());
+    for ack in acks {
+        done.push(ack.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
+    }
+    Ok(done)
+}
+
 /// A namespace is one NATS token of `A-Z a-z 0-9 -`.
 pub(crate) fn check_namespace(namespace: &str) -> Result<(), String> {
     if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
@@ -320,7 +338,8 @@ impl StreamStore for NatsStreams {
             let partitions = self.config(topic).await?.partitions;
             let unkeyed = self.next_unkeyed.fetch_add(1, Ordering::Relaxed) % partitions;
             let stamp = now_ms();
-            let mut acks = Vec::with_capacity(records.len());
+            let mut messages = Vec::with_capacity(records.len());
+            let mut partitions_of = Vec::with_capacity(records.len());
             for record in records {
                 let partition = record.key.as_deref().map_or(unkeyed, |key| partition_for_key(key, partitions));
                 let envelope = Envelope {
@@ -330,14 +349,11 @@ impl StreamStore for NatsStreams {
                     timestamp_ms: if record.timestamp_ms == 0 { stamp } else { record.timestamp_ms },
                 };
                 let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
-                let ack = self.jetstream.publish(self.subject(topic, partition), payload.into()).await.map_err(backend)?;
-                acks.push((partition, ack));
+                messages.push((self.subject(topic, partition), async_nats::HeaderMap::new(), Bytes::from(payload)));
+                partitions_of.push(partition);
             }
-            let mut produced = Vec::with_capacity(acks.len());
-            for (partition, ack) in acks {
-                let ack = ack.await.map_err(backend)?;
-                produced.push(Produced { partition, offset: ack.sequence - 1 });
-            }
+            let acks = publish_in_order(&self.jetstream, messages).await.map_err(backend)?;
+            let produced: Vec<Produced> = partitions_of.into_iter().zip(acks).map(|(partition, ack)| Produced { partition, offset: ack.sequence - 1 }).collect();
             Ok(produced)
         })
     }

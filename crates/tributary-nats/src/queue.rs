@@ -61,7 +61,7 @@ use tributary_engine::queue::{
     check_lease, check_publish, check_receipts, check_receive,
 };
 
-use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape, unescape};
+use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape, publish_in_order, unescape};
 
 const BACKEND: &str = "nats";
 
@@ -348,7 +348,8 @@ impl NatsQueues {
     /// group alone; one id per message, in order, once JetStream stored them.
     async fn publish_for(&self, queue: &str, config: &QueueConfig, messages: Vec<NewMessage>, only: Option<&str>) -> Result<Vec<MessageId>, QueueError> {
         let stamp = now_ms() as u64;
-        let mut acks = Vec::with_capacity(messages.len());
+        let mut sends = Vec::with_capacity(messages.len());
+        let mut priorities = Vec::with_capacity(messages.len());
         for message in messages {
             let mut headers = HeaderMap::new();
             if let Some(dedup_id) = &message.dedup_id
@@ -361,15 +362,11 @@ impl NatsQueues {
             }
             let envelope = Envelope { body: message.body, key: message.key, headers: message.headers.into_iter().map(|h| (h.name, h.value)).collect(), enqueued_at_ms: stamp };
             let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
-            let ack = self.jetstream.publish_with_headers(self.subject(queue, message.priority), headers, payload.into()).await.map_err(backend)?;
-            acks.push((message.priority, ack));
+            sends.push((self.subject(queue, message.priority), headers, Bytes::from(payload)));
+            priorities.push(message.priority);
         }
-        let mut ids = Vec::with_capacity(acks.len());
-        for (priority, ack) in acks {
-            let ack = ack.await.map_err(|e| backend(format!("publishing to queue {queue:?}: {e}")))?;
-            ids.push(MessageId { priority, offset: ack.sequence - 1 });
-        }
-        Ok(ids)
+        let acks = publish_in_order(&self.jetstream, sends).await.map_err(|e| backend(format!("publishing to queue {queue:?}: {e}")))?;
+        Ok(priorities.into_iter().zip(acks).map(|(priority, ack)| MessageId { priority, offset: ack.sequence - 1 }).collect())
     }
 
     /// Removes the redriven marks of a queue (its dead letters are gone with it).

@@ -395,7 +395,8 @@ impl SimplePubsub {
             return Ok(Some(named));
         }
         if matches!(self.log, Log::Shared(..)) {
-            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+            // Handed over as a whole: the registry's lock is held across reads of the log.
+            tokio::task::block_in_place(|| self.refresh_registry()).map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
         }
         Ok(self.subscription(name))
     }
@@ -414,9 +415,9 @@ impl SimplePubsub {
     }
 
     /// Append a validated batch durably and return its offsets, once it is fanned out on this
-    /// node. On the engine's own log the publisher fans it out itself; on a shared log it reads
-    /// the log up to its own offsets (the tailer may be there first), and other nodes' tailers
-    /// fan it out within their poll.
+    /// node. On the engine's own log the publisher fans it out itself; on a shared log it waits
+    /// for this node's tailer to pass its offsets, and other nodes' tailers fan it out within
+    /// their poll.
     pub fn publish(&self, prepared: Prepared) -> Result<Vec<u64>, StreamError> {
         let count = prepared.records.len();
         let offsets = match self.log.produce(MESSAGES_TOPIC, &prepared.records) {
@@ -440,11 +441,13 @@ impl SimplePubsub {
                 .collect();
             self.fan_out(base, batch);
         } else {
-            // Fanned out on this node before the answer, as on the engine's own log: what the
-            // publisher sees next on this node includes what it published.
+            // Answered once this node's tailer fanned it out, as on the engine's own log: what
+            // the publisher sees next on this node includes what it published. One reader per
+            // node: publishers wait for it rather than read the log themselves.
             let last = offsets[count - 1];
-            while *self.end.borrow() <= last {
-                self.tail_once()?;
+            if let Log::Shared(_, runtime) = &self.log {
+                let mut end = self.end.subscribe();
+                wait(runtime, end.wait_for(|end| *end > last)).map_err(|_| StreamError::Backend { backend: "pubsub", message: "the fan-out stopped".into() })?;
             }
         }
         self.metrics.messages_in(count as u64);
@@ -643,13 +646,15 @@ fn tail(system: std::sync::Weak<SimplePubsub>, stopping: Arc<AtomicBool>) {
 
 impl SimplePubsub {
     /// Fan out the shared log's records from the watermark on (one fetch); true if there were any.
-    /// Holds the fan-out lock across the read, so that the tailer and a publisher catching up
-    /// never offer one offset twice.
+    /// The read happens without the fan-out lock (async workers take it in `between_fanouts`,
+    /// and the read needs them to drive the connection); under the lock, anything fanned out
+    /// meanwhile is skipped, so no offset is offered twice.
     fn tail_once(&self) -> Result<bool, StreamError> {
-        let mut fanout = self.fanout.lock();
-        let records = self.log.fetch(MESSAGES_TOPIC, fanout.next, REPLAY_CHUNK_RECORDS)?;
+        let from = self.fanout.lock().next;
+        let records = self.log.fetch(MESSAGES_TOPIC, from, REPLAY_CHUNK_RECORDS)?;
         let Some(last) = records.last() else { return Ok(false) };
-        for record in &records {
+        let mut fanout = self.fanout.lock();
+        for record in records.iter().filter(|r| r.offset >= fanout.next) {
             match process::decode_message(record) {
                 Some(message) => {
                     let message = Arc::new(message);
@@ -658,7 +663,7 @@ impl SimplePubsub {
                 None => tracing::warn!(offset = record.offset, "skipping a pub/sub record that does not decode"),
             }
         }
-        fanout.next = last.offset + 1;
+        fanout.next = fanout.next.max(last.offset + 1);
         self.end.send_replace(fanout.next);
         Ok(true)
     }
