@@ -37,6 +37,17 @@
 //! over, and the older one is closed with reason `taken_over`), or subscribes ad hoc with
 //! `?patterns=a.b,c.>` for as long as it lives.
 //!
+//! **On a shared log.** With the context's stream interface on NATS JetStream (`tributary up
+//! --stream nats://…`), both topics live there and several nodes serve the same subscriptions.
+//! Each node runs a tailer thread, its one reader of the log: it reads `pubsub-messages` in
+//! offset order from the node's watermark (every [`TAIL_IDLE_POLL`] when idle) and fans out to
+//! the node's own connections, and reads `pubsub-subscriptions` every [`REGISTRY_POLL`] (and at
+//! once when a lookup misses), so registrations and deletions through any node reach all. A
+//! publish appends and is answered once its node's tailer has passed its offsets. The registry
+//! topic is not compacted there (JetStream keeps every record), and what a named subscription
+//! buffers while nothing is attached is per node: a client moving to another node resumes from
+//! the log with `from_offset` or `Last-Event-ID`.
+//!
 //! **Delivery guarantee.** Per connection: messages arrive in offset order, each at most once,
 //! and — with `?from_offset=N` or SSE's `Last-Event-ID` — every matching message from `N` on,
 //! replayed from the log and then live with no gap and no duplicate. Live, what a slow subscriber
