@@ -107,7 +107,7 @@ async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_kille
 
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ports = [free_port(), free_port()];
-    let mut nodes = vec![start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
+    let mut nodes = [start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
     let direct = reqwest::Client::new();
     for port in ports {
         wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
