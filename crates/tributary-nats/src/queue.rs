@@ -643,19 +643,8 @@ impl QueueStore for NatsQueues {
                 .filter(|l| !l.redriven && wanted.as_ref().is_none_or(|w| w.contains(&l.id)))
                 .collect();
             for chunk in letters.chunks(BATCH_RECORDS_MAX) {
-                // Republished first, marked after: a redrive retried after a crash in between
-                // publishes nothing twice within the dedup window (the Nats-Msg-Id).
-                let messages: Vec<NewMessage> = chunk
-                    .iter()
-                    .map(|l| NewMessage {
-                        body: l.body.clone(),
-                        key: l.key.clone(),
-                        headers: l.headers.clone(),
-                        priority: l.id.priority,
-                        delay_ms: 0,
-                        dedup_id: Some(format!("tributary.redrive.{}", l.dlq_offset)),
-                    })
-                    .collect();
+                // Republished first, marked after (see `DeadLetter::redriven`).
+                let messages: Vec<NewMessage> = chunk.iter().map(DeadLetter::redriven).collect();
                 check_publish(&messages)?;
                 self.publish_for(queue, &config, messages, Some(group)).await?;
                 for letter in chunk {

@@ -182,6 +182,23 @@ pub struct DeadLetter {
     pub redriven: bool,
 }
 
+impl DeadLetter {
+    /// The message a redrive republishes for this letter: its body, key, headers and priority,
+    /// with a dedup id naming the letter, so that a redrive retried after a crash (republished,
+    /// not yet marked) publishes nothing twice within the dedup window. Dead letters hold only
+    /// the user's headers, so the publish checks apply to it as they are.
+    pub fn redriven(&self) -> NewMessage {
+        NewMessage {
+            body: self.body.clone(),
+            key: self.key.clone(),
+            headers: self.headers.clone(),
+            priority: self.id.priority,
+            delay_ms: 0,
+            dedup_id: Some(format!("tributary.redrive.{}", self.dlq_offset)),
+        }
+    }
+}
+
 /// Which dead letters of a group to republish.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Redrive {

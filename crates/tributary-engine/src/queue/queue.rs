@@ -489,20 +489,7 @@ impl Queue {
             }
         }
         for chunk in letters.chunks(BATCH_RECORDS_MAX) {
-            // The dedup id makes a redrive retried after a crash (republished, not yet marked)
-            // publish nothing twice within the dedup window.
-            let messages: Vec<NewMessage> = chunk
-                .iter()
-                .map(|l| NewMessage {
-                    body: l.body.clone(),
-                    key: l.key.clone(),
-                    headers: l.headers.clone(),
-                    priority: l.id.priority,
-                    delay_ms: 0,
-                    dedup_id: Some(format!("tributary.redrive.{}", l.dlq_offset)),
-                })
-                .collect();
-            // Dead letters hold only the user's headers, so the publish checks apply as they are.
+            let messages: Vec<NewMessage> = chunk.iter().map(DeadLetter::redriven).collect();
             check_publish(&messages)?;
             self.publish_inner(&messages, Some(group))?;
             let offsets: Vec<u64> = chunk.iter().map(|l| l.dlq_offset).collect();
