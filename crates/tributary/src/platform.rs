@@ -170,7 +170,7 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
         match &config.stream {
             None => println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display()),
             Some(url) => {
-                println!("Tributary is up: dashboard at http://{local}/ (queues on {url}, namespace {})", config.namespace);
+                println!("Tributary is up: dashboard at http://{local}/ (queues and streams on {url}, namespace {})", config.namespace);
                 println!("Not started in distributed mode (they keep state in the node): {}", left_out.join(", "));
             }
         }

@@ -23,7 +23,7 @@ use super::process::{
     self, AckRequest, ClientFrame, DeadLettersQuery, DeadLettersResponse, ExtendRequest, NackRequest, PublishRequest, PublishResponse, QueueList, QueueView,
     ReceiveRequest, ReceiveResponse, RedriveRequest, RedriveResponse, SettleResponse, SettleStatus, WsQuery,
 };
-use super::{ID, MessageQueue, all_stats};
+use super::{ID, MessageQueue, all_stats, queue_error};
 
 /// A long poll receives in slices this long, checking between them whether its client left.
 pub const LONG_POLL_SLICE: Duration = Duration::from_millis(250);
@@ -93,10 +93,7 @@ async fn receive(State(mq): Mq, Path(queue): Path<String>, body: Result<Json<Rec
         let (queues, blocking) = (mq.queues.clone(), mq.queues.blocking());
         let poll = tokio::spawn(long_poll(queues, blocking, name, request, gone));
         let deliveries = match poll.await {
-            Ok(result) => result.map_err(|error| match error {
-                QueueError::NotFound { kind: "queue", .. } | QueueError::Deleted(_) => process::queue_not_found(&queue),
-                other => ApiError::from(other),
-            })?,
+            Ok(result) => result.map_err(|error| queue_error(&queue, error))?,
             Err(join) => return Err(ApiError::internal(format!("receive task failed: {join}"))),
         };
         mq.delivered(&deliveries);

@@ -140,10 +140,7 @@ impl MessageQueue {
         T: Send + 'static,
         F: Future<Output = Result<T, QueueError>> + Send + 'static,
     {
-        on_backend(self.queues.blocking(), call(self.queues.clone())).await.map_err(|error| match error {
-            QueueError::NotFound { kind: "queue", .. } | QueueError::Deleted(_) => process::queue_not_found(queue),
-            other => ApiError::from(other),
-        })
+        on_backend(self.queues.blocking(), call(self.queues.clone())).await.map_err(|error| queue_error(queue, error))
     }
 
     /// Publishes to queue `queue` (the engine's name), creating it with the defaults on its
@@ -195,6 +192,15 @@ impl MessageQueue {
                 self.metrics.latency(Duration::from_millis(now_ms.saturating_sub(at)));
             }
         }
+    }
+}
+
+/// A queue call's error as the API answers it: a missing queue is queue `queue` (its API name)
+/// not found.
+fn queue_error(queue: &str, error: QueueError) -> ApiError {
+    match error {
+        QueueError::NotFound { kind: "queue", .. } | QueueError::Deleted(_) => process::queue_not_found(queue),
+        other => ApiError::from(other),
     }
 }
 
