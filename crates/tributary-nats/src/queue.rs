@@ -667,22 +667,12 @@ impl QueueStore for NatsQueues {
                 dead.insert(subject, count as u64);
             }
             let consumers: Vec<jetstream::consumer::Info> = stream.consumers().try_collect().await.map_err(backend)?;
-            let mut stats = QueueStats {
-                published_total,
-                depth: 0,
-                delayed: 0,
-                in_flight: 0,
-                lag: 0,
-                acked_total: 0,
-                dead_lettered: 0,
-                oldest_available_age_ms: None,
-                groups: Vec::with_capacity(consumers.len()),
-            };
+            let mut groups = Vec::with_capacity(consumers.len());
             for info in consumers {
                 let Some(name) = info.config.description.clone().or_else(|| info.name.strip_prefix("g_").map(unescape)) else { continue };
                 let dead_lettered = dead.get(&self.dlq_subject(queue, &name)).copied().unwrap_or(0);
                 let (depth, in_flight) = (info.num_pending, info.num_ack_pending as u64);
-                stats.groups.push(GroupStats {
+                groups.push(GroupStats {
                     name,
                     depth,
                     delayed: 0,
@@ -693,15 +683,8 @@ impl QueueStore for NatsQueues {
                     oldest_available_age_ms: None,
                 });
             }
-            stats.groups.sort_by(|a, b| a.name.cmp(&b.name));
-            for group in &stats.groups {
-                stats.depth += group.depth;
-                stats.in_flight += group.in_flight;
-                stats.lag += group.lag;
-                stats.acked_total += group.acked_total;
-                stats.dead_lettered += group.dead_lettered;
-            }
-            Ok(stats)
+            groups.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(QueueStats::summed(published_total, groups))
         })
     }
 }

@@ -62,6 +62,34 @@ pub struct QueueStats {
     pub groups: Vec<GroupStats>,
 }
 
+impl QueueStats {
+    /// The queue's numbers: `groups` listed, and summed (the oldest age is the largest).
+    pub fn summed(published_total: u64, groups: Vec<GroupStats>) -> QueueStats {
+        let mut stats = QueueStats {
+            published_total,
+            depth: 0,
+            delayed: 0,
+            in_flight: 0,
+            lag: 0,
+            acked_total: 0,
+            dead_lettered: 0,
+            oldest_available_age_ms: None,
+            groups: Vec::new(),
+        };
+        for group in &groups {
+            stats.depth += group.depth;
+            stats.delayed += group.delayed;
+            stats.in_flight += group.in_flight;
+            stats.lag += group.lag;
+            stats.acked_total += group.acked_total;
+            stats.dead_lettered += group.dead_lettered;
+            stats.oldest_available_age_ms = stats.oldest_available_age_ms.max(group.oldest_available_age_ms);
+        }
+        stats.groups = groups;
+        stats
+    }
+}
+
 /// Wakes long-polling receivers when something may have become available.
 struct Signal {
     generation: Mutex<u64>,
@@ -507,41 +535,24 @@ impl Queue {
             None => self.groups.read().values().cloned().collect(),
         };
         let now = self.core.clock.now_ms();
-        let mut stats = QueueStats {
-            published_total: self.core.levels.iter().map(Log::high_watermark).sum(),
-            depth: 0,
-            delayed: 0,
-            in_flight: 0,
-            lag: 0,
-            acked_total: 0,
-            dead_lettered: 0,
-            oldest_available_age_ms: None,
-            groups: Vec::with_capacity(groups.len()),
-        };
-        for group in groups {
-            let n = group.numbers(&self.core);
-            let depth = n.available + n.delayed + n.backlog;
-            let age = n.oldest_available_enqueued_ms.map(|at| now.saturating_sub(at));
-            let numbers = GroupStats {
-                name: group.name.clone(),
-                depth,
-                delayed: n.delayed,
-                in_flight: n.in_flight,
-                lag: depth + n.in_flight,
-                acked_total: n.acked_total,
-                dead_lettered: n.archived_total,
-                oldest_available_age_ms: age,
-            };
-            stats.depth += numbers.depth;
-            stats.delayed += numbers.delayed;
-            stats.in_flight += numbers.in_flight;
-            stats.lag += numbers.lag;
-            stats.acked_total += numbers.acked_total;
-            stats.dead_lettered += numbers.dead_lettered;
-            stats.oldest_available_age_ms = stats.oldest_available_age_ms.max(age);
-            stats.groups.push(numbers);
-        }
-        Ok(stats)
+        let numbers = groups
+            .iter()
+            .map(|group| {
+                let n = group.numbers(&self.core);
+                let depth = n.available + n.delayed + n.backlog;
+                GroupStats {
+                    name: group.name.clone(),
+                    depth,
+                    delayed: n.delayed,
+                    in_flight: n.in_flight,
+                    lag: depth + n.in_flight,
+                    acked_total: n.acked_total,
+                    dead_lettered: n.archived_total,
+                    oldest_available_age_ms: n.oldest_available_enqueued_ms.map(|at| now.saturating_sub(at)),
+                }
+            })
+            .collect();
+        Ok(QueueStats::summed(self.core.levels.iter().map(Log::high_watermark).sum(), numbers))
     }
 
     /// Sync and close every log of the queue. Also happens on drop.
