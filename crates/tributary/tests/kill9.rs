@@ -2,37 +2,14 @@
 //! acknowledged (201) is there after a restart on the same data folder, exactly once.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start(data: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the tributary binary starts")
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} did not become healthy");
-}
+mod process;
+use process::{free_port, start_up, wait_healthy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_message_is_lost_when_the_server_is_killed_under_load() {
@@ -40,7 +17,7 @@ async fn no_acknowledged_message_is_lost_when_the_server_is_killed_under_load() 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let mut server = start(data.path(), port);
+    let mut server = start_up(data.path(), port, &[]);
     wait_healthy(&client, &base).await;
 
     let acknowledged: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
@@ -76,7 +53,7 @@ async fn no_acknowledged_message_is_lost_when_the_server_is_killed_under_load() 
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut server = start(data.path(), port);
+    let mut server = start_up(data.path(), port, &[]);
     wait_healthy(&client, &base).await;
     let mut seen = BTreeSet::new();
     let mut duplicates = 0;

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +20,9 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tributary_engine::queue::{QueueConfig, QueueStore};
 use tributary_nats::NatsQueues;
+
+mod process;
+use process::{free_port, start_up, wait_healthy};
 
 /// The queue's lease: short, so that what the killed node had leased comes back soon.
 const LEASE_MS: u64 = 2_000;
@@ -34,29 +37,8 @@ fn nats_url() -> String {
     std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn start_node(data: &std::path::Path, port: u16, namespace: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--stream", &nats_url(), "--namespace", namespace, "--data"])
-        .arg(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the tributary binary starts")
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if client.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{base} did not become healthy");
+    start_up(data, port, &["--stream", &nats_url(), "--namespace", namespace])
 }
 
 /// The balancer: each accepted connection goes to the next backend in turn; a backend that
