@@ -5,8 +5,8 @@
 //! ([`presence`]), the one mapping from engine errors to HTTP statuses ([`error`]), a JSON extractor
 //! that answers bad bodies in our error format ([`json`]), overload protection, Prometheus
 //! metrics at `/metrics`, `/healthz`, and the OpenAPI document at `/openapi.json` assembled from
-//! the routes the systems contribute ([`SystemApi`]), and signed webhook POSTs to users'
-//! endpoints ([`webhook`]).
+//! the routes the systems contribute ([`SystemApi`]), signed webhook POSTs to users'
+//! endpoints ([`webhook`]), and the follower of a log shared by several nodes ([`shared_log`]).
 //!
 //! What is not here: any system's own logic (that lives in `tributary-systems`, which hands its
 //! routes in), and any storage (the engine is passed in by the binary).
@@ -19,6 +19,7 @@ pub mod json;
 pub mod webhook;
 mod metrics_layer;
 pub mod presence;
+pub mod shared_log;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -40,7 +40,7 @@
 //! **On a shared log.** With the context's stream interface on NATS JetStream (`tributary up
 //! --stream nats://…`), both topics live there and several nodes serve the same subscriptions.
 //! Each node runs a tailer thread, its one reader of the log: it reads `pubsub-messages` in
-//! offset order from the node's watermark (every [`TAIL_IDLE_POLL`] when idle) and fans out to
+//! offset order from the node's watermark ([`shared_log::follow`]) and fans out to
 //! the node's own connections, and reads `pubsub-subscriptions` every [`REGISTRY_POLL`] (and at
 //! once when a lookup misses), so registrations and deletions through any node reach all. A
 //! publish appends and is answered once its node's tailer has passed its offsets. The registry
@@ -81,9 +81,10 @@ use tributary_core::SubjectPattern;
 use tributary_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, SUBSCRIPTIONS_MAX};
 use tributary_engine::pubsub::{Broker, DisconnectReason, PubSubError, RecvError, SubscriberOptions, SubscriberState, Subscription};
 use tributary_core::{Record, StoredRecord};
-use tributary_engine::stream::{StreamStore, Topic, TopicConfig};
+use tributary_engine::stream::{Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
+use tributary_server::shared_log::{self, SharedLog};
 use tributary_server::{Gateway, SystemApi};
 
 use crate::{Context, System};
@@ -227,14 +228,7 @@ enum Log {
     Local { messages: Arc<Topic>, registry: Arc<Topic> },
     /// A log every node appends to (NATS JetStream): a publish only appends; each node's tailer
     /// reads the log in order and fans out to its own connections, and follows the registry.
-    /// Calls are made from synchronous code on `runtime`.
-    Shared(Arc<dyn StreamStore>, tokio::runtime::Handle),
-}
-
-/// Waits for a call of the shared log from synchronous code: a blocking-pool thread, the
-/// tailer's thread, or an async worker of the multi-thread runtime (handed over meanwhile).
-fn wait<T>(runtime: &tokio::runtime::Handle, call: impl std::future::Future<Output = T>) -> T {
-    tokio::task::block_in_place(|| runtime.block_on(call))
+    Shared(SharedLog),
 }
 
 impl Log {
@@ -245,7 +239,7 @@ impl Log {
                 let appended = topic.produce_to(0, records)?;
                 Ok((appended.base_offset..=appended.last_offset).collect())
             }
-            Log::Shared(streams, runtime) => Ok(wait(runtime, streams.produce(topic, records.to_vec()))?.into_iter().map(|p| p.offset).collect()),
+            Log::Shared(log) => Ok(log.produce(topic, records.to_vec())?.into_iter().map(|p| p.offset).collect()),
         }
     }
 
@@ -255,20 +249,18 @@ impl Log {
                 let topic = if topic == MESSAGES_TOPIC { messages } else { registry };
                 topic.fetch(0, offset, max, BATCH_BYTES_MAX)
             }
-            Log::Shared(streams, runtime) => wait(runtime, streams.fetch(topic, 0, offset, max)),
+            Log::Shared(log) => log.fetch(topic, 0, offset, max),
         }
     }
 
     fn offsets(&self, topic: &str) -> Result<(u64, u64), StreamError> {
         match self {
             Log::Local { messages, registry } => (if topic == MESSAGES_TOPIC { messages } else { registry }).offsets(0),
-            Log::Shared(streams, runtime) => wait(runtime, streams.offsets(topic, 0)),
+            Log::Shared(log) => log.offsets(topic, 0),
         }
     }
 }
 
-/// How often a node's tailer looks for new records of a shared log when it found none.
-pub const TAIL_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 /// How often a node's tailer reads the registry topic of a shared log for other nodes' changes.
 pub const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -315,12 +307,12 @@ impl SimplePubsub {
             let registry = engine.topics.create(REGISTRY_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
             Log::Local { messages, registry }
         } else {
-            let (streams, runtime) = (context.streams.clone(), tokio::runtime::Handle::current());
+            let log = SharedLog::current(context.streams.clone());
             // A shared backend keeps every registry record (JetStream does not compact by key).
             for topic in [MESSAGES_TOPIC, REGISTRY_TOPIC] {
-                wait(&runtime, streams.create_topic(topic, TopicConfig { partitions: 1, ..TopicConfig::default() }))?;
+                log.create_topic(topic, TopicConfig { partitions: 1, ..TopicConfig::default() })?;
             }
-            Log::Shared(streams, runtime)
+            Log::Shared(log)
         };
         let (_, end) = log.offsets(MESSAGES_TOPIC)?;
         let system = Arc::new(SimplePubsub {
@@ -341,8 +333,15 @@ impl SimplePubsub {
         });
         system.refresh_registry()?;
         if matches!(system.log, Log::Shared(..)) {
-            let (weak, stopping) = (Arc::downgrade(&system), system.stopping.clone());
-            std::thread::Builder::new().name("pubsub-tail".into()).spawn(move || tail(weak, stopping))?;
+            let mut registry_read = std::time::Instant::now();
+            shared_log::follow("pubsub-tail", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| {
+                let found = system.tail_once()?;
+                if registry_read.elapsed() >= REGISTRY_POLL {
+                    registry_read = std::time::Instant::now();
+                    system.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+                }
+                Ok(found)
+            })?;
         }
         Ok(system)
     }
@@ -456,9 +455,9 @@ impl SimplePubsub {
             // the publisher sees next on this node includes what it published. One reader per
             // node: publishers wait for it rather than read the log themselves.
             let last = offsets[count - 1];
-            if let Log::Shared(_, runtime) = &self.log {
+            if let Log::Shared(log) = &self.log {
                 let mut end = self.end.subscribe();
-                wait(runtime, end.wait_for(|end| *end > last)).map_err(|_| StreamError::Backend { backend: "pubsub", message: "the fan-out stopped".into() })?;
+                log.wait(end.wait_for(|end| *end > last)).map_err(|_| StreamError::Backend { backend: "pubsub", message: "the fan-out stopped".into() })?;
             }
         }
         self.metrics.messages_in(count as u64);
@@ -625,33 +624,6 @@ impl SimplePubsub {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-}
-
-/// A node's fan-out from a shared log, on a thread of its own: offers the log's new messages to
-/// the broker in offset order and follows the registry topic, until the system stops or is gone.
-fn tail(system: std::sync::Weak<SimplePubsub>, stopping: Arc<AtomicBool>) {
-    let mut registry_read = std::time::Instant::now();
-    while !stopping.load(Ordering::Acquire) {
-        let Some(system) = system.upgrade() else { return };
-        let found = match system.tail_once() {
-            Ok(found) => found,
-            Err(error) => {
-                tracing::warn!(%error, "reading the shared pub/sub log failed; retrying");
-                std::thread::sleep(REGISTRY_POLL);
-                false
-            }
-        };
-        if registry_read.elapsed() >= REGISTRY_POLL {
-            registry_read = std::time::Instant::now();
-            if let Err(error) = system.refresh_registry() {
-                tracing::warn!(%error, "reading the shared pub/sub registry failed; retrying");
-            }
-        }
-        drop(system);
-        if !found {
-            std::thread::sleep(TAIL_IDLE_POLL);
-        }
     }
 }
 
