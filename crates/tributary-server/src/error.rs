@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tributary_engine::StreamError;
+use tributary_engine::cache::CacheError;
 use tributary_engine::queue::QueueError;
 use tributary_log::LogError;
 
@@ -138,6 +139,20 @@ impl From<QueueError> for ApiError {
             QueueError::Log(source) => ApiError { message, ..ApiError::from(source) },
             QueueError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
             QueueError::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message),
+        }
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(error: CacheError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            CacheError::WrongType { .. } => ApiError::new(StatusCode::CONFLICT, "wrong_type", message),
+            CacheError::KeyTooLarge { .. } | CacheError::ValueTooLarge { .. } | CacheError::MemberTooLarge { .. } | CacheError::CollectionFull { .. } => ApiError::too_large(message),
+            CacheError::NotAnInteger | CacheError::NotAFloat | CacheError::Overflow | CacheError::NanScore | CacheError::InvalidTtl { .. } => ApiError::bad_request(message),
+            CacheError::Full { .. } => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "cache_full", message),
+            CacheError::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message),
+            CacheError::SnapshotIo { .. } | CacheError::SnapshotCorrupt { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
         }
     }
 }

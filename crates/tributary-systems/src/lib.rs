@@ -27,6 +27,7 @@ mod test_support;
 use std::sync::Arc;
 
 use tributary_engine::Engine;
+use tributary_engine::cache::CacheStore;
 use tributary_engine::queue::QueueStore;
 use tributary_engine::stream::StreamStore;
 use tributary_runtime::{SystemMetrics, Topology};
@@ -45,6 +46,9 @@ pub struct Context {
     /// The stream interface: the engine's own topics, or a distributed backend's (NATS
     /// JetStream), whose log every node appends to.
     pub streams: Arc<dyn StreamStore>,
+    /// A cache every node shares (Redis), when the node runs with one (`--cache`). Without it,
+    /// what systems keep of their live connections (presence) is this node's alone.
+    pub shared_cache: Option<Arc<dyn CacheStore>>,
 }
 
 impl Context {
@@ -52,7 +56,16 @@ impl Context {
     pub fn embedded(engine: Arc<Engine>, gateway: Gateway) -> Context {
         let queues: Arc<dyn QueueStore> = engine.queues.clone();
         let streams: Arc<dyn StreamStore> = engine.topics.clone();
-        Context { engine, gateway, queues, streams }
+        Context { engine, gateway, queues, streams, shared_cache: None }
+    }
+
+    /// Presence for the system `name`: shared by every node through the shared cache when there
+    /// is one, else this node's own.
+    pub fn presence(&self, name: &str) -> tributary_server::Presence {
+        match &self.shared_cache {
+            Some(cache) => tributary_server::Presence::shared(cache.clone(), name),
+            None => tributary_server::Presence::new(),
+        }
     }
 }
 
@@ -90,7 +103,7 @@ pub struct Entry {
 pub fn entries() -> Vec<Entry> {
     vec![
         Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start, distributed: true },
-        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: false },
+        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: true },
         Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: true },
         Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: false },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: false },

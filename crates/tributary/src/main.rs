@@ -92,6 +92,11 @@ struct UpArgs {
     /// nodes can serve them behind a load balancer. Default: the embedded engine.
     #[arg(long, env = "TRIBUTARY_STREAM")]
     stream: Option<String>,
+    /// The cache every node shares: a Redis URL (`redis://host:6379/0`). Presence of connected
+    /// users (who is online, per topic or channel) is then counted across nodes. Default: each
+    /// node counts its own connections.
+    #[arg(long, env = "TRIBUTARY_CACHE")]
+    cache: Option<String>,
     /// What this deployment's streams and keys live under on a shared backend (A-Z a-z 0-9 -).
     #[arg(long, env = "TRIBUTARY_NAMESPACE", default_value = platform::NAMESPACE_DEFAULT)]
     namespace: String,
@@ -99,7 +104,7 @@ struct UpArgs {
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
+        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, cache: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
     }
 }
 
@@ -141,7 +146,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Up(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
+            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, cache: args.cache, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
             runtime.block_on(platform::up(config))?;
         }
         Command::Systems { json } => systems(json)?,

@@ -36,6 +36,8 @@ pub struct UpConfig {
     /// Where streams, queues and pub/sub live: None for the embedded engine, or a NATS URL
     /// (several servers comma-separated).
     pub stream: Option<String>,
+    /// A Redis URL for the cache every node shares (presence of connected users), or None.
+    pub cache: Option<String>,
     /// What this deployment's names live under on a shared backend (`A-Z a-z 0-9 -`).
     pub namespace: String,
 }
@@ -46,12 +48,12 @@ pub const NAMESPACE_DEFAULT: &str = "tributary";
 impl UpConfig {
     /// Serve on `listen` with the data in `data`, embedded, without tokens or announcements.
     pub fn embedded(listen: SocketAddr, data: PathBuf) -> UpConfig {
-        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, namespace: NAMESPACE_DEFAULT.to_string() }
+        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, cache: None, namespace: NAMESPACE_DEFAULT.to_string() }
     }
 }
 
 /// The context of the systems: every interface embedded, or the queue and stream interfaces on
-/// NATS JetStream.
+/// NATS JetStream, and a cache shared by the nodes on Redis.
 async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> anyhow::Result<Context> {
     let mut context = Context::embedded(engine, gateway);
     if let Some(url) = &config.stream {
@@ -60,6 +62,11 @@ async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> an
         context.queues = Arc::new(queues);
         let streams = tributary_nats::NatsStreams::connect(url, &config.namespace).await.with_context(|| format!("connecting the stream interface to {url}"))?;
         context.streams = Arc::new(streams);
+    }
+    if let Some(url) = &config.cache {
+        anyhow::ensure!(url.starts_with("redis://") || url.starts_with("rediss://"), "--cache takes a Redis URL (redis://host:port/db), got {url:?}");
+        let cache = tributary_redis::RedisCache::connect(url, &config.namespace).await.with_context(|| format!("connecting the shared cache to {url}"))?;
+        context.shared_cache = Some(Arc::new(cache));
     }
     Ok(context)
 }
@@ -170,7 +177,8 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
         match &config.stream {
             None => println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display()),
             Some(url) => {
-                println!("Tributary is up: dashboard at http://{local}/ (queues and streams on {url}, namespace {})", config.namespace);
+                let cache = config.cache.as_deref().map_or_else(|| "presence per node".to_string(), |cache| format!("shared cache on {cache}"));
+                println!("Tributary is up: dashboard at http://{local}/ (queues and streams on {url}, {cache}, namespace {})", config.namespace);
                 println!("Not started in distributed mode (they keep state in the node): {}", left_out.join(", "));
             }
         }

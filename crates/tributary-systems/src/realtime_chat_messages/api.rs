@@ -451,7 +451,7 @@ async fn channel_presence(State(system): State<Shared>, Path(channel): Path<Stri
     let user = caller(q.user.as_ref(), &headers)?;
     check_channel(&channel)?;
     system.history(&channel, &user, None, None, 1)?;
-    let ScopePresence { users, connections, members } = system.presence().members(&channel, PRESENCE_LIMIT);
+    let ScopePresence { users, connections, members } = system.presence().members(&channel, PRESENCE_LIMIT).await?;
     Ok(axum::Json(ChannelPresence { channel, online: users, connections, members }))
 }
 

@@ -61,8 +61,8 @@
 //! **What is held only in memory, rebuilt at start.** Every channel's state (members, each
 //! event's JSON for sync, each message's latest text for history) and the read markers are read
 //! back from the log at start, so start-up time and memory grow with the history kept (no
-//! retention is set: the history is the product). Presence, typing and the connection index are
-//! this process's and gone on restart by nature.
+//! retention is set: the history is the product). Presence (unless counted in a shared cache),
+//! typing and the connection index are this process's and gone on restart by nature.
 //!
 //! **What it does not do.** Threads, reactions, attachments, mobile push, group DMs of more than
 //! two, per-user signed identities (the platform's API tokens guard who may call at all; behind
@@ -391,7 +391,7 @@ impl Chat {
         let read = load_markers(&markers)?;
         let system = Chat {
             gateway: context.gateway.clone(),
-            presence: Presence::new(),
+            presence: context.presence(ID),
             log,
             markers,
             search,

@@ -186,7 +186,7 @@ pub struct TopicPresence {
     responses((status = 200, body = TopicPresence), (status = 400, description = "bad topic")))]
 async fn topic_presence(State(system): State<Shared>, Path(topic): Path<String>, Query(query): Query<PresenceQuery>) -> Result<axum::Json<TopicPresence>, ApiError> {
     process::check_topic(&topic)?;
-    let ScopePresence { users, connections, members } = system.presence().members(&topic, query.limit.unwrap_or(PRESENCE_LIMIT_DEFAULT));
+    let ScopePresence { users, connections, members } = system.presence().members(&topic, query.limit.unwrap_or(PRESENCE_LIMIT_DEFAULT)).await?;
     Ok(axum::Json(TopicPresence { topic, users, connections, members }))
 }
 
@@ -202,7 +202,7 @@ pub struct UserPresence {
     responses((status = 200, body = UserPresence), (status = 400, description = "bad user id")))]
 async fn user_presence(State(system): State<Shared>, Path(user): Path<String>) -> Result<axum::Json<UserPresence>, ApiError> {
     process::check_user(&user)?;
-    let connections = system.presence().user_connections(&user);
+    let connections = system.presence().user_connections(&user).await?;
     Ok(axum::Json(UserPresence { user, online: connections > 0, connections }))
 }
 

@@ -15,7 +15,7 @@
 //!                                                               ▼
 //!  Users ◀── WebSocket /v1/notifications/ws  ·  SSE /v1/notifications/events ── gateway (limits, heartbeats)
 //!                     │
-//!                     └─▶ Presence (tributary-server's registry: who is connected, per topic)
+//!                     └─▶ Presence (who is connected, per topic; across nodes in the shared cache)
 //! ```
 //!
 //! **Publish.** Each notification is appended to the durable topic `notifications` (key = its
@@ -58,10 +58,22 @@
 //! gets each notification at once. `linger_ms` (up to `LINGER_MS_MAX`) trades latency for fuller
 //! frames.
 //!
+//! **On a shared log.** With the context's stream interface on NATS JetStream (`tributary up
+//! --stream nats://…`), the log and the epoch live there and several nodes serve the same
+//! notifications: a publish through any node reaches the connections of every node, and a
+//! token issued by one node resumes on another. A publish only appends; each node's follower
+//! ([`shared_log::follow`]) reads every partition in offset order from the node's watermark and
+//! fans out to the node's own connections, and the publish is answered once its node's
+//! follower has passed its offsets. Notifications published together may then reach a
+//! connection in more than one frame (the follower offers what it has read so far).
+//!
 //! **Presence.** Each connection joins tributary-server's [`Presence`] registry for its (non
 //! personal) topics: `GET /v1/notifications/presence/{topic}` lists who is connected with how many
 //! connections, `GET /v1/notifications/users/{user}` says whether a user is online, and a
-//! connection opened with `presence=true` receives join/leave events of its topics.
+//! connection opened with `presence=true` receives join/leave events of its topics. With a
+//! cache the nodes share (`tributary up --cache redis://…`), the counts are every node's (each
+//! node writes its own to Redis, renewed while it lives); events are of this node's
+//! connections.
 //!
 //! **Identity.** A connection names its user with `?user=` or the `Tributary-User` header. The
 //! platform's API tokens (Bearer, or `?access_token=` for browsers) guard who may connect at all;
@@ -73,8 +85,8 @@
 //! (a topic lives in one partition, so per topic there is).
 //!
 //! **What it does not do.** No subscribe/unsubscribe on an open connection (reconnect with the
-//! new topic list and the token); no wildcard topics; no client receipts; no compression; one
-//! node only (the presence and the index are this process's).
+//! new topic list and the token); no wildcard topics; no client receipts; no compression.
+//! Without a shared cache, presence is per node: a node lists only its own connections.
 
 pub mod api;
 pub mod process;
@@ -86,17 +98,19 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tributary_core::Record;
 use tributary_core::limits::BATCH_BYTES_MAX;
+use tributary_core::StoredRecord;
 use tributary_engine::stream::{Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
+use tributary_server::shared_log::{self, SharedLog};
 use tributary_server::{Gateway, Presence, SystemApi};
 
 use crate::{Context, System};
@@ -213,15 +227,63 @@ struct State {
     index: HashMap<Arc<str>, HashMap<u64, Arc<Connection>>>,
 }
 
+impl State {
+    /// Queue each notification for the connections of its topic; collects the connections to
+    /// wake (once each, in `touched`) and counts overflows.
+    fn offer(&self, batch: &[Arc<Notification>], touched: &mut HashSet<u64>, wake: &mut Vec<Arc<Connection>>, overflows: &AtomicU64) {
+        for notification in batch {
+            if let Some(connections) = self.index.get(&notification.topic) {
+                for connection in connections.values() {
+                    if connection.push(notification) {
+                        overflows.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if touched.insert(connection.id) {
+                        wake.push(connection.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the notification log lives.
+enum Log {
+    /// The engine's topic in this process: a publish appends (group commit) and fans out itself.
+    Local(Arc<Topic>),
+    /// A log every node appends to (NATS JetStream): a publish only appends; the node's follower
+    /// reads every partition in offset order and fans out to the node's own connections.
+    Shared(SharedLog),
+}
+
+impl Log {
+    fn fetch(&self, partition: u32, offset: u64) -> Result<Vec<StoredRecord>, StreamError> {
+        match self {
+            Log::Local(topic) => topic.fetch(partition, offset, REPLAY_CHUNK_RECORDS, BATCH_BYTES_MAX),
+            Log::Shared(log) => log.fetch(NOTIFICATIONS_TOPIC, partition, offset, REPLAY_CHUNK_RECORDS),
+        }
+    }
+
+    fn offsets(&self, partition: u32) -> Result<(u64, u64), StreamError> {
+        match self {
+            Log::Local(topic) => topic.offsets(partition),
+            Log::Shared(log) => log.offsets(NOTIFICATIONS_TOPIC, partition),
+        }
+    }
+}
+
 pub struct Notifications {
     engine: Arc<Engine>,
     gateway: Gateway,
     presence: Presence,
-    log: Arc<Topic>,
+    log: Log,
+    partitions: u32,
     epoch: u64,
     state: Mutex<State>,
     /// Per partition: every offset below it has been offered to every matching connection.
     watermark: Vec<AtomicU64>,
+    /// Bumped after the follower of a shared log raised a watermark (publishers wait on it).
+    followed: tokio::sync::watch::Sender<u64>,
+    stopping: Arc<AtomicBool>,
     metrics: SystemMetrics,
     next_connection: AtomicU64,
     connections: AtomicUsize,
@@ -240,10 +302,21 @@ impl Notifications {
         let engine = context.engine.clone();
         let topic_config =
             TopicConfig { partitions: config.partitions, retention_ms: config.retention_ms, retention_bytes: config.retention_bytes, segment_bytes: config.segment_bytes, ..TopicConfig::default() };
-        let log = engine.topics.create(NOTIFICATIONS_TOPIC, topic_config)?;
-        let meta = engine.topics.create(META_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
-        let epoch = load_or_make_epoch(&meta)?;
-        let partitions = log.partition_count();
+        let (log, partitions, epoch) = if context.streams.blocking() {
+            let log = engine.topics.create(NOTIFICATIONS_TOPIC, topic_config)?;
+            let meta = engine.topics.create(META_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
+            let epoch = load_or_make_epoch(meta.offsets(0)?.0, |offset| meta.fetch(0, offset, 1_000, BATCH_BYTES_MAX), |record| meta.produce_to(0, &[record]).map(drop))?;
+            let partitions = log.partition_count();
+            (Log::Local(log), partitions, epoch)
+        } else {
+            let log = SharedLog::current(context.streams.clone());
+            log.create_topic(NOTIFICATIONS_TOPIC, topic_config)?;
+            // JetStream does not compact by key: every node reads the first epoch record.
+            log.create_topic(META_TOPIC, TopicConfig { partitions: 1, ..TopicConfig::default() })?;
+            let epoch = load_or_make_epoch(log.offsets(META_TOPIC, 0)?.0, |offset| log.fetch(META_TOPIC, 0, offset, 1_000), |record| log.produce(META_TOPIC, vec![record]).map(drop))?;
+            let partitions = log.partitions(NOTIFICATIONS_TOPIC)?;
+            (Log::Shared(log), partitions, epoch)
+        };
         let mut next = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
             next.push(log.offsets(p)?.1);
@@ -251,10 +324,13 @@ impl Notifications {
         let system = Notifications {
             engine,
             gateway: context.gateway.clone(),
-            presence: Presence::new(),
+            presence: context.presence(ID),
             log,
+            partitions,
             epoch,
             watermark: next.iter().map(|&n| AtomicU64::new(n)).collect(),
+            followed: tokio::sync::watch::Sender::new(0),
+            stopping: Arc::new(AtomicBool::new(false)),
             state: Mutex::new(State { next, waiting: vec![BTreeMap::new(); partitions as usize], index: HashMap::new() }),
             metrics: SystemMetrics::new(ID),
             next_connection: AtomicU64::new(1),
@@ -264,11 +340,15 @@ impl Notifications {
             replayed: AtomicU64::new(0),
             overflows: AtomicU64::new(0),
         };
-        Ok(Arc::new(system))
+        let system = Arc::new(system);
+        if matches!(system.log, Log::Shared(_)) {
+            shared_log::follow("notifications-follow", Arc::downgrade(&system), system.stopping.clone(), Notifications::follow_once)?;
+        }
+        Ok(system)
     }
 
     pub fn partitions(&self) -> u32 {
-        self.log.partition_count()
+        self.partitions
     }
 
     pub fn epoch(&self) -> u64 {
@@ -314,8 +394,10 @@ impl Notifications {
     /// in parallel (each waits for its own sync). If a partition fails, the others' batches are
     /// still fanned out, the failed partition is resynchronised ([`Notifications::skip_to_log`])
     /// and the error is returned: the publish may have been partly appended, and a retry may
-    /// deliver the appended part twice.
+    /// deliver the appended part twice. On a shared log the records are appended and the call
+    /// returns once this node's follower has fanned them out.
     pub fn publish(&self, mut records: Vec<Record>) -> Result<Vec<(u32, u64)>, StreamError> {
+        let Log::Local(log) = &self.log else { return self.publish_shared(records) };
         let now_ms = tributary_core::now_ms();
         let accepted = Instant::now();
         for record in &mut records {
@@ -323,12 +405,12 @@ impl Notifications {
         }
         let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for (i, record) in records.iter().enumerate() {
-            by_partition.entry(self.log.partition_for(record.key.as_deref(), 0)).or_default().push(i);
+            by_partition.entry(log.partition_for(record.key.as_deref(), 0)).or_default().push(i);
         }
         let mut appends = Vec::with_capacity(by_partition.len());
         for (&partition, indexes) in &by_partition {
             let batch: Vec<Record> = if indexes.len() == records.len() { std::mem::take(&mut records) } else { indexes.iter().map(|&i| records[i].clone()).collect() };
-            let pending = self.log.log(partition).and_then(|log| log.append_pending(&batch, 0, 0).map_err(StreamError::Log));
+            let pending = log.log(partition).and_then(|log| log.append_pending(&batch, 0, 0).map_err(StreamError::Log));
             appends.push((partition, batch, pending));
         }
         let mut positions = vec![(0u32, 0u64); by_partition.values().map(Vec::len).sum()];
@@ -368,6 +450,53 @@ impl Notifications {
         }
     }
 
+    /// Append to the shared log, then wait until this node's follower has fanned every record
+    /// out (so what the publisher sees next on this node includes what it published).
+    fn publish_shared(&self, records: Vec<Record>) -> Result<Vec<(u32, u64)>, StreamError> {
+        let Log::Shared(log) = &self.log else { unreachable!("called on a shared log") };
+        let count = records.len() as u64;
+        let produced = log.produce(NOTIFICATIONS_TOPIC, records).inspect_err(|_| self.metrics.error())?;
+        let positions: Vec<(u32, u64)> = produced.into_iter().map(|p| (p.partition, p.offset)).collect();
+        let mut followed = self.followed.subscribe();
+        let passed = |_: &u64| positions.iter().all(|&(p, offset)| self.watermark[p as usize].load(Ordering::Acquire) > offset);
+        log.wait(followed.wait_for(passed)).map_err(|_| StreamError::Backend { backend: "notifications", message: "the fan-out stopped".into() })?;
+        self.metrics.messages_in(count);
+        self.published.fetch_add(count, Ordering::Relaxed);
+        Ok(positions)
+    }
+
+    /// One step of a shared log's follower: read each partition from its fan-out position and
+    /// offer what is there to the index; true if anything was found. The read happens without
+    /// the state lock (connections take it to register); under the lock, what was fanned out
+    /// meanwhile is skipped, so no offset is offered twice.
+    fn follow_once(&self) -> Result<bool, StreamError> {
+        let mut found = false;
+        for partition in 0..self.partitions {
+            let p = partition as usize;
+            let from = self.state.lock().next[p];
+            let records = self.log.fetch(partition, from)?;
+            let Some(last) = records.last().map(|r| r.offset) else { continue };
+            found = true;
+            let (now, now_ms) = (Instant::now(), tributary_core::now_ms());
+            let batch: Vec<Arc<Notification>> = records.iter().filter_map(|record| notification_of(partition, record, now, now_ms)).collect();
+            let (mut touched, mut wake) = (HashSet::new(), Vec::new());
+            let mut state = self.state.lock();
+            let next = state.next[p];
+            let fresh = batch.iter().position(|n| n.pending.offset >= next).unwrap_or(batch.len());
+            state.offer(&batch[fresh..], &mut touched, &mut wake, &self.overflows);
+            state.next[p] = next.max(last + 1);
+            self.watermark[p].store(state.next[p], Ordering::Release);
+            drop(state);
+            for connection in wake {
+                connection.wake.notify_one();
+            }
+        }
+        if found {
+            self.followed.send_modify(|rounds| *rounds += 1);
+        }
+        Ok(found)
+    }
+
     /// Offer each partition's batches to the index strictly in offset order, then raise its
     /// watermark.
     fn fan_out(&self, batches: BTreeMap<u32, Vec<Arc<Notification>>>) {
@@ -384,18 +513,7 @@ impl Notifications {
             }
             state.waiting[p].insert(base, batch);
             while let Some(batch) = state.waiting[p].remove(&state.next[p]) {
-                for notification in &batch {
-                    if let Some(connections) = state.index.get(&notification.topic) {
-                        for connection in connections.values() {
-                            if connection.push(notification) {
-                                self.overflows.fetch_add(1, Ordering::Relaxed);
-                            }
-                            if touched.insert(connection.id) {
-                                wake.push(connection.clone());
-                            }
-                        }
-                    }
-                }
+                state.offer(&batch, &mut touched, &mut wake, &self.overflows);
                 state.next[p] = batch.last().expect("batches are not empty").pending.offset + 1;
             }
             self.watermark[p].store(state.next[p], Ordering::Release);
@@ -413,6 +531,7 @@ impl Notifications {
     /// log (as after an overflow): each catches up exactly from its own position.
     fn skip_to_log(&self, partition: u32) {
         let Ok((_, end)) = self.log.offsets(partition) else { return };
+        debug_assert!(matches!(self.log, Log::Local(_)), "a shared log's follower reads every offset");
         let p = partition as usize;
         let mut guard = self.state.lock();
         let state = &mut *guard;
@@ -482,7 +601,7 @@ impl Notifications {
         if from >= to {
             return Ok((Vec::new(), to));
         }
-        let records = self.log.fetch(partition, from, REPLAY_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+        let records = self.log.fetch(partition, from)?;
         let mut out = Vec::new();
         for record in records.iter().filter(|r| r.offset >= from && r.offset < to) {
             let Some(topic) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
@@ -511,22 +630,37 @@ impl Notifications {
     }
 }
 
-/// The log's epoch: read from the meta topic, or made up and stored durably on first start.
-fn load_or_make_epoch(meta: &Topic) -> anyhow::Result<u64> {
-    let (start, end) = meta.offsets(0)?;
-    let mut epoch = None;
-    let mut offset = start;
-    while offset < end {
-        let records = meta.fetch(0, offset, 1_000, BATCH_BYTES_MAX)?;
-        let Some(last) = records.last() else { break };
-        offset = last.offset + 1;
-        for record in records.iter().filter(|r| r.key.as_deref() == Some(b"epoch")) {
-            if let Some(value) = record.value.as_deref().and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| u64::from_str_radix(v, 16).ok()) {
-                epoch = Some(value);
+/// The notification of a record read from the log, stamped as accepted when the record was.
+fn notification_of(partition: u32, record: &StoredRecord, now: Instant, now_ms: i64) -> Option<Arc<Notification>> {
+    let Some(topic) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
+        tracing::warn!(partition, offset = record.offset, "skipping a notification record without a topic");
+        return None;
+    };
+    let data = record.value.as_deref().unwrap_or(b"null");
+    let json = process::notification_json(topic, partition, record.offset, record.timestamp_ms, data);
+    let age = Duration::from_millis(now_ms.saturating_sub(record.timestamp_ms).max(0) as u64);
+    let pending = Pending { partition, offset: record.offset, json: Arc::from(json) };
+    Some(Arc::new(Notification { pending, topic: Arc::from(topic), accepted: now.checked_sub(age).unwrap_or(now) }))
+}
+
+/// The log's epoch: the first `epoch` record of the meta topic (read in pages by `fetch` from
+/// `start`), or made up and stored durably on first start. Nodes sharing a log that start
+/// together may both store one; the first stored is everyone's.
+fn load_or_make_epoch(start: u64, fetch: impl Fn(u64) -> Result<Vec<StoredRecord>, StreamError>, store: impl FnOnce(Record) -> Result<(), StreamError>) -> anyhow::Result<u64> {
+    let first = || -> Result<Option<u64>, StreamError> {
+        let mut offset = start;
+        loop {
+            let records = fetch(offset)?;
+            let Some(last) = records.last() else { return Ok(None) };
+            offset = last.offset + 1;
+            for record in records.iter().filter(|r| r.key.as_deref() == Some(b"epoch")) {
+                if let Some(value) = record.value.as_deref().and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| u64::from_str_radix(v, 16).ok()) {
+                    return Ok(Some(value));
+                }
             }
         }
-    }
-    if let Some(epoch) = epoch {
+    };
+    if let Some(epoch) = first()? {
         return Ok(epoch);
     }
     use std::hash::{BuildHasher, Hasher};
@@ -535,11 +669,16 @@ fn load_or_make_epoch(meta: &Topic) -> anyhow::Result<u64> {
     hasher.write_u32(std::process::id());
     // 48 bits keep the token short; the epoch only has to differ between resets of one node.
     let epoch = (hasher.finish() >> 16).max(1);
-    meta.produce_to(0, &[Record::keyed(Bytes::from_static(b"epoch"), format!("{epoch:x}"))])?;
-    Ok(epoch)
+    store(Record::keyed(Bytes::from_static(b"epoch"), format!("{epoch:x}")))?;
+    Ok(first()?.unwrap_or(epoch))
 }
 
 impl System for Notifications {
+    /// Stops the follower of a shared log.
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     fn id(&self) -> &'static str {
         ID
     }

@@ -1,5 +1,6 @@
 //! Feature tests of realtime-notifications through its real HTTP, WebSocket and SSE API, on a
-//! server started in-process on 127.0.0.1:0 over an engine in a temporary folder.
+//! server started in-process on 127.0.0.1:0, with the log on the engine in a temporary folder or
+//! on the machine's NATS JetStream ([`on_both!`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,11 +11,10 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::Gateway;
 
 use super::{Notifications, NotificationsConfig};
-use crate::test_support::{Served, until_last_handle};
-use crate::{Context, System};
+use crate::test_support::{Backend, Served, on_both, until_last_handle};
+use crate::System;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -28,13 +28,13 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
-        App::start_with(dir, NotificationsConfig::default()).await
+    async fn start(dir: &Path, backend: &Backend) -> App {
+        App::start_with(dir, backend, NotificationsConfig::default()).await
     }
 
-    async fn start_with(dir: &Path, config: NotificationsConfig) -> App {
+    async fn start_with(dir: &Path, backend: &Backend, config: NotificationsConfig) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context::embedded(engine.clone(), Gateway::default());
+        let context = backend.context(engine.clone()).await;
         let system = Notifications::open(&context, config).unwrap();
         let served = Served::start(system.clone().api()).await;
         App { base: served.base(), ws_base: served.ws_base(), client: reqwest::Client::new(), system, engine, served }
@@ -43,6 +43,7 @@ impl App {
     /// Stop serving and drop everything holding the engine without a clean close (only what
     /// was acknowledged is relied on afterwards).
     async fn stop(mut self) {
+        self.system.shutdown();
         self.system.gateway().close();
         self.served.stop().await;
         let (system, engine) = (self.system, self.engine);
@@ -75,6 +76,21 @@ impl App {
     }
 
     /// Connect a WebSocket; returns it after its `connected` message.
+    /// GET `path` until its body satisfies `done` (another node's change arrives within
+    /// moments), at most WAIT.
+    async fn eventually(&self, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.get(path).await;
+            assert_eq!(status, 200, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{path} still says {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn ws(&self, query: &str) -> Ws {
         let (stream, _) = tokio_tungstenite::connect_async(format!("{}/v1/notifications/ws?{query}", self.ws_base)).await.unwrap();
         let mut ws = Ws { stream, token: String::new() };
@@ -218,10 +234,10 @@ fn got(topic: &str, data: Value) -> Got {
     (topic.to_string(), data)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_notification_reaches_the_connections_of_its_topic_and_no_others() {
+on_both!(a_notification_reaches_the_connections_of_its_topic_and_no_others);
+async fn a_notification_reaches_the_connections_of_its_topic_and_no_others(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut alice = app.ws("user=alice&topics=news,sport").await;
     let mut bob = app.ws("user=bob&topics=weather").await;
     let mut bob_sse = app.sse("user=bob", None).await;
@@ -239,20 +255,28 @@ async fn a_notification_reaches_the_connections_of_its_topic_and_no_others() {
     bob.quiet().await;
 }
 
+/// On a shared log a node's follower offers what it has read so far, so one publish may reach a
+/// connection in more than one frame: embedded only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_that_arrive_together_share_a_frame_within_its_limits() {
+    let backend = Backend::Embedded;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut default = app.ws("user=a&topics=news").await;
     let mut small = app.ws("user=b&topics=news&batch_max=2").await;
-    let mut lingering = app.ws("user=c&topics=alerts&linger_ms=1000").await;
 
     let five: Vec<(&str, Value)> = (0..5).map(|i| ("news", json!(i))).collect();
     app.publish(five).await;
     assert_eq!(default.frame().await.len(), 5, "one publish of five: one frame");
     let sizes = [small.frame().await.len(), small.frame().await.len(), small.frame().await.len()];
     assert_eq!(sizes, [2, 2, 1], "batch_max bounds a frame");
+}
 
+on_both!(notifications_published_within_the_linger_time_share_a_frame);
+async fn notifications_published_within_the_linger_time_share_a_frame(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path(), &backend).await;
+    let mut lingering = app.ws("user=c&topics=alerts&linger_ms=1000").await;
     // Three separate publishes within the linger time go out as one frame.
     for i in 0..3 {
         app.publish(vec![("alerts", json!(i))]).await;
@@ -265,10 +289,10 @@ fn topics(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("t{i}")).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnect_with_the_token_gets_exactly_what_was_missed_then_live() {
+on_both!(a_reconnect_with_the_token_gets_exactly_what_was_missed_then_live);
+async fn a_reconnect_with_the_token_gets_exactly_what_was_missed_then_live(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start_with(dir.path(), NotificationsConfig { partitions: 4, ..NotificationsConfig::default() }).await;
+    let app = App::start_with(dir.path(), &backend, NotificationsConfig { partitions: 4, ..NotificationsConfig::default() }).await;
     let mine = topics(8);
     let query = format!("user=alice&topics={}", mine.join(","));
     let mut ws = app.ws(&query).await;
@@ -312,10 +336,10 @@ async fn a_reconnect_with_the_token_gets_exactly_what_was_missed_then_live() {
     again.quiet().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sse_resumes_with_last_event_id_exactly() {
+on_both!(sse_resumes_with_last_event_id_exactly);
+async fn sse_resumes_with_last_event_id_exactly(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut sse = app.sse("user=bob&topics=a,b", None).await;
     app.publish(vec![("a", json!(1)), ("b", json!(2))]).await;
     sse.notifications(2).await;
@@ -330,10 +354,10 @@ async fn sse_resumes_with_last_event_id_exactly() {
     assert_eq!(sse.notifications(1).await, vec![got("b", json!(5))]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_token_recovers_exactly_across_a_restart_without_a_clean_close() {
+on_both!(the_token_recovers_exactly_across_a_restart_without_a_clean_close);
+async fn the_token_recovers_exactly_across_a_restart_without_a_clean_close(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let ws = app.ws("user=alice&topics=news").await;
     let token = ws.token.clone();
     drop(ws);
@@ -341,7 +365,7 @@ async fn the_token_recovers_exactly_across_a_restart_without_a_clean_close() {
     app.publish(published.clone()).await;
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut ws = app.ws(&format!("user=alice&topics=news&token={token}")).await;
     let expected: Vec<Got> = published.into_iter().map(|(t, d)| got(t, d)).collect();
     assert_eq!(ws.notifications(20).await, expected);
@@ -349,11 +373,11 @@ async fn the_token_recovers_exactly_across_a_restart_without_a_clean_close() {
     assert_eq!(ws.notifications(1).await, vec![got("news", json!("after restart"))]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_older_than_retention_or_of_another_log_is_refused_explicitly() {
+on_both!(a_token_older_than_retention_or_of_another_log_is_refused_explicitly);
+async fn a_token_older_than_retention_or_of_another_log_is_refused_explicitly(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let config = NotificationsConfig { partitions: 1, retention_ms: None, retention_bytes: Some(8 * 1024), segment_bytes: 4096 };
-    let app = App::start_with(dir.path(), config).await;
+    let app = App::start_with(dir.path(), &backend, config).await;
     let ws = app.ws("user=alice&topics=news").await;
     let old = ws.token.clone();
     drop(ws);
@@ -361,7 +385,9 @@ async fn a_token_older_than_retention_or_of_another_log_is_refused_explicitly() 
         let batch: Vec<(&str, Value)> = (0..20).map(|i| ("news", json!("x".repeat(100 + i)))).collect();
         app.publish(batch).await;
     }
-    app.engine.topics.maintain().unwrap();
+    if backend.is_embedded() {
+        app.engine.topics.maintain().unwrap();
+    }
     let (starts, _) = app.system.log_bounds().unwrap();
     assert!(starts[0] > 0, "retention removed the oldest segments");
 
@@ -380,10 +406,10 @@ async fn a_token_older_than_retention_or_of_another_log_is_refused_explicitly() 
     assert_eq!(status, 400, "a token ahead of the log");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_shows_who_is_connected_and_streams_join_and_leave() {
+on_both!(presence_shows_who_is_connected_and_streams_join_and_leave);
+async fn presence_shows_who_is_connected_and_streams_join_and_leave(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut watcher = app.ws("user=carol&topics=room&presence=true").await;
     let alice_1 = app.ws("user=alice&topics=room,lobby").await;
     let alice_2 = app.sse("user=alice&topics=room", None).await;
@@ -419,10 +445,10 @@ async fn presence_shows_who_is_connected_and_streams_join_and_leave() {
     assert_eq!(room["members"], json!([{"user": "carol", "connections": 1}]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_that_falls_behind_catches_up_from_the_log_without_loss() {
+on_both!(a_connection_that_falls_behind_catches_up_from_the_log_without_loss);
+async fn a_connection_that_falls_behind_catches_up_from_the_log_without_loss(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     // One notification per frame and large data: the socket and the gateway's queue fill up
     // long before the client reads, so the connection's queue overflows.
     let mut slow = app.ws("user=slow&topics=firehose&batch_max=1").await;
@@ -440,10 +466,10 @@ async fn a_connection_that_falls_behind_catches_up_from_the_log_without_loss() {
     slow.quiet().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_refused_with_the_reason() {
+on_both!(bad_input_is_refused_with_the_reason);
+async fn bad_input_is_refused_with_the_reason(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let post = |body: Value| {
         let app = &app;
         async move { app.call(reqwest::Method::POST, "/v1/notifications/publish", Some(body)).await }
@@ -491,10 +517,10 @@ async fn bad_input_is_refused_with_the_reason() {
     assert_eq!(ws.notifications(1).await, vec![got("news", json!("still here"))]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_user_can_be_named_by_header_and_the_status_counts_connections() {
+on_both!(the_user_can_be_named_by_header_and_the_status_counts_connections);
+async fn the_user_can_be_named_by_header_and_the_status_counts_connections(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("{}/v1/notifications/ws?topics=news", app.ws_base)).unwrap();
     request.headers_mut().insert("Tributary-User", "dave".parse().unwrap());
     let (mut stream, _) = tokio_tungstenite::connect_async(request).await.unwrap();
@@ -509,10 +535,13 @@ async fn the_user_can_be_named_by_header_and_the_status_counts_connections() {
     assert_eq!(counts.get(super::ID), Some(&json!(1)));
 }
 
+/// A failed append resynchronises a partition of the engine's own log; a shared log's follower
+/// reads every offset: embedded only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_partition_is_resynchronised_connections_catch_up_from_the_log_exactly() {
+    let backend = Backend::Embedded;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut ws = app.ws("user=alice&topics=news").await;
     app.publish(vec![("news", json!(1))]).await;
     assert_eq!(ws.notifications(1).await, vec![got("news", json!(1))]);
@@ -526,4 +555,48 @@ async fn after_a_partition_is_resynchronised_connections_catch_up_from_the_log_e
     }
     assert_eq!(got_all, vec![got("news", json!(2)), got("news", json!(3)), got("news", json!(4))], "no gap, no duplicate");
     ws.quiet().await;
+}
+
+/// Two nodes on one shared log and cache: a publish through either reaches the connections of
+/// both, presence counts both, and a token from one node resumes exactly on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_shared_log_serve_the_same_notifications() {
+    let backend = Backend::nats();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config = NotificationsConfig { partitions: 2, ..NotificationsConfig::default() };
+    let a = App::start_with(dir_a.path(), &backend, config.clone()).await;
+    let b = App::start_with(dir_b.path(), &backend, config).await;
+    assert_eq!(a.system.epoch(), b.system.epoch(), "one log, one epoch");
+
+    let mut on_a = a.ws("user=alice&topics=news").await;
+    let mut on_b = b.ws("user=bob&topics=news").await;
+    a.publish(vec![("news", json!(1)), ("user.bob", json!("for bob"))]).await;
+    b.publish(vec![("news", json!(2))]).await;
+    assert_eq!(on_a.notifications(2).await, vec![got("news", json!(1)), got("news", json!(2))]);
+    let mut bob_got = on_b.notifications(3).await;
+    bob_got.sort_by_key(|(topic, data)| (topic.clone(), data.to_string()));
+    assert_eq!(bob_got, vec![got("news", json!(1)), got("news", json!(2)), got("user.bob", json!("for bob"))]);
+
+    // Presence is counted across nodes through the shared cache: each node lists both users.
+    for node in [&a, &b] {
+        let news = node.eventually("/v1/notifications/presence/news", |news| news["users"] == 2).await;
+        assert_eq!(news["members"], json!([{"user": "alice", "connections": 1}, {"user": "bob", "connections": 1}]));
+    }
+    drop(on_b);
+    let bob = a.eventually("/v1/notifications/users/bob", |bob| bob["online"] == false).await;
+    assert_eq!(bob["connections"], 0);
+
+    // Alice leaves node A; what is published meanwhile is replayed on node B from A's token.
+    let token = on_a.token.clone();
+    drop(on_a);
+    let missed: Vec<(&str, Value)> = (3..13).map(|i| ("news", json!(i))).collect();
+    b.publish(missed.clone()).await;
+    let mut moved = b.ws(&format!("user=alice&topics=news&token={token}")).await;
+    assert_eq!(moved.notifications(10).await, missed.into_iter().map(|(t, d)| got(t, d)).collect::<Vec<_>>());
+    a.publish(vec![("news", json!("live"))]).await;
+    assert_eq!(moved.notifications(1).await, vec![got("news", json!("live"))]);
+    moved.quiet().await;
+    a.stop().await;
+    b.stop().await;
+    backend.forget().await;
 }

@@ -1,7 +1,8 @@
 //! What several systems' feature tests share:
 //! - [`Backend`] and [`on_both!`]: a feature test run on the embedded engine and on the
-//!   machine's NATS JetStream (127.0.0.1:4222, or `TRIBUTARY_TEST_NATS_URL`), each NATS run
-//!   under a namespace of its own, removed at its end;
+//!   machine's NATS JetStream (127.0.0.1:4222, or `TRIBUTARY_TEST_NATS_URL`) with its Redis as
+//!   the shared cache (127.0.0.1:6379, or `TRIBUTARY_TEST_REDIS_URL`), each such run under a
+//!   namespace of its own, removed at its end (what presence writes to Redis expires);
 //! - [`Served`]: a system's routes behind the real front door on 127.0.0.1:0, stopped on demand;
 //! - [`SmtpRelay`]: an SMTP relay to deliver to (Python's aiosmtpd in a child process, running
 //!   `smtp_sink.py`, which answers 250, 4xx or 5xx by recipient and prints each accepted message
@@ -22,7 +23,7 @@ const SMTP_SINK: &str = include_str!("smtp_sink.py");
 pub enum Backend {
     /// The engine in the test's folder.
     Embedded,
-    /// NATS JetStream (queues and streams), under this namespace.
+    /// NATS JetStream (queues and streams) and Redis (the shared cache), under this namespace.
     Nats(String),
 }
 
@@ -45,6 +46,9 @@ impl Backend {
             const NEEDS: &str = "NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)";
             context.queues = Arc::new(tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.expect(NEEDS));
             context.streams = Arc::new(tributary_nats::NatsStreams::connect(&nats_url(), namespace).await.expect(NEEDS));
+            let redis = std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let cache = tributary_redis::RedisCache::connect(&redis, namespace).await.expect("Redis on 127.0.0.1:6379 (.ci/services starts it)");
+            context.shared_cache = Some(Arc::new(cache));
         }
         context
     }
