@@ -1,12 +1,14 @@
-//! Two `tributary up --stream nats://…` nodes on the machine's NATS, behind a balancer of the
-//! test's own (TCP, a backend per connection in turn, skipping one that refuses). Producers and
-//! consumers of basic-message-queue go through the balancer; one node is killed with SIGKILL
-//! under load. Clients retry what failed (publishes with their dedup ids, so a retry stores
-//! nothing twice), and every message a node acknowledged (201) is received afterwards: nothing
-//! acknowledged is lost, and the surviving node serves on.
+//! Two `tributary up --stream nats://…` nodes on the machine's NATS, one killed with SIGKILL:
+//! - basic-message-queue, behind a balancer of the test's own (TCP, a backend per connection in
+//!   turn, skipping one that refuses), under load. Clients retry what failed (publishes with
+//!   their dedup ids, so a retry stores nothing twice), and every message a node acknowledged
+//!   (201) is received afterwards: nothing acknowledged is lost, and the surviving node serves on.
+//! - realtime-notifications, with `--cache` on Redis: presence counts the connections of both
+//!   nodes, and a client of the killed node reconnects to the other with its last token and gets
+//!   exactly what it missed.
 //!
-//! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), which `.ci/run`
-//! starts or checks.
+//! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`) and Redis on
+//! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`), which `.ci/run` starts or checks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -19,7 +21,8 @@ use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tributary_engine::queue::{QueueConfig, QueueStore};
-use tributary_nats::NatsQueues;
+use futures_util::StreamExt;
+use tributary_nats::{NatsQueues, NatsStreams};
 
 mod process;
 use process::{free_port, start_up, wait_healthy};
@@ -200,4 +203,114 @@ async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_kille
         node.wait().unwrap();
     }
     admin.delete_namespace().await.unwrap();
+}
+
+fn redis_url() -> String {
+    std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A notifications WebSocket client: the data of what it received, and the last token.
+struct Listener {
+    stream: WsStream,
+    token: String,
+}
+
+impl Listener {
+    async fn connect(port: u16, query: &str) -> Listener {
+        let url = format!("ws://127.0.0.1:{port}/v1/notifications/ws?{query}");
+        let (mut stream, _) = tokio_tungstenite::connect_async(url).await.expect("the node takes WebSockets");
+        let hello = Listener::next(&mut stream).await;
+        let token = hello["connected"]["token"].as_str().expect("a connected message with a token").to_string();
+        Listener { stream, token }
+    }
+
+    async fn next(stream: &mut WsStream) -> Value {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("a message within 10 s").expect("the socket is open").unwrap();
+            if let Ok(text) = frame.to_text()
+                && !text.is_empty()
+            {
+                return serde_json::from_str(text).unwrap();
+            }
+        }
+    }
+
+    /// The `data` of the next `n` notifications.
+    async fn notifications(&mut self, n: usize) -> Vec<Value> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let frame = Listener::next(&mut self.stream).await;
+            if let Some(notifications) = frame["notifications"].as_array() {
+                got.extend(notifications.iter().map(|n| n["data"].clone()));
+                self.token = frame["token"].as_str().unwrap().to_string();
+            }
+        }
+        assert_eq!(got.len(), n, "no more than asked for in the frames read");
+        got
+    }
+}
+
+async fn publish(client: &reqwest::Client, port: u16, data: impl Iterator<Item = u64>) {
+    let notifications: Vec<Value> = data.map(|i| json!({"topic": "news", "data": i})).collect();
+    let response = client.post(format!("http://127.0.0.1:{port}/v1/notifications/publish")).json(&json!({"notifications": notifications})).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+/// GET `path` of the node on `port` until `done` holds (the other node's presence writer runs
+/// on its own), at most 10 s.
+async fn presence_until(client: &reqwest::Client, port: u16, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body: Value = client.get(format!("http://127.0.0.1:{port}{path}")).send().await.unwrap().json().await.unwrap();
+        if done(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{path} still says {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifications_client_of_a_killed_node_resumes_on_the_other_exactly() {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+    let namespace = format!("multinode-n-{}-{nanos}", std::process::id());
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ports = [free_port(), free_port()];
+    let shared = ["--stream", &nats_url(), "--cache", &redis_url(), "--namespace", &namespace];
+    let mut nodes = [start_up(one.path(), ports[0], &shared), start_up(two.path(), ports[1], &shared)];
+    let client = reqwest::Client::new();
+    for port in ports {
+        wait_healthy(&client, &format!("http://127.0.0.1:{port}")).await;
+    }
+
+    let mut alice = Listener::connect(ports[0], "user=alice&topics=news").await;
+    let mut bob = Listener::connect(ports[1], "user=bob&topics=news").await;
+    for port in ports {
+        let news = presence_until(&client, port, "/v1/notifications/presence/news", |news| news["users"] == 2).await;
+        assert_eq!(news["members"], json!([{"user": "alice", "connections": 1}, {"user": "bob", "connections": 1}]));
+    }
+    publish(&client, ports[1], 0..50).await;
+    publish(&client, ports[0], 50..100).await;
+    let first: Vec<Value> = (0..100).map(|i| json!(i)).collect();
+    assert_eq!(alice.notifications(100).await, first);
+    assert_eq!(bob.notifications(100).await, first);
+
+    // Alice's node dies; what is published meanwhile waits in the shared log for her token.
+    let token = alice.token.clone();
+    unsafe { libc::kill(nodes[0].id() as i32, libc::SIGKILL) };
+    nodes[0].wait().unwrap();
+    publish(&client, ports[1], 100..300).await;
+    let mut moved = Listener::connect(ports[1], &format!("user=alice&topics=news&token={token}")).await;
+    assert_eq!(moved.notifications(200).await, (100..300).map(|i| json!(i)).collect::<Vec<_>>(), "exactly what she missed, in order");
+    assert_eq!(bob.notifications(200).await.len(), 200);
+    publish(&client, ports[1], 300..301).await;
+    assert_eq!(moved.notifications(1).await, vec![json!(300)], "then live");
+    let alice_online = presence_until(&client, ports[1], "/v1/notifications/users/alice", |alice| alice["online"] == true).await;
+    assert!(alice_online["connections"].as_u64().unwrap() >= 1);
+
+    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
+    nodes[1].wait().unwrap();
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
 }
