@@ -39,7 +39,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tributary_core::{Header, Record, StoredRecord, limits, now_ms, partition_for_key};
-use tributary_engine::stream::{Produced, StreamFuture, StreamStore, TopicConfig};
+use tributary_engine::stream::{Produced, StreamFuture, StreamStore, Tail, TopicConfig};
 use tributary_engine::{Gap, StreamError};
 use tributary_log::LogError;
 
@@ -251,7 +251,11 @@ impl NatsStreams {
     }
 
     fn decode(offset: u64, message: &jetstream::message::StreamMessage) -> Result<StoredRecord, StreamError> {
-        let envelope: Envelope = postcard::from_bytes(&message.payload).map_err(|e| backend(format!("the message at offset {offset} is not a Tributary record: {e}")))?;
+        NatsStreams::decode_payload(offset, &message.payload)
+    }
+
+    fn decode_payload(offset: u64, payload: &[u8]) -> Result<StoredRecord, StreamError> {
+        let envelope: Envelope = postcard::from_bytes(payload).map_err(|e| backend(format!("the message at offset {offset} is not a Tributary record: {e}")))?;
         Ok(StoredRecord {
             offset,
             timestamp_ms: envelope.timestamp_ms,
@@ -428,6 +432,34 @@ impl StreamStore for NatsStreams {
                 }
                 _ => Ok(None),
             }
+        })
+    }
+
+    /// An ordered pull consumer from the offset's sequence: the server pushes the partition's
+    /// messages in order, in batches, with no request per record; the client recreates the
+    /// consumer after a gap or a lost connection.
+    fn tail<'a>(&'a self, topic: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, Option<Box<dyn Tail>>> {
+        Box::pin(async move {
+            let stream = self.partition(topic, partition).await?;
+            let config = jetstream::consumer::pull::OrderedConfig { deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: offset + 1 }, ..Default::default() };
+            let consumer = stream.create_consumer(config).await.map_err(|e| backend(format!("following partition {partition} of {topic:?}: {e}")))?;
+            let messages = consumer.messages().await.map_err(|e| backend(format!("following partition {partition} of {topic:?}: {e}")))?;
+            Ok(Some(Box::new(NatsTail { messages }) as Box<dyn Tail>))
+        })
+    }
+}
+
+/// A partition's live tail on an ordered consumer.
+struct NatsTail {
+    messages: jetstream::consumer::pull::Ordered,
+}
+
+impl Tail for NatsTail {
+    fn next(&mut self) -> tributary_engine::BoxFuture<'_, Result<StoredRecord, StreamError>> {
+        Box::pin(async move {
+            let message = self.messages.next().await.ok_or_else(|| backend("the partition's consumer ended"))?.map_err(backend)?;
+            let offset = message.info().map_err(|e| backend(format!("a followed message without its metadata: {e}")))?.stream_sequence - 1;
+            NatsStreams::decode_payload(offset, &message.payload)
         })
     }
 }

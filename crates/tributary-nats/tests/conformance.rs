@@ -41,6 +41,28 @@ async fn two_nodes_see_one_topic_and_its_commits() {
     a.delete_namespace().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_gives_a_partition_in_order_from_an_offset_then_what_is_appended() {
+    let streams = NatsStreams::connect(&nats_url(), &namespace("tail")).await.unwrap();
+    streams.create_topic("feed", TopicConfig { partitions: 1, ..TopicConfig::default() }).await.unwrap();
+    let before: Vec<Record> = (0..5).map(|i| Record::from_value(format!("r{i}"))).collect();
+    streams.produce("feed", before).await.unwrap();
+    let mut tail = streams.tail("feed", 0, 2).await.unwrap().expect("NATS has a live tail");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(tail.next().await.unwrap());
+    }
+    let wait = tokio::time::timeout(std::time::Duration::from_millis(200), tail.next()).await;
+    assert!(wait.is_err(), "at the end, the tail waits");
+    streams.produce("feed", vec![Record::from_value("r5"), Record::from_value("r6")]).await.unwrap();
+    for _ in 0..2 {
+        got.push(tail.next().await.unwrap());
+    }
+    let seen: Vec<(u64, String)> = got.iter().map(|r| (r.offset, String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())).collect();
+    assert_eq!(seen, (2..7).map(|i| (i, format!("r{i}"))).collect::<Vec<_>>());
+    streams.delete_namespace().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unreachable_nats_is_a_backend_error() {
     let error = NatsStreams::connect("nats://127.0.0.1:1", "x").await.expect_err("nothing listens on port 1");

@@ -1,6 +1,7 @@
 //! A log every node appends to (the stream interface on NATS JetStream), as systems with
 //! synchronous fan-out code use it: [`SharedLog`] calls a [`StreamStore`] and waits for the
-//! answer, and [`follow`] runs a node's one reader of the log on a thread of its own.
+//! answer, [`Reader`] reads a partition as it grows (the backend's live tail when it has one),
+//! and [`follow`] runs a node's one reader of the log on a thread of its own.
 //!
 //! The pattern: a publish only appends; each node's follower reads the log in offset order and
 //! fans out to the node's own connections, raising a watermark; the publish is answered once its
@@ -14,9 +15,11 @@ use std::time::Duration;
 
 use tributary_core::{Record, StoredRecord};
 use tributary_engine::StreamError;
-use tributary_engine::stream::{Produced, StreamStore, TopicConfig};
+use futures_util::FutureExt;
+use tributary_engine::stream::{Produced, StreamStore, Tail, TopicConfig};
+use tributary_log::LogError;
 
-/// How often a follower looks for new records when it found none.
+/// How long a read of a followed partition waits for a record when there is none.
 pub const FOLLOW_IDLE_POLL: Duration = Duration::from_millis(5);
 /// How long a follower waits before it tries again after a failed read.
 pub const FOLLOW_RETRY: Duration = Duration::from_millis(250);
@@ -63,22 +66,96 @@ impl SharedLog {
     }
 }
 
-/// Run a node's reader of a shared log on a thread named `name`: `step` reads what is new and
-/// fans it out, returning whether it found anything. It runs again at once after a find, after
-/// [`FOLLOW_IDLE_POLL`] otherwise, and after [`FOLLOW_RETRY`] when it failed (logged). It stops
-/// when `stopping` is set or its owner is gone; the owner is held only during a step.
+/// A node's reader of one partition of a shared log: the backend's live tail when it has one
+/// (kept open while reads go on from where it is, reopened after an error or a jump), else
+/// fetches.
+pub struct Reader {
+    log: SharedLog,
+    topic: String,
+    partition: u32,
+    /// The open tail and the offset of the next record it gives.
+    tail: Option<(u64, Box<dyn Tail>)>,
+    /// The backend has no live tail: fetch.
+    fetches: bool,
+}
+
+impl Reader {
+    pub fn new(log: &SharedLog, topic: &str, partition: u32) -> Reader {
+        Reader { log: log.clone(), topic: topic.to_string(), partition, tail: None, fetches: false }
+    }
+
+    /// At most `max` records from `from` on, waiting up to [`FOLLOW_IDLE_POLL`] for the first
+    /// (empty if none came). On a tail, the first offset is above `from` when retention removed
+    /// what lay between; a fetch says so with `OffsetOutOfRange` ([`removed_below`]).
+    pub fn read(&mut self, from: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        if !self.fetches && self.tail.as_ref().is_none_or(|(next, _)| *next != from) {
+            self.tail = None;
+            match self.log.wait(self.log.streams.tail(&self.topic, self.partition, from))? {
+                Some(tail) => self.tail = Some((from, tail)),
+                None => self.fetches = true,
+            }
+        }
+        let Reader { log, tail, .. } = self;
+        if let Some((next, open)) = tail {
+            let read = log.wait(async {
+                let mut records = Vec::new();
+                match tokio::time::timeout(FOLLOW_IDLE_POLL, open.next()).await {
+                    Err(_) => return Ok(records),
+                    Ok(first) => records.push(first?),
+                }
+                while records.len() < max {
+                    match open.next().now_or_never() {
+                        Some(record) => records.push(record?),
+                        None => break,
+                    }
+                }
+                Ok(records)
+            });
+            return match read {
+                Ok(records) => {
+                    if let Some(last) = records.last() {
+                        *next = last.offset + 1;
+                    }
+                    Ok(records)
+                }
+                Err(error) => {
+                    *tail = None;
+                    Err(error)
+                }
+            };
+        }
+        let records = self.log.fetch(&self.topic, self.partition, from, max)?;
+        if records.is_empty() {
+            std::thread::sleep(FOLLOW_IDLE_POLL);
+        }
+        Ok(records)
+    }
+}
+
+/// When a read from `from` failed because retention removed the records there: the first
+/// offset the partition still holds (a follower that fell that far behind moves on to it).
+pub fn removed_below(error: &StreamError, from: u64) -> Option<u64> {
+    match error {
+        StreamError::Partition { source: LogError::OffsetOutOfRange { start, .. }, .. } | StreamError::Log(LogError::OffsetOutOfRange { start, .. }) if *start > from => Some(*start),
+        _ => None,
+    }
+}
+
+/// Run a node's reader of a shared log on a thread named `name`: `step` reads what is new (with
+/// [`Reader`]s, which wait a moment when there is nothing) and fans it out. It runs again at
+/// once, or after [`FOLLOW_RETRY`] when it failed (logged).
+/// It stops when `stopping` is set or its owner is gone; the owner is held only during a step.
 pub fn follow<T, F>(name: &str, owner: Weak<T>, stopping: Arc<AtomicBool>, mut step: F) -> std::io::Result<()>
 where
     T: Send + Sync + 'static,
-    F: FnMut(&T) -> Result<bool, StreamError> + Send + 'static,
+    F: FnMut(&T) -> Result<(), StreamError> + Send + 'static,
 {
     let thread = name.to_string();
     std::thread::Builder::new().name(name.into()).spawn(move || {
         while !stopping.load(Ordering::Acquire) {
             let Some(owner) = owner.upgrade() else { return };
             let pause = match step(&owner) {
-                Ok(true) => None,
-                Ok(false) => Some(FOLLOW_IDLE_POLL),
+                Ok(()) => None,
                 Err(error) => {
                     tracing::warn!(%error, thread, "reading a shared log failed; retrying");
                     Some(FOLLOW_RETRY)
@@ -91,4 +168,18 @@ where
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_below_what_retention_kept_names_where_the_partition_starts() {
+        let removed = |requested, start| StreamError::Partition { topic: "t".into(), partition: 0, source: LogError::OffsetOutOfRange { requested, start, end: 100 } };
+        assert_eq!(removed_below(&removed(5, 40), 5), Some(40));
+        assert_eq!(removed_below(&StreamError::Log(LogError::OffsetOutOfRange { requested: 5, start: 40, end: 100 }), 5), Some(40));
+        assert_eq!(removed_below(&removed(150, 40), 150), None, "past the end is not a removal");
+        assert_eq!(removed_below(&StreamError::Invalid("x".into()), 5), None);
+    }
 }

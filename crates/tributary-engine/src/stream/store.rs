@@ -27,6 +27,15 @@ pub const STREAM_FETCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// What the async methods of a `dyn StreamStore` return.
 pub type StreamFuture<'a, T> = BoxFuture<'a, Result<T>>;
 
+/// A live tail of one partition ([`StreamStore::tail`]).
+pub trait Tail: Send {
+    /// The next record in offset order, waiting until one is appended. Records removed by
+    /// retention before they were read are skipped (the offset says so). After an error the
+    /// tail is done: open another from the next offset. Dropping the future before it resolves
+    /// loses nothing.
+    fn next(&mut self) -> BoxFuture<'_, Result<StoredRecord>>;
+}
+
 /// The stream interface. See the module docs for its contract.
 pub trait StreamStore: Send + Sync + std::fmt::Debug {
     /// `"embedded"`, `"nats"`, ...
@@ -59,6 +68,13 @@ pub trait StreamStore: Send + Sync + std::fmt::Debug {
     /// Durably records `offset` (the next offset to read) for `group`.
     fn commit<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, ()>;
     fn committed<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32) -> StreamFuture<'a, Option<u64>>;
+    /// A live tail of `partition` from `offset` on, when the backend pushes records as they are
+    /// appended (NATS JetStream: an ordered consumer); `None` when readers should poll `fetch`
+    /// (the embedded engine, where a fetch is a read of a local file).
+    fn tail<'a>(&'a self, topic: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, Option<Box<dyn Tail>>> {
+        let _ = (topic, partition, offset);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The embedded engine. Each call runs when the future is polled, on the polling thread, and

@@ -110,7 +110,7 @@ use tributary_core::StoredRecord;
 use tributary_engine::stream::{Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
-use tributary_server::shared_log::{self, SharedLog};
+use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::{Gateway, Presence, SystemApi};
 
 use crate::{Context, System};
@@ -341,8 +341,9 @@ impl Notifications {
             overflows: AtomicU64::new(0),
         };
         let system = Arc::new(system);
-        if matches!(system.log, Log::Shared(_)) {
-            shared_log::follow("notifications-follow", Arc::downgrade(&system), system.stopping.clone(), Notifications::follow_once)?;
+        if let Log::Shared(log) = &system.log {
+            let mut readers: Vec<Reader> = (0..partitions).map(|p| Reader::new(log, NOTIFICATIONS_TOPIC, p)).collect();
+            shared_log::follow("notifications-follow", Arc::downgrade(&system), system.stopping.clone(), move |system: &Notifications| system.follow_once(&mut readers))?;
         }
         Ok(system)
     }
@@ -466,17 +467,27 @@ impl Notifications {
     }
 
     /// One step of a shared log's follower: read each partition from its fan-out position and
-    /// offer what is there to the index; true if anything was found. The read happens without
-    /// the state lock (connections take it to register); under the lock, what was fanned out
-    /// meanwhile is skipped, so no offset is offered twice.
-    fn follow_once(&self) -> Result<bool, StreamError> {
+    /// offer what is there to the index. The read happens without the state lock (connections
+    /// take it to register); under the lock, what was fanned out meanwhile is skipped, so no
+    /// offset is offered twice.
+    fn follow_once(&self, readers: &mut [Reader]) -> Result<(), StreamError> {
         let mut found = false;
-        for partition in 0..self.partitions {
+        for (partition, reader) in (0..self.partitions).zip(readers) {
             let p = partition as usize;
             let from = self.state.lock().next[p];
-            let records = self.log.fetch(partition, from)?;
+            let records = match reader.read(from, REPLAY_CHUNK_RECORDS) {
+                Ok(records) => records,
+                Err(error) => {
+                    let Some(start) = shared_log::removed_below(&error, from) else { return Err(error) };
+                    self.removed(partition, from, start);
+                    continue;
+                }
+            };
             let Some(last) = records.last().map(|r| r.offset) else { continue };
             found = true;
+            if let Some(first) = records.first().filter(|first| first.offset > from) {
+                self.removed(partition, from, first.offset);
+            }
             let (now, now_ms) = (Instant::now(), tributary_core::now_ms());
             let batch: Vec<Arc<Notification>> = records.iter().filter_map(|record| notification_of(partition, record, now, now_ms)).collect();
             let (mut touched, mut wake) = (HashSet::new(), Vec::new());
@@ -494,7 +505,15 @@ impl Notifications {
         if found {
             self.followed.send_modify(|rounds| *rounds += 1);
         }
-        Ok(found)
+        Ok(())
+    }
+
+    /// Retention removed `[from, start)` of a partition before this node's follower read it:
+    /// fan out from `start` on, and send every connection to the log, where it either catches up
+    /// or is told its position was removed.
+    fn removed(&self, partition: u32, from: u64, start: u64) {
+        tracing::warn!(partition, from, start, "retention removed notifications this node had not fanned out; its connections go to the log");
+        self.skip_to(partition, start);
     }
 
     /// Offer each partition's batches to the index strictly in offset order, then raise its
@@ -531,7 +550,13 @@ impl Notifications {
     /// log (as after an overflow): each catches up exactly from its own position.
     fn skip_to_log(&self, partition: u32) {
         let Ok((_, end)) = self.log.offsets(partition) else { return };
-        debug_assert!(matches!(self.log, Log::Local(_)), "a shared log's follower reads every offset");
+        self.skip_to(partition, end);
+    }
+
+    /// Move the partition's fan-out on to `end` (what lies below it is not offered live) and send
+    /// every connection to the log from its own position: it catches up exactly, or is told
+    /// that its position was removed by retention.
+    fn skip_to(&self, partition: u32, end: u64) {
         let p = partition as usize;
         let mut guard = self.state.lock();
         let state = &mut *guard;

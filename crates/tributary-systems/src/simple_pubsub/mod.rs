@@ -84,7 +84,7 @@ use tributary_core::{Record, StoredRecord};
 use tributary_engine::stream::{Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
-use tributary_server::shared_log::{self, SharedLog};
+use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::{Gateway, SystemApi};
 
 use crate::{Context, System};
@@ -334,13 +334,15 @@ impl SimplePubsub {
         system.refresh_registry()?;
         if matches!(system.log, Log::Shared(..)) {
             let mut registry_read = std::time::Instant::now();
+            let Log::Shared(log) = &system.log else { unreachable!("a shared log") };
+            let mut reader = Reader::new(log, MESSAGES_TOPIC, 0);
             shared_log::follow("pubsub-tail", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| {
-                let found = system.tail_once()?;
+                system.tail_once(&mut reader)?;
                 if registry_read.elapsed() >= REGISTRY_POLL {
                     registry_read = std::time::Instant::now();
                     system.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
                 }
-                Ok(found)
+                Ok(())
             })?;
         }
         Ok(system)
@@ -628,14 +630,24 @@ impl SimplePubsub {
 }
 
 impl SimplePubsub {
-    /// Fan out the shared log's records from the watermark on (one fetch); true if there were any.
+    /// Fan out the shared log's records from the watermark on (one read).
     /// The read happens without the fan-out lock (async workers take it in `between_fanouts`,
     /// and the read needs them to drive the connection); under the lock, anything fanned out
     /// meanwhile is skipped, so no offset is offered twice.
-    fn tail_once(&self) -> Result<bool, StreamError> {
+    fn tail_once(&self, reader: &mut Reader) -> Result<(), StreamError> {
         let from = self.fanout.lock().next;
-        let records = self.log.fetch(MESSAGES_TOPIC, from, REPLAY_CHUNK_RECORDS)?;
-        let Some(last) = records.last() else { return Ok(false) };
+        let records = match reader.read(from, REPLAY_CHUNK_RECORDS) {
+            Ok(records) => records,
+            Err(error) => {
+                let Some(start) = shared_log::removed_below(&error, from) else { return Err(error) };
+                tracing::warn!(from, start, "retention removed messages this node had not fanned out; moving on to what the log holds");
+                let mut fanout = self.fanout.lock();
+                fanout.next = fanout.next.max(start);
+                self.end.send_replace(fanout.next);
+                return Ok(());
+            }
+        };
+        let Some(last) = records.last() else { return Ok(()) };
         let mut fanout = self.fanout.lock();
         for record in records.iter().filter(|r| r.offset >= fanout.next) {
             match process::decode_message(record) {
@@ -648,7 +660,7 @@ impl SimplePubsub {
         }
         fanout.next = fanout.next.max(last.offset + 1);
         self.end.send_replace(fanout.next);
-        Ok(true)
+        Ok(())
     }
 }
 
