@@ -2,7 +2,7 @@
 //!
 //! What is here: plain data types ([`Record`], [`StoredRecord`], [`Subject`], [`SubjectPattern`]),
 //! the named limits ([`limits`]), and the small helpers that several crates need
-//! (the stable key hash used for partitioning, the wall clock in milliseconds).
+//! (the stable key hash used for partitioning, the wall clock in milliseconds, a unique id).
 //!
 //! What is deliberately not here: any IO, any async runtime, any serialization format. The
 //! on-disk batch format lives in `tributary-log`; wire formats live at the edges.
@@ -18,6 +18,16 @@ pub use subject::{Subject, SubjectError, SubjectPattern, Token};
 pub fn now_ms() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A value that differs between processes and between calls (std's randomly keyed hasher over
+/// the time and the process id): for ids such as a node's or a log's epoch, not for secrets.
+pub fn unique_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// The stable hash used to pick a partition for a key: 64-bit FNV-1a.

@@ -168,7 +168,7 @@ impl Presence {
     /// is dropped.
     pub fn shared(cache: Arc<dyn CacheStore>, name: &str) -> Presence {
         let (events, _) = broadcast::channel(PRESENCE_EVENTS_BUFFER);
-        let node = format!("{:016x}", node_id());
+        let node = format!("{:016x}", tributary_core::unique_u64());
         let shared = Shared { cache, prefix: format!("presence/{name}/"), node, dirty: Mutex::new(HashSet::new()), writing: tokio::sync::Mutex::new(()), wake: Arc::new(Notify::new()) };
         let presence = Presence { inner: Arc::new(Inner { state: Mutex::new(State::default()), events, shared: Some(shared) }) };
         tokio::spawn(write_shared(Arc::downgrade(&presence.inner)));
@@ -298,17 +298,9 @@ impl Presence {
     }
 }
 
-/// A per-process id for this node's members in a shared cache.
-fn node_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    hasher.finish()
-}
-
+/// The wall clock as a sorted-set score.
 fn now_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as f64).unwrap_or(0.0)
+    tributary_core::now_ms() as f64
 }
 
 impl Shared {

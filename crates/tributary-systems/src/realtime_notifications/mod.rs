@@ -688,12 +688,8 @@ fn load_or_make_epoch(start: u64, fetch: impl Fn(u64) -> Result<Vec<StoredRecord
     if let Some(epoch) = first()? {
         return Ok(epoch);
     }
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    hasher.write_u32(std::process::id());
-    // 48 bits keep the token short; the epoch only has to differ between resets of one node.
-    let epoch = (hasher.finish() >> 16).max(1);
+    // 48 bits keep the token short; the epoch only has to differ between resets of one log.
+    let epoch = (tributary_core::unique_u64() >> 16).max(1);
     store(Record::keyed(Bytes::from_static(b"epoch"), format!("{epoch:x}")))?;
     Ok(first()?.unwrap_or(epoch))
 }
