@@ -21,6 +21,8 @@ use tributary_log::LogError;
 
 /// How long a read of a followed partition waits for a record when there is none.
 pub const FOLLOW_IDLE_POLL: Duration = Duration::from_millis(5);
+/// Longest a publish waits for its node's follower to pass what it appended.
+pub const FANOUT_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long a follower waits before it tries again after a failed read.
 pub const FOLLOW_RETRY: Duration = Duration::from_millis(250);
 
@@ -58,6 +60,18 @@ impl SharedLog {
 
     pub fn fetch(&self, topic: &str, partition: u32, offset: u64, max_records: usize) -> Result<Vec<StoredRecord>, StreamError> {
         self.wait(self.streams.fetch(topic, partition, offset, max_records))
+    }
+
+    /// Wait until `passed` holds for a follower's progress (`watermark`), at most
+    /// [`FANOUT_WAIT_MAX`]: what was appended is then fanned out on this node.
+    pub fn wait_passed<T>(&self, mut watermark: tokio::sync::watch::Receiver<T>, passed: impl FnMut(&T) -> bool) -> Result<(), StreamError> {
+        let waited = self.wait(async { tokio::time::timeout(FANOUT_WAIT_MAX, watermark.wait_for(passed)).await.map(|seen| seen.map(drop)) });
+        let message = match waited {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => "appended, but this node's follower stopped".to_string(),
+            Err(_) => format!("appended, but this node's follower has not passed it within FANOUT_WAIT_MAX ({FANOUT_WAIT_MAX:?}); other nodes deliver it"),
+        };
+        Err(StreamError::Backend { backend: "shared log", message })
     }
 
     /// The first offset the partition holds and its end.

@@ -458,9 +458,8 @@ impl Notifications {
         let count = records.len() as u64;
         let produced = log.produce(NOTIFICATIONS_TOPIC, records).inspect_err(|_| self.metrics.error())?;
         let positions: Vec<(u32, u64)> = produced.into_iter().map(|p| (p.partition, p.offset)).collect();
-        let mut followed = self.followed.subscribe();
         let passed = |_: &u64| positions.iter().all(|&(p, offset)| self.watermark[p as usize].load(Ordering::Acquire) > offset);
-        log.wait(followed.wait_for(passed)).map_err(|_| StreamError::Backend { backend: "notifications", message: "the fan-out stopped".into() })?;
+        log.wait_passed(self.followed.subscribe(), passed).inspect_err(|_| self.metrics.error())?;
         self.metrics.messages_in(count);
         self.published.fetch_add(count, Ordering::Relaxed);
         Ok(positions)
@@ -629,11 +628,10 @@ impl Notifications {
         let records = self.log.fetch(partition, from)?;
         let mut out = Vec::new();
         for record in records.iter().filter(|r| r.offset >= from && r.offset < to) {
-            let Some(topic) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
-            if topics.contains(topic) {
-                let data = record.value.as_deref().unwrap_or(b"null");
-                let json = process::notification_json(topic, partition, record.offset, record.timestamp_ms, data);
-                out.push(Pending { partition, offset: record.offset, json: Arc::from(json) });
+            if let Some(topic) = topic_of(record)
+                && topics.contains(topic)
+            {
+                out.push(pending_of(partition, topic, record));
             }
         }
         let next = records.last().map_or(to, |r| r.offset + 1);
@@ -657,15 +655,24 @@ impl Notifications {
 
 /// The notification of a record read from the log, stamped as accepted when the record was.
 fn notification_of(partition: u32, record: &StoredRecord, now: Instant, now_ms: i64) -> Option<Arc<Notification>> {
-    let Some(topic) = record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok()) else {
+    let Some(topic) = topic_of(record) else {
         tracing::warn!(partition, offset = record.offset, "skipping a notification record without a topic");
         return None;
     };
+    let age = Duration::from_millis(now_ms.saturating_sub(record.timestamp_ms).max(0) as u64);
+    Some(Arc::new(Notification { pending: pending_of(partition, topic, record), topic: Arc::from(topic), accepted: now.checked_sub(age).unwrap_or(now) }))
+}
+
+/// A record's topic: its key.
+fn topic_of(record: &StoredRecord) -> Option<&str> {
+    record.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
+}
+
+/// A record of the log as it goes on the wire, the same live and replayed.
+fn pending_of(partition: u32, topic: &str, record: &StoredRecord) -> Pending {
     let data = record.value.as_deref().unwrap_or(b"null");
     let json = process::notification_json(topic, partition, record.offset, record.timestamp_ms, data);
-    let age = Duration::from_millis(now_ms.saturating_sub(record.timestamp_ms).max(0) as u64);
-    let pending = Pending { partition, offset: record.offset, json: Arc::from(json) };
-    Some(Arc::new(Notification { pending, topic: Arc::from(topic), accepted: now.checked_sub(age).unwrap_or(now) }))
+    Pending { partition, offset: record.offset, json: Arc::from(json) }
 }
 
 /// The log's epoch: the first `epoch` record of the meta topic (read in pages by `fetch` from

@@ -458,8 +458,7 @@ impl SimplePubsub {
             // node: publishers wait for it rather than read the log themselves.
             let last = offsets[count - 1];
             if let Log::Shared(log) = &self.log {
-                let mut end = self.end.subscribe();
-                log.wait(end.wait_for(|end| *end > last)).map_err(|_| StreamError::Backend { backend: "pubsub", message: "the fan-out stopped".into() })?;
+                log.wait_passed(self.end.subscribe(), |end| *end > last).inspect_err(|_| self.metrics.error())?;
             }
         }
         self.metrics.messages_in(count as u64);
