@@ -14,8 +14,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tributary_core::{Record, StoredRecord};
-use tributary_engine::StreamError;
 use futures_util::FutureExt;
+use tributary_engine::StreamError;
 use tributary_engine::stream::{Produced, StreamStore, Tail, TopicConfig};
 use tributary_log::LogError;
 
@@ -99,9 +99,17 @@ impl Reader {
     }
 
     /// At most `max` records from `from` on, waiting up to [`FOLLOW_IDLE_POLL`] for the first
-    /// (empty if none came). On a tail, the first offset is above `from` when retention removed
-    /// what lay between; a fetch says so with `OffsetOutOfRange` ([`removed_below`]).
+    /// (empty if none came). The first offset is above `from` when retention removed what lay
+    /// between, on a tail and on fetches alike.
     pub fn read(&mut self, from: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        let records = self.read_on(from, max)?;
+        if let Some(first) = records.first().filter(|first| first.offset > from) {
+            tracing::warn!(topic = self.topic, partition = self.partition, from, start = first.offset, "retention removed records this node had not read; reading on from what the log holds");
+        }
+        Ok(records)
+    }
+
+    fn read_on(&mut self, from: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
         if !self.fetches && self.tail.as_ref().is_none_or(|(next, _)| *next != from) {
             self.tail = None;
             match self.log.wait(self.log.streams.tail(&self.topic, self.partition, from))? {
@@ -138,7 +146,13 @@ impl Reader {
                 }
             };
         }
-        let records = self.log.fetch(&self.topic, self.partition, from, max)?;
+        let records = match self.log.fetch(&self.topic, self.partition, from, max) {
+            Ok(records) => records,
+            Err(error) => {
+                let Some(start) = removed_below(&error, from) else { return Err(error) };
+                self.log.fetch(&self.topic, self.partition, start, max)?
+            }
+        };
         if records.is_empty() {
             std::thread::sleep(FOLLOW_IDLE_POLL);
         }
@@ -147,8 +161,8 @@ impl Reader {
 }
 
 /// When a read from `from` failed because retention removed the records there: the first
-/// offset the partition still holds (a follower that fell that far behind moves on to it).
-pub fn removed_below(error: &StreamError, from: u64) -> Option<u64> {
+/// offset the partition still holds (a follower that fell that far behind reads on from it).
+fn removed_below(error: &StreamError, from: u64) -> Option<u64> {
     match error {
         StreamError::Partition { source: LogError::OffsetOutOfRange { start, .. }, .. } | StreamError::Log(LogError::OffsetOutOfRange { start, .. }) if *start > from => Some(*start),
         _ => None,

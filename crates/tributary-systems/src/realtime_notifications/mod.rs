@@ -474,18 +474,13 @@ impl Notifications {
         for (partition, reader) in (0..self.partitions).zip(readers) {
             let p = partition as usize;
             let from = self.state.lock().next[p];
-            let records = match reader.read(from, REPLAY_CHUNK_RECORDS) {
-                Ok(records) => records,
-                Err(error) => {
-                    let Some(start) = shared_log::removed_below(&error, from) else { return Err(error) };
-                    self.removed(partition, from, start);
-                    continue;
-                }
-            };
+            let records = reader.read(from, REPLAY_CHUNK_RECORDS)?;
             let Some(last) = records.last().map(|r| r.offset) else { continue };
             found = true;
             if let Some(first) = records.first().filter(|first| first.offset > from) {
-                self.removed(partition, from, first.offset);
+                // Retention removed what this node had not fanned out: its connections go to the
+                // log, where each catches up or is told its position was removed.
+                self.skip_to(partition, first.offset);
             }
             let (now, now_ms) = (Instant::now(), tributary_core::now_ms());
             let batch: Vec<Arc<Notification>> = records.iter().filter_map(|record| notification_of(partition, record, now, now_ms)).collect();
@@ -505,14 +500,6 @@ impl Notifications {
             self.followed.send_modify(|rounds| *rounds += 1);
         }
         Ok(())
-    }
-
-    /// Retention removed `[from, start)` of a partition before this node's follower read it:
-    /// fan out from `start` on, and send every connection to the log, where it either catches up
-    /// or is told its position was removed.
-    fn removed(&self, partition: u32, from: u64, start: u64) {
-        tracing::warn!(partition, from, start, "retention removed notifications this node had not fanned out; its connections go to the log");
-        self.skip_to(partition, start);
     }
 
     /// Offer each partition's batches to the index strictly in offset order, then raise its

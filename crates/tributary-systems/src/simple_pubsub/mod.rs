@@ -332,9 +332,8 @@ impl SimplePubsub {
             next_ad_hoc: AtomicU64::new(1),
         });
         system.refresh_registry()?;
-        if matches!(system.log, Log::Shared(..)) {
+        if let Log::Shared(log) = &system.log {
             let mut registry_read = std::time::Instant::now();
-            let Log::Shared(log) = &system.log else { unreachable!("a shared log") };
             let mut reader = Reader::new(log, MESSAGES_TOPIC, 0);
             shared_log::follow("pubsub-tail", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| {
                 system.tail_once(&mut reader)?;
@@ -635,17 +634,8 @@ impl SimplePubsub {
     /// meanwhile is skipped, so no offset is offered twice.
     fn tail_once(&self, reader: &mut Reader) -> Result<(), StreamError> {
         let from = self.fanout.lock().next;
-        let records = match reader.read(from, REPLAY_CHUNK_RECORDS) {
-            Ok(records) => records,
-            Err(error) => {
-                let Some(start) = shared_log::removed_below(&error, from) else { return Err(error) };
-                tracing::warn!(from, start, "retention removed messages this node had not fanned out; moving on to what the log holds");
-                let mut fanout = self.fanout.lock();
-                fanout.next = fanout.next.max(start);
-                self.end.send_replace(fanout.next);
-                return Ok(());
-            }
-        };
+        // After a retention gap the records start above `from`: fan-out goes on from them.
+        let records = reader.read(from, REPLAY_CHUNK_RECORDS)?;
         let Some(last) = records.last() else { return Ok(()) };
         let mut fanout = self.fanout.lock();
         for record in records.iter().filter(|r| r.offset >= fanout.next) {
