@@ -10,10 +10,15 @@
 //! - Both use sqlx's `Any` driver, so one query text serves both databases: write parameters as
 //!   `$1, $2, …` (SQLite accepts them too) and stay within the SQL both speak, or branch on
 //!   [`Db::dialect`].
+//! - On PostgreSQL a [`DbConfig::schema`] (a deployment's namespace) keeps several deployments
+//!   apart in one database: it is created when missing and is every connection's `search_path`.
+//!   [`Db::drop_schema`] removes it with everything in it.
 //! - [`Db::migrate`] applies a [`Schema`]: an owner's numbered migrations, kept in the repo as SQL
 //!   per dialect, recorded in the owner's own table `_tributary_migrations_<owner>` so that
 //!   several owners (systems) share one database without their versions colliding. A migration
 //!   already applied whose text changed is refused ([`DbError::Migrate`]), never re-run.
+
+pub use sqlx;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -85,12 +90,31 @@ pub struct DbConfig {
     pub primary: String,
     pub replica: Option<String>,
     pub max_connections: u32,
+    /// PostgreSQL: the schema (`A-Z a-z 0-9 _ -`) that holds this deployment's tables; None for
+    /// the connection's default (`public`). Ignored by SQLite, whose file is the deployment's.
+    pub schema: Option<String>,
 }
 
 impl DbConfig {
     pub fn new(primary: impl Into<String>) -> DbConfig {
-        DbConfig { primary: primary.into(), replica: None, max_connections: DB_CONNECTIONS_DEFAULT }
+        DbConfig { primary: primary.into(), replica: None, max_connections: DB_CONNECTIONS_DEFAULT, schema: None }
     }
+
+    /// The same database, its tables in `schema` (on PostgreSQL).
+    pub fn in_schema(self, schema: impl Into<String>) -> DbConfig {
+        DbConfig { schema: Some(schema.into()), ..self }
+    }
+}
+
+/// The longest schema name PostgreSQL keeps (NAMEDATALEN - 1).
+pub const SCHEMA_NAME_BYTES_MAX: usize = 63;
+
+/// The schema name, quoted, once checked.
+fn quoted_schema(schema: &str) -> Result<String> {
+    if schema.is_empty() || schema.len() > SCHEMA_NAME_BYTES_MAX || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(DbError::Invalid(format!("a schema name is 1 to SCHEMA_NAME_BYTES_MAX ({SCHEMA_NAME_BYTES_MAX}) of A-Z a-z 0-9 _ -, got {schema:?}")));
+    }
+    Ok(format!("\"{schema}\""))
 }
 
 /// The database: a pool on the primary and, optionally, one on a replica. Cheap to clone.
@@ -99,6 +123,8 @@ pub struct Db {
     primary: AnyPool,
     replica: Option<AnyPool>,
     dialect: Dialect,
+    /// The schema of a PostgreSQL deployment, quoted.
+    schema: Option<String>,
 }
 
 fn dialect_of(url: &str) -> Result<Dialect> {
@@ -107,12 +133,12 @@ fn dialect_of(url: &str) -> Result<Dialect> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Dialect::Postgres)
     } else {
-        Err(DbError::Invalid(format!("a database URL starts with sqlite: or postgres://, got {:?}", redact(url))))
+        Err(DbError::Invalid(format!("a database URL starts with sqlite: or postgres://, got {:?}", redacted_url(url))))
     }
 }
 
 /// The URL without its password, for messages.
-fn redact(url: &str) -> String {
+pub fn redacted_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];
@@ -125,11 +151,20 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn pool(url: &str, max_connections: u32) -> Result<AnyPool> {
+async fn pool(url: &str, max_connections: u32, schema: Option<&str>) -> Result<AnyPool> {
     let dialect = dialect_of(url)?;
     install_default_drivers();
     let options = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(DB_ACQUIRE_TIMEOUT);
-    let options = if dialect == Dialect::Sqlite {
+    let options = if let (Dialect::Postgres, Some(schema)) = (dialect, schema) {
+        let set = format!("SET search_path TO {schema}");
+        options.after_connect(move |connection, _| {
+            let set = set.clone();
+            Box::pin(async move {
+                connection.execute(sqlx::AssertSqlSafe(set)).await?;
+                Ok(())
+            })
+        })
+    } else if dialect == Dialect::Sqlite {
         options.after_connect(|connection, _| {
             Box::pin(async move {
                 connection.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))).await?;
@@ -142,7 +177,7 @@ async fn pool(url: &str, max_connections: u32) -> Result<AnyPool> {
     } else {
         options
     };
-    options.connect(url).await.map_err(|source| DbError::Connect { url: redact(url), source })
+    options.connect(url).await.map_err(|source| DbError::Connect { url: redacted_url(url), source })
 }
 
 impl Db {
@@ -165,12 +200,35 @@ impl Db {
         {
             return Err(DbError::Invalid("the replica must be the same kind of database as the primary".into()));
         }
-        let primary = pool(&config.primary, config.max_connections).await?;
+        let schema = match (&config.schema, dialect) {
+            (Some(schema), Dialect::Postgres) => Some(quoted_schema(schema)?),
+            _ => None,
+        };
+        if let Some(schema) = &schema {
+            // Made once, before the pool whose connections use it (concurrent CREATE SCHEMA IF
+            // NOT EXISTS of one name may fail on PostgreSQL; a failure here names the cause).
+            let setup = pool(&config.primary, 1, None).await?;
+            let made = setup.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))).await;
+            setup.close().await;
+            made?;
+        }
+        let primary = pool(&config.primary, config.max_connections, schema.as_deref()).await?;
         let replica = match &config.replica {
-            Some(url) => Some(pool(url, config.max_connections).await?),
+            Some(url) => Some(pool(url, config.max_connections, schema.as_deref()).await?),
             None => None,
         };
-        Ok(Db { primary, replica, dialect })
+        Ok(Db { primary, replica, dialect, schema })
+    }
+
+    /// Drops the PostgreSQL schema of this deployment with everything in it, then closes the
+    /// pools. Refused on SQLite and without a schema (the file, or `public`, is not ours alone).
+    pub async fn drop_schema(&self) -> Result<()> {
+        let Some(schema) = &self.schema else {
+            return Err(DbError::Invalid("only a PostgreSQL deployment with a schema of its own can drop it".into()));
+        };
+        self.primary.execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).await?;
+        self.close().await;
+        Ok(())
     }
 
     pub fn dialect(&self) -> Dialect {

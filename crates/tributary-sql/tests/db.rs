@@ -83,6 +83,34 @@ async fn postgres_migrates_and_round_trips_with_the_same_queries() {
 }
 
 #[tokio::test]
+async fn deployments_in_schemas_of_their_own_share_one_postgres_without_seeing_each_other() {
+    let (a, b) = (unique("deploy-a"), unique("deploy-b"));
+    let first = Db::connect(&DbConfig::new(postgres_url("test")).in_schema(&a)).await.unwrap();
+    let second = Db::connect(&DbConfig::new(postgres_url("test")).in_schema(&b)).await.unwrap();
+    // The same owner and table names in both: each deployment migrates and writes its own.
+    for (db, body) in [(&first, "of a"), (&second, "of b")] {
+        db.migrate(&schema("shared_owner", "items")).await.unwrap();
+        sqlx::query("INSERT INTO items (id, body, at_ms) VALUES ($1, $2, $3)").bind("x").bind(body).bind(1_i64).execute(db.primary()).await.unwrap();
+    }
+    for (db, body) in [(&first, "of a"), (&second, "of b")] {
+        let rows = sqlx::query("SELECT body FROM items").fetch_all(db.reader(Read::MayLag)).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.get::<String, _>(0)).collect::<Vec<_>>(), [body]);
+    }
+    // A reopened deployment finds its tables; a dropped one is gone with them.
+    let again = Db::connect(&DbConfig::new(postgres_url("test")).in_schema(&a)).await.unwrap();
+    assert_eq!(sqlx::query("SELECT body FROM items").fetch_one(again.primary()).await.unwrap().get::<String, _>(0), "of a");
+    again.close().await;
+    first.drop_schema().await.unwrap();
+    second.drop_schema().await.unwrap();
+    let public = Db::connect(&DbConfig::new(postgres_url("test"))).await.unwrap();
+    let left: i64 = sqlx::query("SELECT count(*) FROM information_schema.schemata WHERE schema_name IN ($1, $2)").bind(&a).bind(&b).fetch_one(public.primary()).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    assert!(matches!(public.drop_schema().await, Err(DbError::Invalid(_))), "the default schema is not dropped");
+    let bad = Db::connect(&DbConfig::new(postgres_url("test")).in_schema("a\"; DROP")).await;
+    assert!(matches!(bad, Err(DbError::Invalid(_))), "{bad:?}");
+}
+
+#[tokio::test]
 async fn reads_that_may_lag_go_to_the_replica_and_the_others_to_the_primary() {
     // The "replica" here is another database of the same server, so the answer shows which pool
     // served the read; keeping a real replica current is PostgreSQL's streaming replication.
