@@ -11,6 +11,7 @@ use tributary_engine::StreamError;
 use tributary_engine::cache::CacheError;
 use tributary_engine::queue::QueueError;
 use tributary_log::LogError;
+use tributary_sql::{DbError, sqlx};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -157,6 +158,20 @@ impl From<CacheError> for ApiError {
     }
 }
 
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            DbError::Invalid(_) => ApiError::bad_request(message),
+            DbError::Connect { .. }
+            | DbError::Query(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message)
+            }
+            DbError::Migrate { .. } | DbError::Query(_) => ApiError::internal(message),
+        }
+    }
+}
+
 /// A blocking engine call run off the async workers.
 pub async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
 where
@@ -166,6 +181,21 @@ where
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result.map_err(Into::into),
         Err(join) => Err(ApiError::internal(format!("engine task failed: {join}"))),
+    }
+}
+
+/// Waits for `call` from synchronous code (a system's `status`, its start). Where the backend
+/// answers on the polling thread (`blocking`: the embedded engine), the call runs in place;
+/// otherwise a worker of the multi-thread runtime blocks for it (handed over meanwhile). None
+/// when neither is possible here: a call that did not finish at once, or no multi-thread runtime.
+pub fn wait_in_place<T>(blocking: bool, call: impl Future<Output = T>) -> Option<T> {
+    use futures_util::FutureExt;
+    if blocking {
+        return call.now_or_never();
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => Some(tokio::task::block_in_place(|| runtime.block_on(call))),
+        _ => None,
     }
 }
 

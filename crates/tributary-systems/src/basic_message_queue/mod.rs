@@ -89,7 +89,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use parking_lot::Mutex;
 use serde_json::json;
 use tributary_engine::queue::{Delivery, QueueConfig, QueueError, QueueStats, QueueStore, Receipt, ReceiptOutcome};
@@ -255,16 +254,7 @@ impl System for MessageQueue {
     /// The embedded engine answers at once; a network backend is asked in place (this worker
     /// blocks for the round trips, as the dashboard's figures are read rarely).
     fn status(&self) -> serde_json::Value {
-        let fresh = all_stats(self.queues.clone());
-        let answer = if self.queues.blocking() {
-            fresh.now_or_never()
-        } else {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => Some(tokio::task::block_in_place(|| runtime.block_on(fresh))),
-                _ => None,
-            }
-        };
-        let mut value = match answer {
+        let mut value = match tributary_server::wait_in_place(self.queues.blocking(), all_stats(self.queues.clone())) {
             Some(Ok(all)) => status_json(&all),
             Some(Err(error)) => json!({ "queues": [], "error": error.to_string() }),
             None => json!({ "queues": [], "error": "the backend cannot be asked from here" }),
