@@ -32,6 +32,7 @@ use tributary_engine::queue::QueueStore;
 use tributary_engine::stream::StreamStore;
 use tributary_runtime::{SystemMetrics, Topology};
 use tributary_server::{Gateway, SystemApi};
+use tributary_sql::Db;
 
 /// What a running system gets from the platform.
 #[derive(Clone)]
@@ -49,6 +50,10 @@ pub struct Context {
     /// A cache every node shares (Redis), when the node runs with one (`--cache`). Without it,
     /// what systems keep of their live connections (presence) is this node's alone.
     pub shared_cache: Option<Arc<dyn CacheStore>>,
+    /// The database (`db_primary` / `db_replica`) the node was given: PostgreSQL shared by
+    /// every node (`--db`), or the embedded SQLite file. None: [`Context::db`] opens the SQLite
+    /// file in the engine's folder.
+    pub db: Option<Db>,
 }
 
 impl Context {
@@ -56,7 +61,18 @@ impl Context {
     pub fn embedded(engine: Arc<Engine>, gateway: Gateway) -> Context {
         let queues: Arc<dyn QueueStore> = engine.queues.clone();
         let streams: Arc<dyn StreamStore> = engine.topics.clone();
-        Context { engine, gateway, queues, streams, shared_cache: None }
+        Context { engine, gateway, queues, streams, shared_cache: None, db: None }
+    }
+
+    /// The database: the node's, else the SQLite file in the engine's folder. Called from a
+    /// system's start, on a worker of the multi-thread runtime.
+    pub fn db(&self) -> anyhow::Result<Db> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        let dir = self.engine.dir().to_path_buf();
+        let opened = tributary_server::wait_in_place(false, Db::embedded(&dir)).ok_or_else(|| anyhow::anyhow!("opening the database needs a multi-thread tokio runtime"))?;
+        Ok(opened?)
     }
 
     /// Presence for the system `name`: shared by every node through the shared cache when there
@@ -97,18 +113,21 @@ pub struct Entry {
     /// True when all its state goes through the [`Context`]'s interfaces (no embedded engine of
     /// its own): with distributed backends, several nodes can serve it behind a balancer.
     pub distributed: bool,
+    /// True when it keeps state in the db component: on the distributed backends it starts only
+    /// with a database every node shares (`--db postgres://…`).
+    pub needs_db: bool,
 }
 
 /// Every implemented system, in seed order.
 pub fn entries() -> Vec<Entry> {
     vec![
-        Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start, distributed: true },
-        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: true },
-        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: true },
-        Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: false },
-        Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: false },
-        Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start, distributed: false },
-        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start, distributed: false },
+        Entry { id: basic_message_queue::ID, topology: basic_message_queue::topology::declared, start: basic_message_queue::start, distributed: true, needs_db: false },
+        Entry { id: realtime_notifications::ID, topology: realtime_notifications::topology::declared, start: realtime_notifications::start, distributed: true, needs_db: false },
+        Entry { id: simple_pubsub::ID, topology: simple_pubsub::topology::declared, start: simple_pubsub::start, distributed: true, needs_db: false },
+        Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: false, needs_db: false },
+        Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: true, needs_db: true },
+        Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start, distributed: false, needs_db: false },
+        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start, distributed: false, needs_db: false },
     ]
 }
 

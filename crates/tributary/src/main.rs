@@ -97,6 +97,15 @@ struct UpArgs {
     /// node counts its own connections.
     #[arg(long, env = "TRIBUTARY_CACHE")]
     cache: Option<String>,
+    /// The database (db_primary): a PostgreSQL URL (`postgres://user:password@host:5432/db`)
+    /// every node shares, its tables in a schema named after the namespace; or `sqlite://FILE`.
+    /// Systems that keep state in the db (email-queue-system) start in distributed mode only with
+    /// it. Default: the SQLite file `tributary.sqlite3` in the data folder.
+    #[arg(long, env = "TRIBUTARY_DB")]
+    db: Option<String>,
+    /// A read replica of the database (db_replica): reads that tolerate lag go there.
+    #[arg(long, env = "TRIBUTARY_DB_REPLICA", requires = "db")]
+    db_replica: Option<String>,
     /// What this deployment's streams and keys live under on a shared backend (A-Z a-z 0-9 -).
     #[arg(long, env = "TRIBUTARY_NAMESPACE", default_value = platform::NAMESPACE_DEFAULT)]
     namespace: String,
@@ -104,7 +113,7 @@ struct UpArgs {
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, cache: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
+        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, cache: None, db: None, db_replica: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
     }
 }
 
@@ -146,7 +155,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Up(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, cache: args.cache, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
+            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, cache: args.cache, db: args.db, db_replica: args.db_replica, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
             runtime.block_on(platform::up(config))?;
         }
         Command::Systems { json } => systems(json)?,

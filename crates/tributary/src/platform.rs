@@ -20,6 +20,7 @@ use tributary_engine::Engine;
 use tributary_runtime::{Catalogue, CheckReport, MetricsSnapshot, Topology, check};
 use tributary_server::gateway::GatewayStats;
 use tributary_server::{ApiToken, Gateway, ServerConfig};
+use tributary_sql::{Db, DbConfig, redacted_url};
 use tributary_systems::{Context, System, entries};
 
 /// How often the engine's upkeep runs (retention, compaction, lease expiry, cache expiry).
@@ -38,6 +39,11 @@ pub struct UpConfig {
     pub stream: Option<String>,
     /// A Redis URL for the cache every node shares (presence of connected users), or None.
     pub cache: Option<String>,
+    /// The database every node shares (`postgres://…`, or `sqlite://…`), or None for the SQLite
+    /// file in the data folder.
+    pub db: Option<String>,
+    /// A read replica of `db`, for reads that tolerate lag.
+    pub db_replica: Option<String>,
     /// What this deployment's names live under on a shared backend (`A-Z a-z 0-9 -`).
     pub namespace: String,
 }
@@ -48,12 +54,12 @@ pub const NAMESPACE_DEFAULT: &str = "tributary";
 impl UpConfig {
     /// Serve on `listen` with the data in `data`, embedded, without tokens or announcements.
     pub fn embedded(listen: SocketAddr, data: PathBuf) -> UpConfig {
-        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, cache: None, namespace: NAMESPACE_DEFAULT.to_string() }
+        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, cache: None, db: None, db_replica: None, namespace: NAMESPACE_DEFAULT.to_string() }
     }
 }
 
 /// The context of the systems: every interface embedded, or the queue and stream interfaces on
-/// NATS JetStream, and a cache shared by the nodes on Redis.
+/// NATS JetStream, a cache shared by the nodes on Redis, and the database on PostgreSQL.
 async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> anyhow::Result<Context> {
     let mut context = Context::embedded(engine, gateway);
     if let Some(url) = &config.stream {
@@ -68,6 +74,14 @@ async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> an
         let cache = tributary_redis::RedisCache::connect(url, &config.namespace).await.with_context(|| format!("connecting the shared cache to {url}"))?;
         context.shared_cache = Some(Arc::new(cache));
     }
+    let db = match &config.db {
+        Some(url) => {
+            let db_config = DbConfig { replica: config.db_replica.clone(), ..DbConfig::new(url.clone()).in_schema(config.namespace.clone()) };
+            Db::connect(&db_config).await.with_context(|| format!("connecting the database (--db {})", redacted_url(url)))?
+        }
+        None => Db::embedded(&config.data).await.with_context(|| format!("opening the database in {}", config.data.display()))?,
+    };
+    context.db = Some(db);
     Ok(context)
 }
 
@@ -139,11 +153,16 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     let gateway = Gateway::default();
     let context = context(&config, engine.clone(), gateway.clone()).await?;
     let distributed = config.stream.is_some();
+    let shared_db = config.db.as_deref().is_some_and(|url| !url.starts_with("sqlite:"));
     let mut running: Vec<Arc<dyn System>> = Vec::new();
     let mut left_out = Vec::new();
     for entry in entries() {
         if distributed && !entry.distributed {
-            left_out.push(entry.id);
+            left_out.push(format!("{} (keeps state in the node)", entry.id));
+            continue;
+        }
+        if distributed && entry.needs_db && !shared_db {
+            left_out.push(format!("{} (keeps state in the db: give --db postgres://…)", entry.id));
             continue;
         }
         running.push((entry.start)(&context).with_context(|| format!("starting {}", entry.id))?);
@@ -178,8 +197,11 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
             None => println!("Tributary is up: dashboard at http://{local}/ (data in {})", config.data.display()),
             Some(url) => {
                 let cache = config.cache.as_deref().map_or_else(|| "presence per node".to_string(), |cache| format!("shared cache on {cache}"));
-                println!("Tributary is up: dashboard at http://{local}/ (queues and streams on {url}, {cache}, namespace {})", config.namespace);
-                println!("Not started in distributed mode (they keep state in the node): {}", left_out.join(", "));
+                let db = config.db.as_deref().map_or_else(|| "db in the data folder".to_string(), |db| format!("db on {}", redacted_url(db)));
+                println!("Tributary is up: dashboard at http://{local}/ (queues and streams on {url}, {cache}, {db}, namespace {})", config.namespace);
+                if !left_out.is_empty() {
+                    println!("Not started in distributed mode: {}", left_out.join(", "));
+                }
             }
         }
     }
@@ -200,6 +222,10 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
         }
     }
     drop(running);
+    if let Some(db) = &context.db {
+        db.close().await;
+    }
+    drop(context);
     tokio::task::spawn_blocking(move || engine.close()).await?.context("closing the engine")?;
     if config.announce {
         println!("Tributary stopped cleanly");

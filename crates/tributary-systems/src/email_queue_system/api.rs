@@ -1,5 +1,6 @@
-//! The routes of email-queue-system: each handler checks its request with `process`, runs the
-//! engine work off the async workers (`blocking`), counts errors, and answers JSON. The sending
+//! The routes of email-queue-system: each handler checks its request with `process`, calls the
+//! system (whose backends are the context's queues, log and status DB), counts errors, and
+//! answers JSON. The sending
 //! itself happens in the workers of `mod.rs`, never in a request.
 
 use std::sync::Arc;
@@ -12,10 +13,10 @@ use serde_json::{Value, json};
 use tributary_server::utoipa::{self, IntoParams};
 use tributary_server::utoipa_axum::router::OpenApiRouter;
 use tributary_server::utoipa_axum::routes;
-use tributary_server::{ApiError, Json, blocking};
+use tributary_server::{ApiError, Json};
 
 use super::process::{self, ComplaintsRequest, EmailConfig, ReplayRequest, SendRequest, SendResponse, StatusView, SuppressRequest, Suppression, SuppressionPage, SuppressionReason, SuppressionsQuery};
-use super::{EmailSystem, ID, System};
+use super::{EmailSystem, ID};
 
 type Email = State<Arc<EmailSystem>>;
 
@@ -47,15 +48,14 @@ fn counted<T>(system: &EmailSystem, result: Result<T, ApiError>) -> Result<T, Ap
 /// Queue depths, counters, the events log and the webhook's position.
 #[utoipa::path(get, path = "/v1/email", tag = ID, responses((status = 200, description = "the system's figures")))]
 async fn overview(State(system): Email) -> axum::Json<Value> {
-    let shown = system.clone();
-    axum::Json(blocking(move || Ok::<_, ApiError>(shown.status())).await.unwrap_or_else(|e| json!({"error": e.message})))
+    axum::Json(system.overview().await)
 }
 
 /// Queue emails; answered 202 once each is in its queue and its first event is on the log.
 #[utoipa::path(post, path = "/v1/email/messages", tag = ID,
     request_body = SendRequest,
     responses((status = 202, body = SendResponse), (status = 400, description = "bad input, naming the field"), (status = 413, description = "over a named limit"),
-        (status = 503, description = "the status index is full")))]
+        (status = 503, description = "a backend (queues, log, status DB) is unavailable")))]
 async fn send(State(system): Email, body: Result<Json<SendRequest>, ApiError>) -> Result<(StatusCode, axum::Json<SendResponse>), ApiError> {
     let result = async { Ok((StatusCode::ACCEPTED, axum::Json(system.send(body?.0).await?))) }.await;
     counted(&system, result)
@@ -75,9 +75,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 async fn message_status(State(system): Email, Path(id): Path<String>) -> Result<axum::Json<StatusView>, ApiError> {
     let result = async {
         check_id(&id)?;
-        let reader = system.clone();
-        let wanted = id.clone();
-        match blocking(move || reader.email_status(&wanted)).await? {
+        match system.email_status(&id).await? {
             Some(view) => Ok(axum::Json(view)),
             None => Err(ApiError::not_found(format!("email {id:?} not found (unknown, or older than the events' retention of 7 days)"))),
         }
@@ -106,8 +104,7 @@ async fn events(State(system): Email, query: Result<Query<EventsQuery>, QueryRej
         if limit == 0 || limit > EVENTS_PAGE_MAX {
             return Err(ApiError::bad_request(format!("limit must be 1 to EVENTS_PAGE_MAX ({EVENTS_PAGE_MAX}), got {limit}")));
         }
-        let reader = system.clone();
-        let (events, next) = blocking(move || reader.events_page(query.from_offset.unwrap_or(0), limit)).await?;
+        let (events, next) = system.events_page(query.from_offset.unwrap_or(0), limit).await?;
         Ok(axum::Json(json!({"events": events, "next_offset": next})))
     }
     .await;
@@ -127,8 +124,7 @@ async fn get_config(State(system): Email) -> axum::Json<EmailConfig> {
 async fn put_config(State(system): Email, body: Result<Json<EmailConfig>, ApiError>) -> Result<axum::Json<EmailConfig>, ApiError> {
     let result = async {
         let config = body?.0.validated()?;
-        let writer = system.clone();
-        blocking(move || writer.set_config(config)).await?;
+        system.set_config(config).await?;
         Ok(axum::Json(system.config().redacted()))
     }
     .await;
@@ -146,7 +142,7 @@ async fn list_suppressions(State(system): Email, query: Result<Query<Suppression
             return Err(ApiError::bad_request(format!("limit must be 1 to SUPPRESSIONS_PAGE_MAX ({}), got {limit}", process::SUPPRESSIONS_PAGE_MAX)));
         }
         let after = query.after.map(|a| process::suppression_key(&a));
-        Ok(axum::Json(system.suppressions_page(after.as_deref(), limit)))
+        Ok(axum::Json(system.suppressions_page(after.as_deref(), limit).await?))
     }
     .await;
     counted(&system, result)
@@ -156,7 +152,11 @@ async fn list_suppressions(State(system): Email, query: Result<Query<Suppression
 #[utoipa::path(get, path = "/v1/email/suppressions/{address}", tag = ID, params(("address" = String, Path)),
     responses((status = 200, body = Suppression), (status = 404, description = "not suppressed")))]
 async fn get_suppression(State(system): Email, Path(address): Path<String>) -> Result<axum::Json<Suppression>, ApiError> {
-    let result = system.suppression(&address).map(axum::Json).ok_or_else(|| ApiError::not_found(format!("{address:?} is not on the suppression list")));
+    let result = match system.suppression(&address).await {
+        Ok(Some(entry)) => Ok(axum::Json(entry)),
+        Ok(None) => Err(ApiError::not_found(format!("{address:?} is not on the suppression list"))),
+        Err(error) => Err(error),
+    };
     counted(&system, result)
 }
 
@@ -171,9 +171,7 @@ async fn put_suppression(State(system): Email, Path(address): Path<String>, body
             return Err(ApiError::bad_request("detail is longer than 1024 bytes"));
         }
         let entry = Suppression { address: process::suppression_key(&address), reason: SuppressionReason::Manual, at_ms: tributary_core::now_ms().max(0) as u64, message_id: None, detail };
-        let writer = system.clone();
-        let written = entry.clone();
-        blocking(move || writer.suppress(vec![written], true)).await?;
+        system.suppress(vec![entry.clone()], true).await?;
         Ok(axum::Json(entry))
     }
     .await;
@@ -185,9 +183,7 @@ async fn put_suppression(State(system): Email, Path(address): Path<String>, body
     responses((status = 204, description = "removed"), (status = 404, description = "not suppressed")))]
 async fn delete_suppression(State(system): Email, Path(address): Path<String>) -> Result<StatusCode, ApiError> {
     let result = async {
-        let writer = system.clone();
-        let key = address.clone();
-        if blocking(move || writer.unsuppress(&key)).await? {
+        if system.unsuppress(&address).await? {
             Ok(StatusCode::NO_CONTENT)
         } else {
             Err(ApiError::not_found(format!("{address:?} is not on the suppression list")))
@@ -205,8 +201,7 @@ async fn complaints(State(system): Email, body: Result<Json<ComplaintsRequest>, 
     let result = async {
         let request = body?.0;
         process::check_complaints(&request)?;
-        let writer = system.clone();
-        let (suppressed, events) = blocking(move || writer.complain(request.complaints)).await?;
+        let (suppressed, events) = system.complain(request.complaints).await?;
         Ok(axum::Json(json!({"suppressed": suppressed, "events": events})))
     }
     .await;
@@ -219,8 +214,7 @@ async fn complaints(State(system): Email, body: Result<Json<ComplaintsRequest>, 
 async fn replay(State(system): Email, body: Result<Json<ReplayRequest>, ApiError>) -> Result<axum::Json<Value>, ApiError> {
     let result = async {
         let from = body?.0.from_offset;
-        let writer = system.clone();
-        let from = blocking(move || writer.replay(from)).await?;
+        let from = system.replay(from).await?;
         Ok(axum::Json(json!({"from_offset": from})))
     }
     .await;

@@ -3,7 +3,8 @@
 //! sender workers hand it to the configured SMTP relay, at most at the rate its recipient domain
 //! allows, retrying 4xx answers with backoff; 5xx answers are bounces (hard, soft or block), and
 //! hard bounces and complaints put the address on the suppression list. Every change of an
-//! email's state is an event on a log: queryable per email and POSTed to a webhook, signed.
+//! email's state is an event on a log, POSTed to a webhook, signed; the status DB keeps each
+//! email's latest state, the suppression list and the configuration.
 //!
 //! ```text
 //!  Applications ──POST /v1/email/messages──▶ Email API ──┬─▶ queue email.transactional ──▶ 8 sender workers ─┐
@@ -14,9 +15,11 @@
 //!                                             │                                          SMTP relay (pooled connections)
 //!                                             ▼                                                             │
 //!               events log  email-events ◀── queued / suppressed / deferred / delivered / bounced / complained
-//!               (1 partition, 7 days)  ──▶ status index (id → latest event) ──▶ GET /v1/email/messages/{id}
-//!                                      ──▶ webhook worker ──signed POST (HMAC-SHA256), retried──▶ your endpoint
-//!               suppression list  email-suppressions (compacted) ◀── hard bounces, complaints, manual entries
+//!               (1 partition, 7 days)  ──▶ webhook worker (one per deployment, a lease in the DB)
+//!                                          ──signed POST (HMAC-SHA256), retried──▶ your endpoint
+//!               status DB   email_status (id → latest event) ──▶ GET /v1/email/messages/{id}
+//!                           email_suppressions ◀── hard bounces, complaints, manual entries
+//!                           email_settings (the configuration), email_webhook (lease, replay)
 //! ```
 //!
 //! # Routes
@@ -32,10 +35,16 @@
 //! | `POST /v1/email/complaints` | feedback-loop complaints: suppress, and a `complained` event |
 //! | `POST /v1/email/webhook/replay` | POST the events again from an offset |
 //!
+//! **Where state lives.** Everything goes through the [`Context`]'s interfaces, so the system
+//! runs on one machine and on several nodes alike: the two queues on the queue interface (the
+//! engine's queues, or NATS JetStream), the events log on the stream interface, and the status
+//! DB on the db component ([`tributary_sql`]: the embedded SQLite file, or PostgreSQL shared by
+//! the nodes). Its tables are migrations in this file ([`SCHEMA`]).
+//!
 //! **Accept.** Each email names one recipient and a class: `transactional` or `bulk`, two
-//! engine queues with their own workers (8 and 4), so a campaign never delays a password reset.
-//! The 202 is sent after the email is in its queue and its `queued` event is on the log (both
-//! fsynced, with group commit). A recipient on the suppression list is not queued: the answer and
+//! queues with their own workers (8 and 4), so a campaign never delays a password reset.
+//! The 202 is sent after the email is in its queue, its `queued` event is on the log and its
+//! status row is written. A recipient on the suppression list is not queued: the answer and
 //! the log say `suppressed` (SendGrid's "dropped").
 //!
 //! **Send.** A worker leases a batch, checks the suppression list again, then takes a token of
@@ -49,12 +58,16 @@
 //! (5.7.x policy). The event is durable before the queue message is acked.
 //!
 //! **Status and webhooks.** Events live on the topic `email-events` (key = email id, value = the
-//! email's whole status as JSON, with the offset of its previous event), kept 7 days. An index in
-//! memory maps each email id to its latest event (rebuilt from the log at start; about 60 bytes
-//! per email, at most `STATUS_INDEX_ENTRIES_MAX`). The webhook worker reads the log from its
-//! committed offset (consumer group `email-webhook`), POSTs batches of up to 100 events as a JSON
-//! array, signed (`X-Tributary-Signature: t=…,v1=HMAC-SHA256(secret, "t.body")`), retries with
-//! backoff until a 2xx, then commits. Events carry their log offset: receivers deduplicate by it.
+//! email's whole status as JSON, with the offset of its previous event), kept 7 days. The row of
+//! an email in `email_status` holds its latest event and that event's offset; an update only
+//! ever moves a row to a later offset, so concurrent writers (several workers or nodes) leave
+//! the latest. A status query reads the row, then the earlier events by their offsets. The
+//! webhook worker reads the log from its committed offset (consumer group `email-webhook`),
+//! POSTs batches of up to 100 events as a JSON array, signed (`X-Tributary-Signature:
+//! t=…,v1=HMAC-SHA256(secret, "t.body")`), retries with backoff until a 2xx, then commits.
+//! Events carry their log offset: receivers deduplicate by it. With several nodes, the one
+//! holding the webhook lease (`WEBHOOK_LEASE_MS`, renewed while it works, given back when it
+//! stops) posts; another takes over when the lease runs out.
 //!
 //! # Delivery guarantee
 //!
@@ -68,17 +81,20 @@
 //! - One relay (a smarthost): no MX lookup, no direct-to-MX delivery, no IP pools, no DKIM
 //!   signing (the relay's job in this design).
 //! - No automatic throttling that adapts to replies; rates are configured.
-//! - Transactional and bulk mail share each domain's bucket.
+//! - Transactional and bulk mail share each domain's bucket. The buckets are each node's own:
+//!   N nodes send to a domain at up to N times its rate.
 //! - No idempotency key on send: a retried request after a lost answer queues the emails again.
-//! - A send answered 5xx may have been partly queued (queue and log are two appends).
+//! - A send answered 5xx may have been partly queued (queue, log and DB are three writes); a
+//!   crash between an event's append and its status row leaves the row at the previous event
+//!   until the email's next event.
 //! - Webhook endpoints are `http://` (no TLS client in this build); no opens or clicks tracking.
-//! - The status of an email older than the log's retention (7 days) is gone (404).
-//! - The status index lives in memory and is rebuilt by reading the whole events log at start.
-//!   At the seed's 100M emails/day, 7 days of events (700M emails) is beyond
-//!   `STATUS_INDEX_ENTRIES_MAX` (50M): sends are refused with 503 once it is full. A disk-backed
-//!   index (or a shorter retention) is the missing piece for that volume.
-//! - Hand-off throughput is below the seed's 10,000/s on 2 cores (about 880/s measured, see
-//!   docs/benchmarks.md): accepting keeps up, the queues absorb the difference.
+//! - The status of an email older than the log's retention (7 days) is gone (404); rows older
+//!   than that are deleted every `STATUS_PRUNE_INTERVAL`.
+//! - The counters of `GET /v1/email` are the answering node's; queue depths, the suppression
+//!   list and the webhook's position are the deployment's.
+//! - A configuration written through one node reaches the others within `CONFIG_REFRESH`.
+//! - Hand-off throughput is below the seed's 10,000/s on 2 cores (see docs/benchmarks.md):
+//!   accepting keeps up, the queues absorb the difference.
 
 pub mod api;
 pub mod process;
@@ -88,7 +104,7 @@ pub mod topology;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,28 +119,25 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 use tributary_core::Record;
-use tributary_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, MESSAGE_BYTES_MAX, QUEUE_DELAY_MS_MAX};
-use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, Queue, QueueConfig, QueueError, Receipt};
-use tributary_engine::stream::{Topic, TopicConfig};
-use tributary_engine::{Engine, StreamError};
+use tributary_core::limits::{BATCH_RECORDS_MAX, QUEUE_DELAY_MS_MAX};
+use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueStats, QueueStore, Receipt};
+use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::TokenBuckets;
-use tributary_server::{ApiError, SystemApi, blocking};
+use tributary_server::{ApiError, SystemApi, on_backend};
+use tributary_sql::sqlx::{self, Row};
+use tributary_sql::{Db, DbError, Migration, Read, Schema};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
 
 pub const ID: &str = "email-queue-system";
-/// The engine queue of transactional mail.
+/// The queue of transactional mail.
 pub const TRANSACTIONAL_QUEUE: &str = "email.transactional";
-/// The engine queue of bulk mail.
+/// The queue of bulk mail.
 pub const BULK_QUEUE: &str = "email.bulk";
 /// The events log: every state change of every email.
 pub const EVENTS_TOPIC: &str = "email-events";
-/// The suppression list (compacted, keyed by lower-case address).
-pub const SUPPRESSIONS_TOPIC: &str = "email-suppressions";
-/// The configuration (compacted, one key).
-pub const CONFIG_TOPIC: &str = "email-config";
 /// The queue group of the sender workers.
 pub const SENDER_GROUP: &str = "senders";
 /// The stream consumer group of the webhook worker on the events log.
@@ -135,7 +148,8 @@ pub const TRANSACTIONAL_WORKERS: usize = 8;
 pub const BULK_WORKERS: usize = 4;
 /// Emails one worker leases at once.
 pub const WORKER_BATCH_MAX: usize = 64;
-/// Lease of a worker's batch: longer than a slow relay's answers to a whole batch.
+/// Lease of a worker's batch (the queues' default lease): longer than a slow relay's answers to
+/// a whole batch.
 pub const WORKER_LEASE_MS: u64 = 120_000;
 /// How long one receive of a worker waits before it looks at the configuration again.
 pub const WORKER_WAIT: Duration = Duration::from_millis(250);
@@ -143,15 +157,41 @@ pub const WORKER_WAIT: Duration = Duration::from_millis(250);
 pub const THROTTLE_HORIZON_MS: u64 = 60_000;
 /// Events per webhook POST.
 pub const WEBHOOK_BATCH_EVENTS: usize = 100;
-/// How long events are kept.
+/// How long the webhook worker waits before it reads the log again when it had nothing new.
+pub const WEBHOOK_IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long the node posting webhooks holds the deployment's lease; renewed when half is left.
+pub const WEBHOOK_LEASE_MS: u64 = 10_000;
+/// How long the events are kept.
 pub const EVENTS_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1_000;
-/// Emails the status index holds at most; past it, sends are refused (503) until retention
-/// removes old events.
-pub const STATUS_INDEX_ENTRIES_MAX: usize = 50_000_000;
 /// Addresses the suppression list holds at most.
 pub const SUPPRESSIONS_MAX: usize = 10_000_000;
+/// How often a node reads the configuration again (another node may have changed it).
+pub const CONFIG_REFRESH: Duration = Duration::from_secs(1);
+/// How often the status rows of emails whose events retention removed are deleted.
+pub const STATUS_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// Rows one SQL statement writes or names at most (its parameters stay far below SQLite's and
+/// PostgreSQL's limits).
+const SQL_ROWS_PER_STATEMENT: usize = 200;
 
 const CONFIG_KEY: &str = "config";
+
+/// The tables of the status DB: the same SQL on SQLite and PostgreSQL.
+const TABLES_V1: &str = "
+CREATE TABLE email_status (id TEXT PRIMARY KEY, event_offset BIGINT NOT NULL, event TEXT NOT NULL, updated_ms BIGINT NOT NULL);
+CREATE INDEX email_status_by_offset ON email_status (event_offset);
+CREATE TABLE email_suppressions (address TEXT PRIMARY KEY, reason TEXT NOT NULL, at_ms BIGINT NOT NULL, message_id TEXT, detail TEXT);
+CREATE TABLE email_counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO email_counters (name, value) VALUES ('suppressions', 0);
+CREATE TABLE email_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, version BIGINT NOT NULL);
+CREATE TABLE email_webhook (name TEXT PRIMARY KEY, holder TEXT, lease_until_ms BIGINT NOT NULL, replay_from BIGINT);
+INSERT INTO email_webhook (name, holder, lease_until_ms, replay_from) VALUES ('webhook', NULL, 0, NULL);
+";
+
+/// The status DB's migrations.
+pub const SCHEMA: Schema = Schema {
+    owner: "email",
+    migrations: &[Migration { version: 1, description: "status, suppressions, settings and the webhook lease", sqlite: TABLES_V1, postgres: TABLES_V1 }],
+};
 
 type Relay = AsyncSmtpTransport<Tokio1Executor>;
 
@@ -161,7 +201,7 @@ pub struct RelayHandle {
     permits: tokio::sync::Semaphore,
 }
 
-/// Counters shown by `GET /v1/email` and the dashboard.
+/// Counters shown by `GET /v1/email` and the dashboard (this node's).
 #[derive(Default)]
 struct Counts {
     queued: AtomicU64,
@@ -178,31 +218,24 @@ struct Counts {
 
 /// The running system.
 pub struct EmailSystem {
-    engine: Arc<Engine>,
     metrics: SystemMetrics,
-    transactional: Arc<Queue>,
-    bulk: Arc<Queue>,
-    events: Arc<Topic>,
-    suppressions_topic: Arc<Topic>,
-    config_topic: Arc<Topic>,
-    /// Email id → offset of its latest event.
-    index: Mutex<HashMap<String, u64>>,
-    suppressed: RwLock<BTreeMap<String, Suppression>>,
-    config: RwLock<Arc<EmailConfig>>,
-    /// Serializes writes of the configuration and of the suppression list, so the log's order is
-    /// the memory's order.
-    write_lock: Mutex<()>,
+    queues: Arc<dyn QueueStore>,
+    streams: Arc<dyn StreamStore>,
+    db: Db,
+    /// The configuration and its version in the DB.
+    config: RwLock<(i64, Arc<EmailConfig>)>,
+    /// Serializes this node's configuration writes, so its version only grows.
+    config_write: tokio::sync::Mutex<()>,
     /// The relay's pooled transport and the permits that bound concurrent SMTP transactions to
     /// its `pool_max` (lettre's pool bounds idle connections, not open ones).
     relay: Mutex<Option<(RelaySpec, Arc<RelayHandle>)>>,
     buckets: TokenBuckets<String>,
     /// Email id → the instant its reserved token becomes usable.
     reserved: Mutex<HashMap<String, u64>>,
-    id_prefix: String,
+    /// This node: the prefix of the ids it gives and its name as the webhook lease's holder.
+    node: String,
     next_id: AtomicU64,
     counts: Counts,
-    /// A replay asked for by the API, taken by the webhook worker.
-    replay_from: Mutex<Option<u64>>,
     webhook_error: Mutex<Option<String>>,
     stopping: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -220,63 +253,69 @@ fn queue_config() -> QueueConfig {
     QueueConfig { deliveries_max: QUEUE_DELIVERIES_MAX_MAX, lease_ms_default: WORKER_LEASE_MS, ..QueueConfig::default() }
 }
 
-/// The queue, created if missing, with the senders' group (so that its depth counts from the
-/// first email, before any worker received).
-fn open_queue(engine: &Engine, name: &str) -> anyhow::Result<Arc<Queue>> {
-    let queue = match engine.queues.get(name) {
-        Ok(queue) => queue,
-        Err(_) => match engine.queues.create(name, queue_config()) {
-            Ok(queue) => queue,
-            Err(QueueError::AlreadyExists { .. }) => engine.queues.get(name)?,
-            Err(error) => return Err(error.into()),
-        },
-    };
-    match queue.create_group(SENDER_GROUP) {
-        Ok(()) | Err(QueueError::AlreadyExists { .. }) => Ok(queue),
-        Err(error) => Err(error.into()),
-    }
-}
-
 fn now_ms() -> u64 {
     tributary_core::now_ms().max(0) as u64
 }
 
+/// `$first, $first+1, …` for `count` parameters, comma-separated.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `($1, …, $width), (…), …` for `rows` rows of `width` parameters.
+fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows).map(|row| format!("({})", placeholders(row * width + 1, width))).collect::<Vec<_>>().join(", ")
+}
+
+/// A text column holding JSON, read back.
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, ApiError> {
+    serde_json::from_str(text).map_err(|e| ApiError::internal(format!("the status DB holds an unreadable {what}: {e}")))
+}
+
+fn suppression_of(row: &sqlx::any::AnyRow) -> Result<Suppression, ApiError> {
+    let reason: String = row.try_get("reason").map_err(DbError::from)?;
+    Ok(Suppression {
+        address: row.try_get("address").map_err(DbError::from)?,
+        reason: SuppressionReason::parse(&reason).ok_or_else(|| ApiError::internal(format!("the status DB holds an unknown suppression reason {reason:?}")))?,
+        at_ms: row.try_get::<i64, _>("at_ms").map_err(DbError::from)? as u64,
+        message_id: row.try_get("message_id").map_err(DbError::from)?,
+        detail: row.try_get("detail").map_err(DbError::from)?,
+    })
+}
+
 impl EmailSystem {
-    /// Open the queues and topics, load the configuration, the suppression list and the status
-    /// index from their logs, and start the workers (on the current tokio runtime).
+    /// Create the queues and the events topic when missing, migrate the status DB, load the
+    /// configuration, and start the workers (on the current tokio runtime).
     pub fn open(context: &Context) -> anyhow::Result<Arc<EmailSystem>> {
-        let engine = context.engine.clone();
-        let transactional = open_queue(&engine, TRANSACTIONAL_QUEUE)?;
-        let bulk = open_queue(&engine, BULK_QUEUE)?;
-        let events = engine.topics.create(EVENTS_TOPIC, TopicConfig { partitions: 1, retention_ms: Some(EVENTS_RETENTION_MS), ..TopicConfig::default() })?;
-        let suppressions_topic = engine.topics.create(SUPPRESSIONS_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
-        let config_topic = engine.topics.create(CONFIG_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
-        let started = now_ms();
+        let (queues, streams, db) = (context.queues.clone(), context.streams.clone(), context.db()?);
+        let setup = async {
+            for class in Class::ALL {
+                queues.create_queue(class.queue(), queue_config()).await?;
+            }
+            streams.create_topic(EVENTS_TOPIC, TopicConfig { partitions: 1, retention_ms: Some(EVENTS_RETENTION_MS), ..TopicConfig::default() }).await?;
+            db.migrate(&SCHEMA).await?;
+            anyhow::Ok(())
+        };
+        tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
         let system = Arc::new(EmailSystem {
-            engine,
             metrics: SystemMetrics::new(ID),
-            transactional,
-            bulk,
-            events,
-            suppressions_topic,
-            config_topic,
-            index: Mutex::new(HashMap::new()),
-            suppressed: RwLock::new(BTreeMap::new()),
-            config: RwLock::new(Arc::new(EmailConfig::default())),
-            write_lock: Mutex::new(()),
+            queues,
+            streams,
+            db,
+            config: RwLock::new((0, Arc::new(EmailConfig::default()))),
+            config_write: tokio::sync::Mutex::new(()),
             relay: Mutex::new(None),
             buckets: TokenBuckets::new(),
             reserved: Mutex::new(HashMap::new()),
-            id_prefix: format!("{started:x}"),
+            node: format!("{:x}", tributary_core::unique_u64()),
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
-            replay_from: Mutex::new(None),
             webhook_error: Mutex::new(None),
             stopping: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
         });
-        system.load()?;
+        tributary_server::wait_in_place(false, system.refresh_config()).expect("on the runtime the setup ran on").map_err(|e| anyhow::anyhow!("reading the configuration: {}", e.message))?;
         let mut tasks = Vec::new();
         for (class, workers) in [(Class::Transactional, TRANSACTIONAL_WORKERS), (Class::Bulk, BULK_WORKERS)] {
             for n in 0..workers {
@@ -284,58 +323,79 @@ impl EmailSystem {
             }
         }
         tasks.push(tokio::spawn(run_webhook(system.clone())));
+        tasks.push(tokio::spawn(run_upkeep(system.clone())));
         *system.tasks.lock() = tasks;
         Ok(system)
     }
 
-    /// Read the configuration, the suppression list and the events into memory.
-    fn load(&self) -> anyhow::Result<()> {
-        for_each_record(&self.config_topic, |record| {
-            if record.key.as_deref() == Some(CONFIG_KEY.as_bytes())
-                && let Some(value) = &record.value
-            {
-                *self.config.write() = Arc::new(serde_json::from_slice(value)?);
+    pub fn config(&self) -> Arc<EmailConfig> {
+        self.config.read().1.clone()
+    }
+
+    /// Take the configuration from the DB when it is newer than this node's.
+    async fn refresh_config(&self) -> Result<(), ApiError> {
+        let row = sqlx::query("SELECT value, version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_optional(self.db.primary()).await.map_err(DbError::from)?;
+        let Some(row) = row else { return Ok(()) };
+        let version: i64 = row.try_get("version").map_err(DbError::from)?;
+        if version > self.config.read().0 {
+            let config: EmailConfig = from_json("configuration", &row.try_get::<String, _>("value").map_err(DbError::from)?)?;
+            let mut current = self.config.write();
+            if version > current.0 {
+                *current = (version, Arc::new(config));
             }
-            Ok(())
-        })?;
-        let mut suppressed = self.suppressed.write();
-        for_each_record(&self.suppressions_topic, |record| {
-            let Some(key) = record.key.as_deref() else { return Ok(()) };
-            let address = String::from_utf8_lossy(key).into_owned();
-            match &record.value {
-                Some(value) => suppressed.insert(address, serde_json::from_slice(value)?),
-                None => suppressed.remove(&address),
-            };
-            Ok(())
-        })?;
-        drop(suppressed);
-        let mut index = self.index.lock();
-        for_each_record(&self.events, |record| {
-            if let Some(key) = record.key.as_deref() {
-                index.insert(String::from_utf8_lossy(key).into_owned(), record.offset);
-            }
-            Ok(())
-        })?;
+        }
         Ok(())
     }
 
-    pub fn config(&self) -> Arc<EmailConfig> {
-        self.config.read().clone()
-    }
-
-    fn queue(&self, class: Class) -> &Arc<Queue> {
-        match class {
-            Class::Transactional => &self.transactional,
-            Class::Bulk => &self.bulk,
-        }
-    }
-
     fn new_id(&self) -> String {
-        format!("{}-{:x}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!("{}-{:x}", self.node, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    pub fn is_suppressed(&self, address: &str) -> bool {
-        self.suppressed.read().contains_key(&process::suppression_key(address))
+    // -----------------------------------------------------------------------------------------
+    // The interfaces, called from async code (the embedded engine off the async workers)
+
+    async fn publish(&self, class: Class, messages: Vec<NewMessage>) -> Result<(), ApiError> {
+        let queues = self.queues.clone();
+        on_backend(queues.blocking(), async move { queues.publish(class.queue(), messages).await }).await?;
+        Ok(())
+    }
+
+    async fn settle_receipts(&self, class: Class, receipts: Vec<Receipt>, nack_delay_ms: Option<u64>) -> Result<(), ApiError> {
+        let queues = self.queues.clone();
+        on_backend(queues.blocking(), async move {
+            match nack_delay_ms {
+                None => queues.ack(class.queue(), SENDER_GROUP, receipts).await,
+                Some(delay) => queues.nack(class.queue(), SENDER_GROUP, receipts, Some(delay)).await,
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_stats(&self, class: Class) -> Result<QueueStats, ApiError> {
+        let queues = self.queues.clone();
+        Ok(on_backend(queues.blocking(), async move { queues.stats(class.queue()).await }).await?)
+    }
+
+    /// The events log's first offset and its end.
+    async fn event_offsets(&self) -> Result<(u64, u64), ApiError> {
+        let streams = self.streams.clone();
+        Ok(on_backend(streams.blocking(), async move { streams.offsets(EVENTS_TOPIC, 0).await }).await?)
+    }
+
+    async fn fetch_events(&self, from: u64, max: usize) -> Result<Vec<tributary_core::StoredRecord>, ApiError> {
+        let streams = self.streams.clone();
+        Ok(on_backend(streams.blocking(), async move { streams.fetch(EVENTS_TOPIC, 0, from, max).await }).await?)
+    }
+
+    async fn webhook_committed(&self) -> Result<Option<u64>, ApiError> {
+        let streams = self.streams.clone();
+        Ok(on_backend(streams.blocking(), async move { streams.committed(EVENTS_TOPIC, WEBHOOK_GROUP, 0).await }).await?)
+    }
+
+    async fn commit_webhook(&self, offset: u64) -> Result<(), ApiError> {
+        let streams = self.streams.clone();
+        Ok(on_backend(streams.blocking(), async move { streams.commit(EVENTS_TOPIC, WEBHOOK_GROUP, 0, offset).await }).await?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -351,17 +411,12 @@ impl EmailSystem {
         }
         let now = now_ms();
         let emails = request.messages.into_iter().enumerate().map(|(i, email)| process::accept(i, email, self.new_id(), now)).collect::<Result<Vec<_>, _>>()?;
-        if self.index.lock().len() + emails.len() > STATUS_INDEX_ENTRIES_MAX {
-            self.prune_index();
-            if self.index.lock().len() + emails.len() > STATUS_INDEX_ENTRIES_MAX {
-                return Err(ApiError::overloaded(format!("the status index holds STATUS_INDEX_ENTRIES_MAX ({STATUS_INDEX_ENTRIES_MAX}) emails; older ones leave with the events' retention"), 60));
-            }
-        }
+        let suppressed = self.suppressed_among(emails.iter().map(|e| e.to.as_str())).await?;
         let mut statuses = Vec::with_capacity(emails.len());
         let mut by_class: [Vec<NewMessage>; 2] = [Vec::new(), Vec::new()];
         let mut events = Vec::with_capacity(emails.len());
         for email in &emails {
-            let kind = if self.is_suppressed(&email.to) { EventKind::Suppressed } else { EventKind::Queued };
+            let kind = if suppressed.contains(&process::suppression_key(&email.to)) { EventKind::Suppressed } else { EventKind::Queued };
             if kind == EventKind::Queued {
                 let body = serde_json::to_vec(email).expect("an email serializes");
                 by_class[email.class as usize].push(NewMessage::new(body));
@@ -371,21 +426,13 @@ impl EmailSystem {
         }
         let queued = async {
             for (class, messages) in Class::ALL.into_iter().zip(by_class) {
-                if messages.is_empty() {
-                    continue;
+                if !messages.is_empty() {
+                    self.publish(class, messages).await?;
                 }
-                let queue = self.queue(class).clone();
-                blocking(move || -> Result<(), ApiError> {
-                    queue.publish(&messages)?;
-                    Ok(())
-                })
-                .await?;
             }
             Ok::<(), ApiError>(())
         };
-        let system = self.clone();
-        let logged = blocking(move || system.append_events(&events));
-        let (queued, logged) = tokio::join!(queued, logged);
+        let (queued, logged) = tokio::join!(queued, self.append_events(events));
         queued?;
         logged?;
         let suppressed = statuses.iter().filter(|s| s.status == EventKind::Suppressed).count() as u64;
@@ -395,72 +442,106 @@ impl EmailSystem {
         Ok(process::SendResponse { messages: statuses })
     }
 
-    /// Append events (durably) and point the index at them.
-    fn append_events(&self, events: &[Event]) -> Result<Vec<u64>, ApiError> {
+    /// Append events (durably), then point each email's status row at its latest.
+    async fn append_events(&self, events: Vec<Event>) -> Result<(), ApiError> {
+        if events.is_empty() {
+            return Ok(());
+        }
         let mut offsets = Vec::with_capacity(events.len());
         for chunk in events.chunks(BATCH_RECORDS_MAX) {
             let records: Vec<Record> = chunk.iter().map(|e| Record::keyed(e.id.clone(), serde_json::to_vec(e).expect("an event serializes"))).collect();
-            let appended = self.events.produce_to(0, &records)?;
-            let mut index = self.index.lock();
-            for (n, event) in chunk.iter().enumerate() {
-                let offset = appended.base_offset + n as u64;
-                offsets.push(offset);
-                let entry = index.entry(event.id.clone()).or_insert(offset);
-                *entry = (*entry).max(offset);
-            }
+            let streams = self.streams.clone();
+            let produced = on_backend(streams.blocking(), async move { streams.produce(EVENTS_TOPIC, records).await }).await?;
+            offsets.extend(produced.iter().map(|p| p.offset));
         }
-        Ok(offsets)
+        self.write_status(&events, &offsets).await
     }
 
-    /// Forget index entries whose events retention has removed.
-    fn prune_index(&self) {
-        let Ok((start, _)) = self.events.offsets(0) else { return };
-        self.index.lock().retain(|_, offset| *offset >= start);
+    /// Upsert the status rows of `events` (stored at `offsets`): a row only moves to a later
+    /// offset, whoever writes last.
+    async fn write_status(&self, events: &[Event], offsets: &[u64]) -> Result<(), ApiError> {
+        // One row per email per statement (PostgreSQL refuses to update a row twice in one).
+        let mut latest: HashMap<&str, (u64, &Event)> = HashMap::new();
+        for (event, &offset) in events.iter().zip(offsets) {
+            let entry = latest.entry(event.id.as_str()).or_insert((offset, event));
+            if offset > entry.0 {
+                *entry = (offset, event);
+            }
+        }
+        let rows: Vec<(&str, u64, &Event)> = latest.into_iter().map(|(id, (offset, event))| (id, offset, event)).collect();
+        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        for chunk in rows.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO email_status (id, event_offset, event, updated_ms) VALUES {} \
+                 ON CONFLICT (id) DO UPDATE SET event_offset = excluded.event_offset, event = excluded.event, updated_ms = excluded.updated_ms \
+                 WHERE email_status.event_offset < excluded.event_offset",
+                value_rows(chunk.len(), 4)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, offset, event) in chunk {
+                query = query.bind(id.to_string()).bind(*offset as i64).bind(serde_json::to_string(event).expect("an event serializes")).bind(event.at_ms as i64);
+            }
+            query.execute(&mut *transaction).await.map_err(DbError::from)?;
+        }
+        transaction.commit().await.map_err(DbError::from)?;
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
     // Status
 
-    fn read_event(&self, offset: u64) -> Result<Option<Event>, StreamError> {
-        let records = self.events.fetch(0, offset, 1, MESSAGE_BYTES_MAX)?;
+    /// The latest event of each email of `ids` that has a status row, with its offset.
+    async fn latest_of(&self, ids: &[&str]) -> Result<HashMap<String, (u64, Event)>, ApiError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("SELECT id, event_offset, event FROM email_status WHERE id IN ({})", placeholders(1, chunk.len()));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for row in query.fetch_all(self.db.primary()).await.map_err(DbError::from)? {
+                let id: String = row.try_get("id").map_err(DbError::from)?;
+                let offset = row.try_get::<i64, _>("event_offset").map_err(DbError::from)? as u64;
+                let event: Event = from_json("event", &row.try_get::<String, _>("event").map_err(DbError::from)?)?;
+                found.insert(id, (offset, event));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn read_event(&self, offset: u64) -> Result<Option<Event>, ApiError> {
+        let records = self.fetch_events(offset, 1).await?;
         Ok(records.into_iter().find(|r| r.offset == offset).and_then(|r| r.value).and_then(|value| serde_json::from_slice(&value).ok()))
     }
 
-    /// The latest event of email `id` and its offset.
-    fn latest(&self, id: &str) -> Result<Option<(u64, Event)>, StreamError> {
-        let Some(offset) = self.index.lock().get(id).copied() else { return Ok(None) };
-        let (start, _) = self.events.offsets(0)?;
+    /// The status of email `id` with its events, newest first.
+    pub async fn email_status(&self, id: &str) -> Result<Option<process::StatusView>, ApiError> {
+        let Some((offset, latest)) = self.latest_of(&[id]).await?.remove(id) else { return Ok(None) };
+        let (start, _) = self.event_offsets().await?;
         if offset < start {
             return Ok(None);
         }
-        Ok(self.read_event(offset)?.map(|event| (offset, event)))
-    }
-
-    /// The status of email `id` with its events, newest first (blocking).
-    pub fn email_status(&self, id: &str) -> Result<Option<process::StatusView>, ApiError> {
-        let Some((offset, latest)) = self.latest(id)? else { return Ok(None) };
-        let (start, _) = self.events.offsets(0)?;
         let mut events = vec![EventView { offset, event: latest.clone() }];
         let mut previous = latest.previous;
         while let Some(at) = previous
             && events.len() < process::EVENTS_LISTED_MAX
             && at >= start
         {
-            let Some(event) = self.read_event(at)? else { break };
+            let Some(event) = self.read_event(at).await? else { break };
             previous = event.previous;
             events.push(EventView { offset: at, event });
         }
         Ok(Some(process::status_view(&latest, events)))
     }
 
-    /// Events from `from`, at most `limit` (blocking).
-    pub fn events_page(&self, from: u64, limit: usize) -> Result<(Vec<EventView>, u64), ApiError> {
-        let (start, end) = self.events.offsets(0)?;
+    /// Events from `from`, at most `limit`, and the offset after them.
+    pub async fn events_page(&self, from: u64, limit: usize) -> Result<(Vec<EventView>, u64), ApiError> {
+        let (start, end) = self.event_offsets().await?;
         let from = from.max(start);
         if from >= end {
             return Ok((Vec::new(), end));
         }
-        let records = self.events.fetch(0, from, limit, BATCH_BYTES_MAX)?;
+        let records = self.fetch_events(from, limit).await?;
         let views: Vec<EventView> = records.into_iter().filter_map(|r| Some(EventView { offset: r.offset, event: serde_json::from_slice(r.value.as_deref()?).ok()? })).collect();
         let next = views.last().map_or(from, |v| v.offset + 1);
         Ok((views, next))
@@ -469,61 +550,99 @@ impl EmailSystem {
     // -----------------------------------------------------------------------------------------
     // Suppressions and complaints
 
+    /// Which of `addresses` are on the suppression list (as their keys).
+    async fn suppressed_among<'a>(&self, addresses: impl Iterator<Item = &'a str>) -> Result<HashSet<String>, ApiError> {
+        let keys: Vec<String> = addresses.map(process::suppression_key).collect::<HashSet<_>>().into_iter().collect();
+        let mut found = HashSet::new();
+        for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("SELECT address FROM email_suppressions WHERE address IN ({})", placeholders(1, chunk.len()));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for key in chunk {
+                query = query.bind(key.clone());
+            }
+            for row in query.fetch_all(self.db.primary()).await.map_err(DbError::from)? {
+                found.insert(row.try_get::<String, _>("address").map_err(DbError::from)?);
+            }
+        }
+        Ok(found)
+    }
+
     /// Add addresses to the suppression list (durably). Addresses already on it keep their
-    /// first entry unless `replace`. Returns how many were added.
-    pub fn suppress(&self, entries: Vec<Suppression>, replace: bool) -> Result<usize, ApiError> {
-        let _write = self.write_lock.lock();
-        let fresh: Vec<Suppression> = {
-            let suppressed = self.suppressed.read();
-            let mut seen = std::collections::HashSet::new();
-            entries.into_iter().filter(|e| (replace || !suppressed.contains_key(&e.address)) && seen.insert(e.address.clone())).collect()
-        };
-        if fresh.is_empty() {
+    /// first entry unless `replace`. Returns how many were added (with `replace`, written).
+    pub async fn suppress(&self, entries: Vec<Suppression>, replace: bool) -> Result<usize, ApiError> {
+        let mut seen = HashSet::new();
+        let entries: Vec<Suppression> = entries.into_iter().filter(|e| seen.insert(e.address.clone())).collect();
+        if entries.is_empty() {
             return Ok(0);
         }
-        let room = SUPPRESSIONS_MAX.saturating_sub(self.suppressed.read().len());
-        if fresh.len() > room {
+        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let mut added = 0u64;
+        for chunk in entries.chunks(SQL_ROWS_PER_STATEMENT) {
+            let insert = format!("INSERT INTO email_suppressions (address, reason, at_ms, message_id, detail) VALUES {}", value_rows(chunk.len(), 5));
+            for conflict in ["ON CONFLICT (address) DO NOTHING", "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms, message_id = excluded.message_id, detail = excluded.detail"] {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{insert} {conflict}")));
+                for entry in chunk {
+                    query = query.bind(entry.address.clone()).bind(entry.reason.as_str()).bind(entry.at_ms as i64).bind(entry.message_id.clone()).bind(entry.detail.clone());
+                }
+                let written = query.execute(&mut *transaction).await.map_err(DbError::from)?;
+                if conflict.ends_with("NOTHING") {
+                    added += written.rows_affected();
+                    if !replace {
+                        break;
+                    }
+                }
+            }
+        }
+        sqlx::query("UPDATE email_counters SET value = value + $1 WHERE name = 'suppressions'").bind(added as i64).execute(&mut *transaction).await.map_err(DbError::from)?;
+        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(&mut *transaction).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
+        if total as usize > SUPPRESSIONS_MAX {
+            transaction.rollback().await.map_err(DbError::from)?;
             return Err(ApiError::too_large(format!("the suppression list holds SUPPRESSIONS_MAX ({SUPPRESSIONS_MAX}) addresses")));
         }
-        let records: Vec<Record> = fresh.iter().map(|e| Record::keyed(e.address.clone(), serde_json::to_vec(e).expect("a suppression serializes"))).collect();
-        for chunk in records.chunks(BATCH_RECORDS_MAX) {
-            self.suppressions_topic.produce_to(0, chunk)?;
-        }
-        let mut suppressed = self.suppressed.write();
-        for entry in &fresh {
-            suppressed.insert(entry.address.clone(), entry.clone());
-        }
-        Ok(fresh.len())
+        transaction.commit().await.map_err(DbError::from)?;
+        Ok(if replace { entries.len() } else { added as usize })
     }
 
     /// Take an address off the list; `false` if it was not on it.
-    pub fn unsuppress(&self, address: &str) -> Result<bool, ApiError> {
-        let key = process::suppression_key(address);
-        let _write = self.write_lock.lock();
-        if !self.suppressed.read().contains_key(&key) {
-            return Ok(false);
+    pub async fn unsuppress(&self, address: &str) -> Result<bool, ApiError> {
+        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let removed = sqlx::query("DELETE FROM email_suppressions WHERE address = $1").bind(process::suppression_key(address)).execute(&mut *transaction).await.map_err(DbError::from)?.rows_affected();
+        if removed > 0 {
+            sqlx::query("UPDATE email_counters SET value = value - $1 WHERE name = 'suppressions'").bind(removed as i64).execute(&mut *transaction).await.map_err(DbError::from)?;
         }
-        self.suppressions_topic.produce_to(0, &[Record::tombstone(key.clone())])?;
-        self.suppressed.write().remove(&key);
-        Ok(true)
+        transaction.commit().await.map_err(DbError::from)?;
+        Ok(removed > 0)
     }
 
-    pub fn suppression(&self, address: &str) -> Option<Suppression> {
-        self.suppressed.read().get(&process::suppression_key(address)).cloned()
+    pub async fn suppression(&self, address: &str) -> Result<Option<Suppression>, ApiError> {
+        let row = sqlx::query("SELECT address, reason, at_ms, message_id, detail FROM email_suppressions WHERE address = $1")
+            .bind(process::suppression_key(address))
+            .fetch_optional(self.db.reader(Read::MayLag))
+            .await
+            .map_err(DbError::from)?;
+        row.as_ref().map(suppression_of).transpose()
     }
 
-    pub fn suppressions_page(&self, after: Option<&str>, limit: usize) -> process::SuppressionPage {
-        let suppressed = self.suppressed.read();
-        let page = match after {
-            Some(after) => suppressed.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)).take(limit).map(|(_, s)| s.clone()).collect(),
-            None => suppressed.values().take(limit).cloned().collect(),
-        };
-        process::SuppressionPage { suppressions: page, total: suppressed.len() }
+    async fn suppressions_total(&self) -> Result<usize, ApiError> {
+        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(self.db.reader(Read::MayLag)).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
+        Ok(total.max(0) as usize)
+    }
+
+    /// A page of the list in address order, after `after`.
+    pub async fn suppressions_page(&self, after: Option<&str>, limit: usize) -> Result<process::SuppressionPage, ApiError> {
+        let rows = sqlx::query("SELECT address, reason, at_ms, message_id, detail FROM email_suppressions WHERE address > $1 ORDER BY address LIMIT $2")
+            .bind(after.unwrap_or("").to_string())
+            .bind(limit as i64)
+            .fetch_all(self.db.reader(Read::MayLag))
+            .await
+            .map_err(DbError::from)?;
+        let suppressions = rows.iter().map(suppression_of).collect::<Result<Vec<_>, _>>()?;
+        Ok(process::SuppressionPage { suppressions, total: self.suppressions_total().await? })
     }
 
     /// Record complaints: suppress each address; an email named and known gets a `complained`
-    /// event. Returns (addresses newly suppressed, events written).
-    pub fn complain(&self, complaints: Vec<process::Complaint>) -> Result<(usize, usize), ApiError> {
+    /// event. Returns (addresses suppressed, events written).
+    pub async fn complain(&self, complaints: Vec<process::Complaint>) -> Result<(usize, usize), ApiError> {
         let now = now_ms();
         let entries = complaints
             .iter()
@@ -535,50 +654,115 @@ impl EmailSystem {
                 detail: c.feedback_type.clone(),
             })
             .collect();
-        let added = self.suppress(entries, true)?;
+        let added = self.suppress(entries, true).await?;
+        let named: Vec<&str> = complaints.iter().filter_map(|c| c.message_id.as_deref()).collect();
+        let latest = self.latest_of(&named).await?;
         let mut events = Vec::new();
         for complaint in &complaints {
-            let Some(id) = &complaint.message_id else { continue };
-            if let Some((offset, latest)) = self.latest(id)? {
-                let mut event = latest.next(offset, EventKind::Complained, now);
-                event.reason = Some(format!("feedback loop: {}", complaint.feedback_type.as_deref().unwrap_or("abuse")));
-                events.push(event);
-            }
+            let Some((offset, latest)) = complaint.message_id.as_ref().and_then(|id| latest.get(id)) else { continue };
+            let mut event = latest.next(*offset, EventKind::Complained, now);
+            event.reason = Some(format!("feedback loop: {}", complaint.feedback_type.as_deref().unwrap_or("abuse")));
+            events.push(event);
         }
-        self.append_events(&events)?;
+        let written = events.len();
+        self.append_events(events).await?;
         self.counts.complained.fetch_add(complaints.len() as u64, Ordering::Relaxed);
-        Ok((added, events.len()))
+        Ok((added, written))
     }
 
     // -----------------------------------------------------------------------------------------
-    // Configuration
+    // Configuration and the webhook's position
 
     /// Replace the configuration (durably). A new webhook URL starts at the log's end.
-    pub fn set_config(&self, config: EmailConfig) -> Result<(), ApiError> {
-        let _write = self.write_lock.lock();
+    pub async fn set_config(&self, config: EmailConfig) -> Result<(), ApiError> {
+        let _write = self.config_write.lock().await;
         let old = self.config();
         let new_webhook = config.webhook.as_ref().map(|w| &w.url) != old.webhook.as_ref().map(|w| &w.url);
         if new_webhook && config.webhook.is_some() {
-            let (_, end) = self.events.offsets(0)?;
-            self.engine.topics.commit(EVENTS_TOPIC, WEBHOOK_GROUP, None, &[(0, end)])?;
-            *self.replay_from.lock() = None;
+            let (_, end) = self.event_offsets().await?;
+            self.commit_webhook(end).await?;
+            sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook'").execute(self.db.primary()).await.map_err(DbError::from)?;
         }
-        let value = serde_json::to_vec(&config).expect("a configuration serializes");
-        self.config_topic.produce_to(0, &[Record::keyed(CONFIG_KEY, value)])?;
-        *self.config.write() = Arc::new(config);
+        let value = serde_json::to_string(&config).expect("a configuration serializes");
+        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = email_settings.version + 1")
+            .bind(CONFIG_KEY)
+            .bind(value)
+            .execute(&mut *transaction)
+            .await
+            .map_err(DbError::from)?;
+        let version: i64 = sqlx::query("SELECT version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_one(&mut *transaction).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
+        transaction.commit().await.map_err(DbError::from)?;
+        *self.config.write() = (version, Arc::new(config));
         *self.webhook_error.lock() = None;
         Ok(())
     }
 
     /// Send the events again from `from` (clamped to what the log holds). Returns the offset.
-    pub fn replay(&self, from: u64) -> Result<u64, ApiError> {
+    /// The node holding the webhook lease takes it up at its next batch.
+    pub async fn replay(&self, from: u64) -> Result<u64, ApiError> {
         if self.config().webhook.is_none() {
             return Err(ApiError::conflict("no webhook is configured: PUT /v1/email/config with a webhook first"));
         }
-        let (start, end) = self.events.offsets(0)?;
+        let (start, end) = self.event_offsets().await?;
         let from = from.clamp(start, end);
-        *self.replay_from.lock() = Some(from);
+        sqlx::query("UPDATE email_webhook SET replay_from = $1 WHERE name = 'webhook'").bind(from as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
         Ok(from)
+    }
+
+    /// Whether this node holds the webhook lease (taking or renewing it when due), and the
+    /// replay asked for, if any. `held_until` is this node's view of its lease.
+    async fn webhook_turn(&self, held_until: &mut u64) -> Result<(bool, Option<u64>), ApiError> {
+        let row = sqlx::query("SELECT holder, lease_until_ms, replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await.map_err(DbError::from)?;
+        let holder: Option<String> = row.try_get("holder").map_err(DbError::from)?;
+        let until = row.try_get::<i64, _>("lease_until_ms").map_err(DbError::from)? as u64;
+        let replay = row.try_get::<Option<i64>, _>("replay_from").map_err(DbError::from)?.map(|from| from as u64);
+        let now = now_ms();
+        let mine = holder.as_deref() == Some(self.node.as_str());
+        if mine && until > now + WEBHOOK_LEASE_MS / 2 {
+            *held_until = until;
+            return Ok((true, replay));
+        }
+        if !mine && until > now {
+            *held_until = 0;
+            return Ok((false, None));
+        }
+        let taken = sqlx::query("UPDATE email_webhook SET holder = $1, lease_until_ms = $2 WHERE name = 'webhook' AND (holder = $1 OR holder IS NULL OR lease_until_ms < $3)")
+            .bind(self.node.clone())
+            .bind((now + WEBHOOK_LEASE_MS) as i64)
+            .bind(now as i64)
+            .execute(self.db.primary())
+            .await
+            .map_err(DbError::from)?
+            .rows_affected()
+            == 1;
+        *held_until = if taken { now + WEBHOOK_LEASE_MS } else { 0 };
+        Ok((taken, replay.filter(|_| taken)))
+    }
+
+    /// Commit a replay's offset as the webhook's position, then clear the request.
+    async fn take_replay(&self, from: u64) -> Result<(), ApiError> {
+        self.commit_webhook(from).await?;
+        sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook' AND replay_from = $1").bind(from as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
+        Ok(())
+    }
+
+    async fn replay_pending(&self) -> Result<bool, ApiError> {
+        let row = sqlx::query("SELECT replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await.map_err(DbError::from)?;
+        Ok(row.try_get::<Option<i64>, _>("replay_from").map_err(DbError::from)?.is_some())
+    }
+
+    /// Give the webhook lease back (this node stops): another node takes over at once.
+    async fn release_webhook(&self) -> Result<(), ApiError> {
+        sqlx::query("UPDATE email_webhook SET lease_until_ms = 0 WHERE name = 'webhook' AND holder = $1").bind(self.node.clone()).execute(self.db.primary()).await.map_err(DbError::from)?;
+        Ok(())
+    }
+
+    /// Delete the status rows of emails whose events retention removed.
+    async fn prune_status(&self) -> Result<u64, ApiError> {
+        let (start, _) = self.event_offsets().await?;
+        let removed = sqlx::query("DELETE FROM email_status WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
+        Ok(removed.rows_affected())
     }
 
     /// The pooled SMTP transport of the current relay, built on first use and on change.
@@ -604,14 +788,20 @@ impl EmailSystem {
         let mut parked: Vec<(Receipt, u64)> = Vec::new();
         let mut broken: Vec<Receipt> = Vec::new();
         let mut to_send: Vec<(Email, Receipt)> = Vec::new();
+        let mut emails = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            let Ok(email) = serde_json::from_slice::<Email>(&delivery.body) else {
-                tracing::error!(id = %delivery.id, "an email in queue {} is not readable; dropping it", class.queue());
-                broken.push(delivery.receipt);
-                continue;
-            };
-            if self.is_suppressed(&email.to) {
-                outcomes.push((email, delivery.receipt, Outcome::Suppressed));
+            match serde_json::from_slice::<Email>(&delivery.body) {
+                Ok(email) => emails.push((email, delivery.receipt)),
+                Err(_) => {
+                    tracing::error!(id = %delivery.id, "an email in queue {} is not readable; dropping it", class.queue());
+                    broken.push(delivery.receipt);
+                }
+            }
+        }
+        let suppressed = self.suppressed_among(emails.iter().map(|(e, _)| e.to.as_str())).await?;
+        for (email, receipt) in emails {
+            if suppressed.contains(&process::suppression_key(&email.to)) {
+                outcomes.push((email, receipt, Outcome::Suppressed));
                 continue;
             }
             let reserved = self.reserved.lock().remove(&email.id);
@@ -632,10 +822,10 @@ impl EmailSystem {
                 }
             };
             if wait > 0 {
-                parked.push((delivery.receipt, wait));
+                parked.push((receipt, wait));
                 continue;
             }
-            to_send.push((email, delivery.receipt));
+            to_send.push((email, receipt));
         }
         self.counts.throttled.fetch_add(parked.len() as u64, Ordering::Relaxed);
         let sent = futures_util::future::join_all(to_send.into_iter().map(|(email, receipt)| {
@@ -649,12 +839,8 @@ impl EmailSystem {
         .await;
         outcomes.extend(sent);
 
-        let system = self.clone();
-        let queue = self.queue(class).clone();
-        let retry = config.retry;
-        let settled = blocking(move || system.settle(&queue, outcomes, parked, broken, &retry)).await?;
-        let handed_off = settled.len();
-        self.metrics.messages_out(handed_off as u64);
+        let settled = self.settle(class, outcomes, parked, broken, &config.retry).await?;
+        self.metrics.messages_out(settled.len() as u64);
         for latency in settled {
             self.metrics.latency(latency);
         }
@@ -662,19 +848,19 @@ impl EmailSystem {
     }
 
     /// Write the events of a worked batch, suppress hard-bounced addresses, then ack what is
-    /// done and nack what waits (blocking). Returns the hand-off latency of each delivered email.
-    fn settle(&self, queue: &Queue, outcomes: Vec<(Email, Receipt, Outcome)>, parked: Vec<(Receipt, u64)>, broken: Vec<Receipt>, retry: &process::RetrySpec) -> Result<Vec<Duration>, ApiError> {
+    /// done and nack what waits. Returns the hand-off latency of each delivered email.
+    async fn settle(&self, class: Class, outcomes: Vec<(Email, Receipt, Outcome)>, parked: Vec<(Receipt, u64)>, broken: Vec<Receipt>, retry: &process::RetrySpec) -> Result<Vec<Duration>, ApiError> {
         let now = now_ms();
+        let ids: Vec<&str> = outcomes.iter().map(|(email, _, _)| email.id.as_str()).collect();
+        let mut latest = self.latest_of(&ids).await?;
         let mut events = Vec::with_capacity(outcomes.len());
         let mut acks = broken;
         let mut retries: Vec<(Receipt, u64)> = Vec::new();
         let mut suppressions = Vec::new();
         let mut latencies = Vec::new();
         for (email, receipt, outcome) in outcomes {
-            let (previous, attempts) = match self.latest(&email.id)? {
-                Some((offset, event)) => (Some((offset, event.clone())), event.attempts),
-                None => (None, 0),
-            };
+            let previous = latest.remove(&email.id);
+            let attempts = previous.as_ref().map_or(0, |(_, event)| event.attempts);
             let next = |kind: EventKind| match &previous {
                 Some((offset, event)) => event.next(*offset, kind, now),
                 None => Event { attempts, ..Event::first(&email, kind, now) },
@@ -737,14 +923,14 @@ impl EmailSystem {
             };
             events.push(event);
         }
-        self.append_events(&events)?;
+        self.append_events(events).await?;
         if !suppressions.is_empty()
-            && let Err(error) = self.suppress(suppressions, false)
+            && let Err(error) = self.suppress(suppressions, false).await
         {
             tracing::warn!("could not add hard-bounced addresses to the suppression list: {error}");
         }
         if !acks.is_empty() {
-            queue.ack(SENDER_GROUP, &acks)?;
+            self.settle_receipts(class, acks, None).await?;
         }
         // One nack per distinct delay.
         let mut by_delay: BTreeMap<u64, Vec<Receipt>> = BTreeMap::new();
@@ -752,7 +938,7 @@ impl EmailSystem {
             by_delay.entry(delay).or_default().push(receipt);
         }
         for (delay, receipts) in by_delay {
-            queue.nack(SENDER_GROUP, &receipts, Some(delay))?;
+            self.settle_receipts(class, receipts, Some(delay)).await?;
         }
         Ok(latencies)
     }
@@ -760,26 +946,53 @@ impl EmailSystem {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+
+    /// Sleep up to `duration`, waking early when the system stops.
+    async fn pause(&self, duration: Duration) {
+        let until = tokio::time::Instant::now() + duration;
+        while tokio::time::Instant::now() < until && !self.stopping() {
+            tokio::time::sleep(Duration::from_millis(50).min(duration)).await;
+        }
+    }
+
+    /// The figures of `GET /v1/email` and the dashboard.
+    pub async fn overview(&self) -> serde_json::Value {
+        let queue = |stats: Result<QueueStats, ApiError>| match stats {
+            // Before any worker received, the senders' group does not exist yet: everything waits.
+            Ok(stats) => match stats.groups.iter().find(|g| g.name == SENDER_GROUP) {
+                Some(g) => json!({"depth": g.depth, "delayed": g.delayed, "in_flight": g.in_flight, "dead_lettered": g.dead_lettered}),
+                None => json!({"depth": stats.published_total, "delayed": 0, "in_flight": 0, "dead_lettered": 0}),
+            },
+            Err(error) => json!({"error": error.message}),
+        };
+        let c = &self.counts;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let (start, end) = self.event_offsets().await.unwrap_or((0, 0));
+        let config = self.config();
+        json!({
+            "queues": {"transactional": queue(self.queue_stats(Class::Transactional).await), "bulk": queue(self.queue_stats(Class::Bulk).await)},
+            "counts": {
+                "queued": load(&c.queued), "suppressed": load(&c.suppressed), "delivered": load(&c.delivered), "deferred": load(&c.deferred),
+                "bounced": load(&c.bounced), "complained": load(&c.complained), "throttled": load(&c.throttled),
+            },
+            "events": {"start_offset": start, "end_offset": end},
+            "suppressions": self.suppressions_total().await.ok(),
+            "relay_configured": config.relay.is_some(),
+            "backends": {"queues": self.queues.backend(), "streams": self.streams.backend(), "db": format!("{:?}", self.db.dialect()).to_lowercase()},
+            "webhook": {
+                "configured": config.webhook.is_some(),
+                "committed_offset": self.webhook_committed().await.ok().flatten(),
+                "posts": load(&c.webhook_posts), "events": load(&c.webhook_events), "failures": load(&c.webhook_failures),
+                "last_error": self.webhook_error.lock().clone(),
+            },
+        })
+    }
 }
 
 /// What one email's turn came to.
 enum Outcome {
     Suppressed,
     Reply { verdict: Verdict, smtp: Option<SmtpReply>, reason: Option<String> },
-}
-
-/// Read a whole (small) topic from its start.
-fn for_each_record(topic: &Topic, mut f: impl FnMut(&tributary_core::StoredRecord) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let (mut offset, end) = topic.offsets(0)?;
-    while offset < end {
-        let records = topic.fetch(0, offset, BATCH_RECORDS_MAX, BATCH_BYTES_MAX)?;
-        let Some(last) = records.last() else { break };
-        offset = last.offset + 1;
-        for record in &records {
-            f(record)?;
-        }
-    }
-    Ok(())
 }
 
 fn build_relay(spec: &RelaySpec) -> Result<Relay, String> {
@@ -859,7 +1072,7 @@ fn smtp_error_text(error: &lettre::transport::smtp::Error) -> String {
 
 /// One sender worker: lease, work, repeat, until the system stops.
 async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
-    let consumer = format!("{}-{n}", class.as_str());
+    let consumer = format!("{}-{}-{n}", system.node, class.as_str());
     while !system.stopping() {
         let config = system.config();
         let Some(spec) = config.relay.clone() else {
@@ -870,18 +1083,19 @@ async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
             Ok(relay) => relay,
             Err(error) => {
                 tracing::warn!("email relay {}:{}: {error}", spec.host, spec.port);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                system.pause(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let queue = system.queue(class).clone();
+        let queues = system.queues.clone();
         let name = consumer.clone();
-        let received = blocking(move || -> Result<Vec<Delivery>, ApiError> { Ok(queue.receive(SENDER_GROUP, &name, WORKER_BATCH_MAX, Some(WORKER_LEASE_MS), WORKER_WAIT)?) }).await;
+        // The lease is the queues' default (WORKER_LEASE_MS), which every backend honours.
+        let received = on_backend(queues.blocking(), async move { queues.receive(class.queue(), SENDER_GROUP, &name, WORKER_BATCH_MAX, None, WORKER_WAIT).await }).await;
         let deliveries = match received {
             Ok(deliveries) => deliveries,
             Err(error) => {
                 tracing::warn!("email worker {consumer}: receive: {error}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                system.pause(Duration::from_secs(1)).await;
                 continue;
             }
         };
@@ -890,54 +1104,65 @@ async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
         }
         if let Err(error) = system.work(class, deliveries, &config, &relay).await {
             system.metrics.error();
-            tracing::warn!("email worker {consumer}: {error}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tracing::warn!("email worker {consumer}: {}", error.message);
+            system.pause(Duration::from_millis(200)).await;
         }
     }
 }
 
-/// The webhook worker: POST the events log, in order, from the committed offset.
+/// The webhook worker: on the node holding the lease, POST the events log, in order, from the
+/// committed offset.
 async fn run_webhook(system: Arc<EmailSystem>) {
     let mut failures = 0u32;
+    let mut held_until = 0u64;
     while !system.stopping() {
         let config = system.config();
         let Some(webhook) = config.webhook.clone() else {
-            tokio::time::sleep(WORKER_WAIT).await;
+            system.pause(WORKER_WAIT).await;
             continue;
         };
-        if let Some(from) = system.replay_from.lock().take()
-            && let Err(error) = system.engine.topics.commit(EVENTS_TOPIC, WEBHOOK_GROUP, None, &[(0, from)])
-        {
-            tracing::warn!("email webhook: replay from {from}: {error}");
-        }
-        let reader = system.clone();
-        let read = blocking(move || -> Result<(Vec<EventView>, u64), ApiError> {
-            let from = reader.engine.topics.committed(EVENTS_TOPIC, WEBHOOK_GROUP, 0).unwrap_or(0);
-            reader.events.log(0)?.wait_for_data(from, WORKER_WAIT);
-            reader.events_page(from, WEBHOOK_BATCH_EVENTS)
-        })
-        .await;
-        let (events, next) = match read {
-            Ok(page) => page,
+        let batch = async {
+            let (held, replay) = system.webhook_turn(&mut held_until).await?;
+            if !held {
+                return Ok(None);
+            }
+            if let Some(from) = replay {
+                system.take_replay(from).await?;
+            }
+            let from = system.webhook_committed().await?.unwrap_or(0);
+            let page = system.events_page(from, WEBHOOK_BATCH_EVENTS).await?;
+            Ok::<_, ApiError>(Some(page))
+        };
+        let (events, next) = match batch.await {
+            Ok(Some(page)) => page,
+            Ok(None) => {
+                // Another node posts; look again before its lease would run out.
+                system.pause(Duration::from_millis(WEBHOOK_LEASE_MS / 4)).await;
+                continue;
+            }
             Err(error) => {
-                tracing::warn!("email webhook: reading the events: {error}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tracing::warn!("email webhook: reading the events: {}", error.message);
+                system.pause(Duration::from_secs(1)).await;
                 continue;
             }
         };
         if events.is_empty() {
+            system.pause(WEBHOOK_IDLE_POLL).await;
             continue;
         }
         let body = serde_json::to_vec(&events).expect("events serialize");
         match tributary_server::webhook::post_json(&system.http, &webhook.url, webhook.secret.as_deref().map(str::as_bytes), body).await {
             Ok(_) => {
                 failures = 0;
-                // A replay asked for meanwhile wins over this batch's commit.
-                if system.replay_from.lock().is_none()
-                    && system.config().webhook.as_ref().map(|w| &w.url) == Some(&webhook.url)
-                    && let Err(error) = system.engine.topics.commit(EVENTS_TOPIC, WEBHOOK_GROUP, None, &[(0, next)])
-                {
-                    tracing::warn!("email webhook: commit: {error}");
+                // A replay asked for meanwhile, or a new webhook, wins over this batch's commit.
+                let committed = async {
+                    if !system.replay_pending().await? && system.config().webhook.as_ref().map(|w| &w.url) == Some(&webhook.url) {
+                        system.commit_webhook(next).await?;
+                    }
+                    Ok::<_, ApiError>(())
+                };
+                if let Err(error) = committed.await {
+                    tracing::warn!("email webhook: commit: {}", error.message);
                 }
                 system.counts.webhook_posts.fetch_add(1, Ordering::Relaxed);
                 system.counts.webhook_events.fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -947,11 +1172,32 @@ async fn run_webhook(system: Arc<EmailSystem>) {
                 failures += 1;
                 system.counts.webhook_failures.fetch_add(1, Ordering::Relaxed);
                 *system.webhook_error.lock() = Some(error.to_string());
-                let delay = tributary_server::webhook::retry_delay(failures);
-                let until = tokio::time::Instant::now() + delay;
-                while tokio::time::Instant::now() < until && !system.stopping() {
-                    tokio::time::sleep(Duration::from_millis(50).min(delay)).await;
-                }
+                system.pause(tributary_server::webhook::retry_delay(failures)).await;
+            }
+        }
+    }
+    if held_until > 0
+        && let Err(error) = system.release_webhook().await
+    {
+        tracing::warn!("email webhook: giving the lease back: {}", error.message);
+    }
+}
+
+/// Reads the configuration again every `CONFIG_REFRESH` (another node may have written it) and
+/// deletes expired status rows every `STATUS_PRUNE_INTERVAL`.
+async fn run_upkeep(system: Arc<EmailSystem>) {
+    let mut pruned_at = tokio::time::Instant::now();
+    while !system.stopping() {
+        system.pause(CONFIG_REFRESH).await;
+        if let Err(error) = system.refresh_config().await {
+            tracing::warn!("email: reading the configuration: {}", error.message);
+        }
+        if pruned_at.elapsed() >= STATUS_PRUNE_INTERVAL {
+            pruned_at = tokio::time::Instant::now();
+            match system.prune_status().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!("email: deleted {removed} status rows older than the events' retention"),
+                Err(error) => tracing::warn!("email: pruning status rows: {}", error.message),
             }
         }
     }
@@ -971,29 +1217,7 @@ impl System for EmailSystem {
     }
 
     fn status(&self) -> serde_json::Value {
-        let queue = |queue: &Queue| match queue.stats(Some(SENDER_GROUP)) {
-            Ok(stats) => json!({"depth": stats.depth, "delayed": stats.delayed, "in_flight": stats.in_flight, "dead_lettered": stats.dead_lettered}),
-            Err(error) => json!({"error": error.to_string()}),
-        };
-        let c = &self.counts;
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let (start, end) = self.events.offsets(0).unwrap_or((0, 0));
-        json!({
-            "queues": {"transactional": queue(&self.transactional), "bulk": queue(&self.bulk)},
-            "counts": {
-                "queued": load(&c.queued), "suppressed": load(&c.suppressed), "delivered": load(&c.delivered), "deferred": load(&c.deferred),
-                "bounced": load(&c.bounced), "complained": load(&c.complained), "throttled": load(&c.throttled),
-            },
-            "events": {"start_offset": start, "end_offset": end, "emails_indexed": self.index.lock().len()},
-            "suppressions": self.suppressed.read().len(),
-            "relay_configured": self.config().relay.is_some(),
-            "webhook": {
-                "configured": self.config().webhook.is_some(),
-                "committed_offset": self.engine.topics.committed(EVENTS_TOPIC, WEBHOOK_GROUP, 0),
-                "posts": load(&c.webhook_posts), "events": load(&c.webhook_events), "failures": load(&c.webhook_failures),
-                "last_error": self.webhook_error.lock().clone(),
-            },
-        })
+        tributary_server::wait_in_place(false, self.overview()).unwrap_or_else(|| json!({"error": "the backends cannot be asked from here"}))
     }
 
     /// Stop the workers: each finishes the batch it holds, then leaves.

@@ -665,7 +665,22 @@ pub enum SuppressionReason {
     Manual,
 }
 
-/// One entry of the suppression list (a record of the compacted `email-suppressions` topic).
+impl SuppressionReason {
+    /// As stored in the status DB's `reason` column (the JSON name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionReason::HardBounce => "hard_bounce",
+            SuppressionReason::Complaint => "complaint",
+            SuppressionReason::Manual => "manual",
+        }
+    }
+
+    pub fn parse(stored: &str) -> Option<SuppressionReason> {
+        [SuppressionReason::HardBounce, SuppressionReason::Complaint, SuppressionReason::Manual].into_iter().find(|r| r.as_str() == stored)
+    }
+}
+
+/// One entry of the suppression list (a row of the status DB's `email_suppressions`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Suppression {
     pub address: String,

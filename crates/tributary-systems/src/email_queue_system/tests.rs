@@ -1,4 +1,5 @@
-//! Feature tests of email-queue-system through its HTTP API, delivering over real SMTP to a
+//! Feature tests of email-queue-system through its HTTP API, each on both backends (the embedded
+//! engine and SQLite file; NATS JetStream and PostgreSQL), delivering over real SMTP to a
 //! relay started by each test ([`crate::test_support::SmtpRelay`]: Python's aiosmtpd, which answers 250, 4xx
 //! or 5xx by recipient), with webhooks POSTed to a small axum receiver that checks signatures.
 //! Needs `python3` with `aiosmtpd` (`pip install aiosmtpd`, done by `.ci/install-test-deps`).
@@ -16,11 +17,11 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::ServerConfig;
 
 use super::EmailSystem;
-use crate::test_support::SmtpRelay as Relay;
-use crate::{Context, System};
+use crate::System;
+use crate::test_support::{Backend, SmtpRelay as Relay, on_both};
 
 const SECRET: &str = "whsec-test";
 
@@ -76,10 +77,10 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
+    async fn start(dir: &Path, backend: &Backend) -> App {
         let data: PathBuf = dir.to_path_buf();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
-        let context = Context::embedded(engine.clone(), Gateway::default());
+        let context = backend.context(engine.clone()).await;
         let system = EmailSystem::open(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -194,12 +195,12 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_email_is_handed_to_the_relay_and_its_status_and_signed_webhook_say_delivered() {
+on_both!(an_email_is_handed_to_the_relay_and_its_status_and_signed_webhook_say_delivered);
+async fn an_email_is_handed_to_the_relay_and_its_status_and_signed_webhook_say_delivered(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
     let hook = Hook::start(0).await;
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), Some(&hook), json!({})).await;
 
     let id = app.send("transactional", "ann@example.org").await;
@@ -222,14 +223,16 @@ async fn an_email_is_handed_to_the_relay_and_its_status_and_signed_webhook_say_d
 
     let (_, overview) = app.get("/v1/email").await;
     assert_eq!(overview["counts"]["delivered"], 1);
+    let expected = if backend.is_embedded() { json!({"queues": "embedded", "streams": "embedded", "db": "sqlite"}) } else { json!({"queues": "nats", "streams": "nats", "db": "postgres"}) };
+    assert_eq!(overview["backends"], expected);
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_4xx_is_retried_with_backoff_until_the_relay_takes_it() {
+on_both!(a_4xx_is_retried_with_backoff_until_the_relay_takes_it);
+async fn a_4xx_is_retried_with_backoff_until_the_relay_takes_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), None, json!({})).await;
 
     let id = app.send("bulk", "later-2-bob@example.org").await;
@@ -250,11 +253,11 @@ async fn a_4xx_is_retried_with_backoff_until_the_relay_takes_it() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_relay_that_keeps_answering_4xx_ends_in_a_soft_bounce_after_the_retries_without_suppressing() {
+on_both!(a_relay_that_keeps_answering_4xx_ends_in_a_soft_bounce_after_the_retries_without_suppressing);
+async fn a_relay_that_keeps_answering_4xx_ends_in_a_soft_bounce_after_the_retries_without_suppressing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), None, json!({"retry": {"attempts": 2, "base_ms": 50, "max_ms": 100}})).await;
 
     let id = app.send("transactional", "never@example.org").await;
@@ -267,12 +270,12 @@ async fn a_relay_that_keeps_answering_4xx_ends_in_a_soft_bounce_after_the_retrie
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hard_bounce_suppresses_the_address_and_later_sends_to_it_are_refused() {
+on_both!(a_hard_bounce_suppresses_the_address_and_later_sends_to_it_are_refused);
+async fn a_hard_bounce_suppresses_the_address_and_later_sends_to_it_are_refused(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
     let hook = Hook::start(0).await;
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), Some(&hook), json!({})).await;
 
     let id = app.send("transactional", "hard@example.org").await;
@@ -307,11 +310,11 @@ async fn a_hard_bounce_suppresses_the_address_and_later_sends_to_it_are_refused(
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn soft_bounces_and_policy_blocks_are_told_apart_and_do_not_suppress() {
+on_both!(soft_bounces_and_policy_blocks_are_told_apart_and_do_not_suppress);
+async fn soft_bounces_and_policy_blocks_are_told_apart_and_do_not_suppress(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), None, json!({})).await;
 
     let full = app.send("bulk", "full@example.org").await;
@@ -326,12 +329,12 @@ async fn soft_bounces_and_policy_blocks_are_told_apart_and_do_not_suppress() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_complaint_suppresses_the_address_and_marks_the_email_complained() {
+on_both!(a_complaint_suppresses_the_address_and_marks_the_email_complained);
+async fn a_complaint_suppresses_the_address_and_marks_the_email_complained(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
     let hook = Hook::start(0).await;
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), Some(&hook), json!({})).await;
 
     let id = app.send("bulk", "cat@example.org").await;
@@ -349,11 +352,11 @@ async fn a_complaint_suppresses_the_address_and_marks_the_email_complained() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_recipient_domains_rate_limit_spaces_its_deliveries_and_leaves_other_domains_alone() {
+on_both!(the_recipient_domains_rate_limit_spaces_its_deliveries_and_leaves_other_domains_alone);
+async fn the_recipient_domains_rate_limit_spaces_its_deliveries_and_leaves_other_domains_alone(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), None, json!({"domains": {"slow.example": {"rate_per_s": 5.0, "burst": 1}}})).await;
 
     let messages: Vec<Value> = (0..6)
@@ -380,11 +383,11 @@ async fn the_recipient_domains_rate_limit_spaces_its_deliveries_and_leaves_other
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_survive_a_restart() {
+on_both!(accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_survive_a_restart);
+async fn accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_survive_a_restart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let id = app.send("transactional", "dora@example.org").await;
     assert_eq!(app.put("/v1/email/suppressions/eve@example.org", json!({"detail": "asked to be removed"})).await.0, StatusCode::OK);
     app.configure(None, None, json!({"domain_rate": {"rate_per_s": 7.0, "burst": 3}})).await;
@@ -394,7 +397,7 @@ async fn accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_s
     assert_eq!(overview["queues"]["transactional"]["depth"], 1, "{overview}");
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let (_, config) = app.get("/v1/email/config").await;
     assert_eq!(config["domain_rate"], json!({"rate_per_s": 7.0, "burst": 3}));
     let (code, entry) = app.get("/v1/email/suppressions/eve@example.org").await;
@@ -407,12 +410,12 @@ async fn accepted_mail_waits_for_a_relay_and_the_queue_suppressions_and_config_s
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failing_webhook_is_retried_and_gets_every_event_once_in_order_and_can_replay() {
+on_both!(a_failing_webhook_is_retried_and_gets_every_event_once_in_order_and_can_replay);
+async fn a_failing_webhook_is_retried_and_gets_every_event_once_in_order_and_can_replay(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = Relay::start();
     let hook = Hook::start(2).await;
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.configure(Some(&relay), Some(&hook), json!({})).await;
     let ids: Vec<String> = futures_util::future::join_all((0..5).map(|i| {
         let app = &app;
@@ -439,10 +442,10 @@ async fn a_failing_webhook_is_retried_and_gets_every_event_once_in_order_and_can
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_requests_get_errors_that_name_the_field_or_the_limit() {
+on_both!(bad_requests_get_errors_that_name_the_field_or_the_limit);
+async fn bad_requests_get_errors_that_name_the_field_or_the_limit(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let check = |body: &Value, status: StatusCode, code: StatusCode, needle: &str| {
         assert_eq!(status, code, "{body}");
         assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{body}");
@@ -473,4 +476,58 @@ async fn bad_requests_get_errors_that_name_the_field_or_the_limit() {
     let (_, overview) = app.get("/v1/email").await;
     assert_eq!(overview["events"]["end_offset"], 0, "{overview}");
     app.stop().await;
+}
+
+/// Two nodes on one NATS namespace and one PostgreSQL schema: a configuration, a suppression or
+/// an email accepted through either is the deployment's; the webhook gets every event once, in
+/// order, from whichever node holds the lease, and the other takes over when that one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_share_the_queues_the_status_db_and_one_webhook_poster() {
+    let backend = Backend::nats();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let relay = Relay::start();
+    let hook = Hook::start(0).await;
+    let a = App::start(dir_a.path(), &backend).await;
+    let b = App::start(dir_b.path(), &backend).await;
+    a.configure(Some(&relay), Some(&hook), json!({})).await;
+    // B reads the configuration written through A within CONFIG_REFRESH.
+    let deadline = Instant::now() + super::CONFIG_REFRESH * 5;
+    while b.get("/v1/email/config").await.1["relay"]["port"] != relay.port {
+        assert!(Instant::now() < deadline, "node B never saw the configuration written through A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.put("/v1/email/suppressions/blocked@example.org", json!({})).await.0, StatusCode::OK);
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        ids.push(node.send(if i % 3 == 0 { "transactional" } else { "bulk" }, &format!("n{i}@example.org")).await);
+    }
+    let (code, refused) = b.post("/v1/email/messages", json!({"messages": [{"class": "bulk", "from": "shop@example.com", "to": "Blocked@example.org", "subject": "s", "text": "x"}]})).await;
+    assert_eq!((code, refused["messages"][0]["status"].as_str()), (StatusCode::ACCEPTED, Some("suppressed")), "a suppression written through A holds on B");
+    for (i, id) in ids.iter().enumerate() {
+        // Either node answers for any email.
+        let status = if i % 2 == 0 { b.wait_for(id, "delivered").await } else { a.wait_for(id, "delivered").await };
+        assert_eq!(history(&status), ["queued", "delivered"]);
+    }
+    for i in 0..20 {
+        assert_eq!(relay.accepted_for(&format!("n{i}@example.org")).len(), 1, "n{i} was handed off once");
+    }
+    wait_until("41 webhook events", || hook.events.lock().len() >= 41).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let offsets = |hook: &Hook| hook.events.lock().iter().map(|e| e["offset"].as_u64().unwrap()).collect::<Vec<_>>();
+    let posted = offsets(&hook);
+    assert_eq!(posted.len(), 41, "one poster, every event once (20 queued, 20 delivered, 1 suppressed)");
+    assert!(posted.windows(2).all(|w| w[1] == w[0] + 1), "events out of order or repeated: {posted:?}");
+
+    // The poster stops (giving its lease back); the other node posts what follows.
+    let (poster, other) = if a.get("/v1/email").await.1["webhook"]["posts"].as_u64().unwrap() > 0 { (a, b) } else { (b, a) };
+    poster.stop().await;
+    let late = other.send("bulk", "late@example.org").await;
+    other.wait_for(&late, "delivered").await;
+    wait_until("the late email's events", || hook.events_of(&late) == ["queued", "delivered"]).await;
+    let posted = offsets(&hook);
+    assert!(posted.windows(2).all(|w| w[1] == w[0] + 1), "the handover repeated or skipped events: {posted:?}");
+    other.stop().await;
+    backend.forget().await;
 }

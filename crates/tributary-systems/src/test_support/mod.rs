@@ -1,8 +1,10 @@
 //! What several systems' feature tests share:
 //! - [`Backend`] and [`on_both!`]: a feature test run on the embedded engine and on the
 //!   machine's NATS JetStream (127.0.0.1:4222, or `TRIBUTARY_TEST_NATS_URL`) with its Redis as
-//!   the shared cache (127.0.0.1:6379, or `TRIBUTARY_TEST_REDIS_URL`), each such run under a
-//!   namespace of its own, removed at its end (what presence writes to Redis expires);
+//!   the shared cache (127.0.0.1:6379, or `TRIBUTARY_TEST_REDIS_URL`) and its PostgreSQL as the
+//!   database (database `test` on 127.0.0.1:5432, or `TRIBUTARY_TEST_POSTGRES_URL`), each such
+//!   run under a namespace of its own (a PostgreSQL schema of that name), removed at its end
+//!   (what presence writes to Redis expires);
 //! - [`Served`]: a system's routes behind the real front door on 127.0.0.1:0, stopped on demand;
 //! - [`SmtpRelay`]: an SMTP relay to deliver to (Python's aiosmtpd in a child process, running
 //!   `smtp_sink.py`, which answers 250, 4xx or 5xx by recipient and prints each accepted message
@@ -49,8 +51,16 @@ impl Backend {
             let redis = std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
             let cache = tributary_redis::RedisCache::connect(&redis, namespace).await.expect("Redis on 127.0.0.1:6379 (.ci/services starts it)");
             context.shared_cache = Some(Arc::new(cache));
+            context.db = Some(self.db().await);
         }
         context
+    }
+
+    /// The run's PostgreSQL schema, made when missing.
+    async fn db(&self) -> tributary_sql::Db {
+        let Backend::Nats(namespace) = self else { panic!("the embedded backend's database is the engine folder's SQLite file") };
+        let config = tributary_sql::DbConfig::new(postgres_url()).in_schema(namespace.as_str());
+        tributary_sql::Db::connect(&config).await.expect("PostgreSQL on 127.0.0.1:5432 with a database `test` (.ci/services starts it)")
     }
 
     /// Removes what a NATS run made (its streams and KV bucket).
@@ -58,8 +68,13 @@ impl Backend {
         if let Backend::Nats(namespace) = self {
             tributary_nats::NatsQueues::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
             tributary_nats::NatsStreams::connect(&nats_url(), namespace).await.unwrap().delete_namespace().await.unwrap();
+            self.db().await.drop_schema().await.unwrap();
         }
     }
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("TRIBUTARY_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 pub fn nats_url() -> String {
