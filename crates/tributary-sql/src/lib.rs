@@ -106,6 +106,9 @@ impl DbConfig {
     }
 }
 
+/// The PostgreSQL advisory lock held while a schema is made (any fixed number; Tributary's).
+const SCHEMA_LOCK_KEY: i64 = 0x7472_6962_7574;
+
 /// The longest schema name PostgreSQL keeps (NAMEDATALEN - 1).
 pub const SCHEMA_NAME_BYTES_MAX: usize = 63;
 
@@ -205,10 +208,18 @@ impl Db {
             _ => None,
         };
         if let Some(schema) = &schema {
-            // Made once, before the pool whose connections use it (concurrent CREATE SCHEMA IF
-            // NOT EXISTS of one name may fail on PostgreSQL; a failure here names the cause).
+            // Made once, before the pool whose connections use it. Nodes starting together
+            // would race (PostgreSQL's CREATE SCHEMA IF NOT EXISTS fails on a concurrent
+            // creation of the same name), so the creation holds a transaction-scoped advisory
+            // lock.
             let setup = pool(&config.primary, 1, None).await?;
-            let made = setup.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))).await;
+            let made = async {
+                let mut transaction = setup.begin().await?;
+                transaction.execute(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"))).await?;
+                transaction.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))).await?;
+                transaction.commit().await
+            }
+            .await;
             setup.close().await;
             made?;
         }

@@ -85,6 +85,12 @@ async fn postgres_migrates_and_round_trips_with_the_same_queries() {
 #[tokio::test]
 async fn deployments_in_schemas_of_their_own_share_one_postgres_without_seeing_each_other() {
     let (a, b) = (unique("deploy-a"), unique("deploy-b"));
+    // Nodes of one deployment starting together all find (or make) its schema.
+    let config = DbConfig::new(postgres_url("test")).in_schema(&a);
+    let together = tokio::join!(Db::connect(&config), Db::connect(&config), Db::connect(&config), Db::connect(&config));
+    for db in [together.0, together.1, together.2, together.3] {
+        db.expect("a node starting beside others connects").close().await;
+    }
     let first = Db::connect(&DbConfig::new(postgres_url("test")).in_schema(&a)).await.unwrap();
     let second = Db::connect(&DbConfig::new(postgres_url("test")).in_schema(&b)).await.unwrap();
     // The same owner and table names in both: each deployment migrates and writes its own.
