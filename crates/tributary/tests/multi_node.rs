@@ -7,8 +7,14 @@
 //!   nodes, and a client of the killed node reconnects to the other with its last token and gets
 //!   exactly what it missed.
 //!
-//! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`) and Redis on
-//! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`), which `.ci/run` starts or checks.
+//! - email-queue-system, with `--db` on PostgreSQL, behind the balancer under send load: every
+//!   email a node accepted (202) before or after the kill is handed to the SMTP relay once one is
+//!   configured through the survivor.
+//!
+//! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), Redis on
+//! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`) and PostgreSQL with a database `test` on
+//! 127.0.0.1:5432 (or `TRIBUTARY_TEST_POSTGRES_URL`), which `.ci/run` starts or checks, and
+//! python3 with aiosmtpd (`.ci/install-test-deps`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -313,4 +319,135 @@ async fn a_notifications_client_of_a_killed_node_resumes_on_the_other_exactly() 
     unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
     nodes[1].wait().unwrap();
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+}
+
+fn postgres_url() -> String {
+    std::env::var("TRIBUTARY_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The SMTP relay of email-queue-system's feature tests (aiosmtpd in a child process): the
+/// recipients of what it accepted.
+struct SmtpSink {
+    port: u16,
+    child: Child,
+    recipients: Arc<Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    fn start() -> SmtpSink {
+        use std::io::BufRead;
+        let port = free_port();
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(include_str!("../../tributary-systems/src/test_support/smtp_sink.py"))
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd (.ci/install-test-deps)");
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("READY"), "the SMTP sink did not start (pip install aiosmtpd)");
+        let recipients: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = recipients.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let message: Value = serde_json::from_str(&line).unwrap();
+                sink.lock().extend(message["rcpt_tos"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()));
+            }
+        });
+        SmtpSink { port, child, recipients }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
+    const SENDERS: u64 = 3;
+    const REQUESTS_PER_SENDER: u64 = 40;
+    const PER_REQUEST: u64 = 5;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+    let namespace = format!("multinode-e-{}-{nanos}", std::process::id());
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ports = [free_port(), free_port()];
+    let shared = ["--stream", &nats_url(), "--db", &postgres_url(), "--namespace", &namespace];
+    let mut nodes = [start_up(one.path(), ports[0], &shared), start_up(two.path(), ports[1], &shared)];
+    let direct = reqwest::Client::new();
+    for port in ports {
+        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
+        let overview: Value = direct.get(format!("http://127.0.0.1:{port}/v1/email")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(overview["backends"], json!({"queues": "nats", "streams": "nats", "db": "postgres"}), "{overview}");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+
+    // Senders: what was answered 202 is accepted. No relay yet: everything waits in the queues.
+    let accepted: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let mut senders = Vec::new();
+    for sender in 0..SENDERS {
+        let (client, base, accepted) = (client.clone(), base.clone(), accepted.clone());
+        senders.push(tokio::spawn(async move {
+            for request in 0..REQUESTS_PER_SENDER {
+                let recipients: Vec<String> = (0..PER_REQUEST).map(|k| format!("r{}@example.org", (sender * REQUESTS_PER_SENDER + request) * PER_REQUEST + k)).collect();
+                let messages: Vec<Value> = recipients.iter().map(|to| json!({"class": "bulk", "from": "shop@example.com", "to": to, "subject": "s", "text": "x"})).collect();
+                let answer = post_until(&client, &format!("{base}/v1/email/messages"), &json!({"messages": messages}), reqwest::StatusCode::ACCEPTED, Duration::from_secs(60)).await;
+                let mut accepted = accepted.lock();
+                for (to, message) in recipients.into_iter().zip(answer["messages"].as_array().unwrap()) {
+                    assert_eq!(message["status"], "queued");
+                    accepted.insert(to, message["id"].as_str().unwrap().to_string());
+                }
+            }
+        }));
+    }
+    let total = (SENDERS * REQUESTS_PER_SENDER * PER_REQUEST) as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while accepted.lock().len() < total / 3 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(nodes[0].id() as i32, libc::SIGKILL) };
+    nodes[0].wait().unwrap();
+    let killed_at = accepted.lock().len();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let accepted = accepted.lock().clone();
+    assert_eq!(accepted.len(), total, "every send was accepted in the end, by the surviving node");
+
+    // A relay, configured through the survivor: every accepted email is handed off.
+    let relay = SmtpSink::start();
+    let config = json!({"relay": {"host": "127.0.0.1", "port": relay.port, "pool_max": 8, "timeout_ms": 5_000}});
+    let response = direct.put(format!("http://127.0.0.1:{}/v1/email/config", ports[1])).json(&config).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: BTreeSet<String> = relay.recipients.lock().iter().cloned().collect();
+        let missing = accepted.keys().filter(|to| !delivered.contains(*to)).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing} of {total} accepted emails never reached the relay");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The survivor answers for emails the killed node accepted.
+    for (to, id) in accepted.iter().take(10) {
+        let status: Value = direct.get(format!("http://127.0.0.1:{}/v1/email/messages/{id}", ports[1])).send().await.unwrap().json().await.unwrap();
+        assert_eq!((status["to"].as_str(), status["status"].as_str()), (Some(to.as_str()), Some("delivered")), "{status}");
+    }
+    let handed_off = relay.recipients.lock().len();
+    println!("{total} accepted ({killed_at} before the kill), all handed off ({handed_off} hand-offs); {} sends retried", RETRIED.load(Ordering::Relaxed));
+
+    balancer.abort();
+    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
+    nodes[1].wait().unwrap();
+    NatsQueues::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+    let db = tributary_sql::Db::connect(&tributary_sql::DbConfig::new(postgres_url()).in_schema(namespace.as_str())).await.unwrap();
+    db.drop_schema().await.unwrap();
 }
