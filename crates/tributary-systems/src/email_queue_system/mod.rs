@@ -39,7 +39,9 @@
 //! runs on one machine and on several nodes alike: the two queues on the queue interface (the
 //! engine's queues, or NATS JetStream), the events log on the stream interface, and the status
 //! DB on the db component ([`tributary_sql`]: the embedded SQLite file, or PostgreSQL shared by
-//! the nodes). Its tables are migrations in this file ([`SCHEMA`]).
+//! the nodes). Its tables are migrations in this file ([`SCHEMA`]). A data folder from before
+//! the status DB (configuration and suppressions in compacted topics) is carried over at its
+//! first start ([`EmailSystem::carry_over`]).
 //!
 //! **Accept.** Each email names one recipient and a class: `transactional` or `bulk`, two
 //! queues with their own workers (8 and 4), so a campaign never delays a password reset.
@@ -118,9 +120,10 @@ use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
-use tributary_core::Record;
+use tributary_core::{Record, StoredRecord};
 use tributary_core::limits::{BATCH_RECORDS_MAX, QUEUE_DELAY_MS_MAX};
 use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueStats, QueueStore, Receipt};
+use tributary_engine::StreamError;
 use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::TokenBuckets;
@@ -174,6 +177,10 @@ pub const STATUS_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const SQL_ROWS_PER_STATEMENT: usize = 200;
 
 const CONFIG_KEY: &str = "config";
+/// Where deployments from before the status DB kept the configuration ([`EmailSystem::carry_over`]).
+const LEGACY_CONFIG_TOPIC: &str = "email-config";
+/// Where deployments from before the status DB kept the suppression list.
+const LEGACY_SUPPRESSIONS_TOPIC: &str = "email-suppressions";
 
 /// The tables of the status DB: the same SQL on SQLite and PostgreSQL.
 const TABLES_V1: &str = "
@@ -315,7 +322,11 @@ impl EmailSystem {
             tasks: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
         });
-        tributary_server::wait_in_place(false, system.refresh_config()).expect("on the runtime the setup ran on").map_err(|e| anyhow::anyhow!("reading the configuration: {}", e.message))?;
+        let loaded = async {
+            system.carry_over().await?;
+            system.refresh_config().await
+        };
+        tributary_server::wait_in_place(false, loaded).expect("on the runtime the setup ran on").map_err(|e| anyhow::anyhow!("loading the status DB: {}", e.message))?;
         let mut tasks = Vec::new();
         for (class, workers) in [(Class::Transactional, TRANSACTIONAL_WORKERS), (Class::Bulk, BULK_WORKERS)] {
             for n in 0..workers {
@@ -383,9 +394,81 @@ impl EmailSystem {
         Ok(on_backend(streams.blocking(), async move { streams.offsets(EVENTS_TOPIC, 0).await }).await?)
     }
 
-    async fn fetch_events(&self, from: u64, max: usize) -> Result<Vec<tributary_core::StoredRecord>, ApiError> {
+    async fn fetch_events(&self, from: u64, max: usize) -> Result<Vec<StoredRecord>, ApiError> {
+        self.fetch_from(EVENTS_TOPIC, from, max).await
+    }
+
+    async fn fetch_from(&self, topic: &'static str, from: u64, max: usize) -> Result<Vec<StoredRecord>, ApiError> {
         let streams = self.streams.clone();
-        Ok(on_backend(streams.blocking(), async move { streams.fetch(EVENTS_TOPIC, 0, from, max).await }).await?)
+        Ok(on_backend(streams.blocking(), async move { streams.fetch(topic, 0, from, max).await }).await?)
+    }
+
+    /// Every record of `topic` (one partition) in offset order; none when there is no such topic.
+    async fn read_all(&self, topic: &'static str, mut each: impl FnMut(StoredRecord) -> Result<(), ApiError>) -> Result<(), ApiError> {
+        let streams = self.streams.clone();
+        let (mut offset, end) = match on_backend(streams.blocking(), async move { streams.offsets(topic, 0).await }).await {
+            Ok(offsets) => offsets,
+            Err(StreamError::TopicNotFound(_)) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        while offset < end {
+            let records = self.fetch_from(topic, offset, BATCH_RECORDS_MAX).await?;
+            let Some(last) = records.last() else { break };
+            offset = last.offset + 1;
+            for record in records {
+                each(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deployments from before the status DB kept the configuration and the suppression list in
+    /// compacted topics (`email-config`, `email-suppressions`) and rebuilt each email's status
+    /// from the events log at every start. The first start with the status DB carries all three
+    /// over (the old topics are left as they are), then notes that it did.
+    async fn carry_over(&self) -> Result<(), ApiError> {
+        let done = sqlx::query("SELECT value FROM email_counters WHERE name = 'carried_over'").fetch_optional(self.db.primary()).await.map_err(DbError::from)?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let mut config = None;
+        self.read_all(LEGACY_CONFIG_TOPIC, |record| {
+            if record.key.as_deref() == Some(CONFIG_KEY.as_bytes()) {
+                config = record.value.map(|value| String::from_utf8_lossy(&value).into_owned());
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(value) = config {
+            from_json::<EmailConfig>("configuration of email-config", &value)?;
+            sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await.map_err(DbError::from)?;
+        }
+        let mut suppressed: BTreeMap<String, Option<Suppression>> = BTreeMap::new();
+        self.read_all(LEGACY_SUPPRESSIONS_TOPIC, |record| {
+            let Some(key) = record.key.as_deref() else { return Ok(()) };
+            let entry = record.value.as_deref().map(|value| from_json("entry of email-suppressions", &String::from_utf8_lossy(value))).transpose()?;
+            suppressed.insert(String::from_utf8_lossy(key).into_owned(), entry);
+            Ok(())
+        })
+        .await?;
+        let carried = suppressed.into_values().flatten().collect::<Vec<_>>();
+        if !carried.is_empty() {
+            self.suppress(carried, false).await?;
+        }
+        let mut latest: HashMap<String, (u64, Event)> = HashMap::new();
+        self.read_all(EVENTS_TOPIC, |record| {
+            if let Some(Ok(event)) = record.value.as_deref().map(serde_json::from_slice::<Event>) {
+                latest.insert(event.id.clone(), (record.offset, event));
+            }
+            Ok(())
+        })
+        .await?;
+        let (offsets, events): (Vec<u64>, Vec<Event>) = latest.into_values().unzip();
+        for (offsets, events) in offsets.chunks(BATCH_RECORDS_MAX).zip(events.chunks(BATCH_RECORDS_MAX)) {
+            self.write_status(events, offsets).await?;
+        }
+        sqlx::query("INSERT INTO email_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await.map_err(DbError::from)?;
+        Ok(())
     }
 
     async fn webhook_committed(&self) -> Result<Option<u64>, ApiError> {

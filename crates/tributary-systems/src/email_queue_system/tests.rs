@@ -531,3 +531,58 @@ async fn two_nodes_share_the_queues_the_status_db_and_one_webhook_poster() {
     other.stop().await;
     backend.forget().await;
 }
+
+/// A data folder from before the status DB: the configuration and the suppression list in
+/// compacted topics, statuses only in the events log. The first start carries them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deployment_from_before_the_status_db_keeps_its_configuration_suppressions_and_statuses() {
+    use super::process::{Class, Email, Event, EventKind, Suppression, SuppressionReason};
+    use tributary_core::Record;
+    use tributary_engine::stream::TopicConfig;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        let compacted = TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() };
+        let config = json!({"domain_rate": {"rate_per_s": 7.0, "burst": 3}});
+        engine.topics.create("email-config", compacted.clone()).unwrap().produce_to(0, &[Record::keyed("config", serde_json::to_vec(&config).unwrap())]).unwrap();
+        let entry = |address: &str| Suppression { address: address.into(), reason: SuppressionReason::Manual, at_ms: 1, message_id: None, detail: Some("asked".into()) };
+        let suppressions = engine.topics.create("email-suppressions", compacted).unwrap();
+        for address in ["eve@example.org", "gone@example.org"] {
+            suppressions.produce_to(0, &[Record::keyed(address, serde_json::to_vec(&entry(address)).unwrap())]).unwrap();
+        }
+        suppressions.produce_to(0, &[Record::tombstone("gone@example.org")]).unwrap();
+        let events = engine.topics.create(super::EVENTS_TOPIC, TopicConfig { partitions: 1, retention_ms: Some(super::EVENTS_RETENTION_MS), ..TopicConfig::default() }).unwrap();
+        let email = Email {
+            id: "old-1".into(),
+            class: Class::Bulk,
+            from: "shop@example.com".into(),
+            to: "ann@example.org".into(),
+            subject: "s".into(),
+            text: Some("x".into()),
+            html: None,
+            reply_to: None,
+            headers: Default::default(),
+            metadata: Default::default(),
+            accepted_at_ms: 1,
+        };
+        let queued = Event::first(&email, EventKind::Queued, 1);
+        let offset = events.produce_to(0, &[Record::keyed("old-1", serde_json::to_vec(&queued).unwrap())]).unwrap().base_offset;
+        events.produce_to(0, &[Record::keyed("old-1", serde_json::to_vec(&queued.next(offset, EventKind::Delivered, 2)).unwrap())]).unwrap();
+        engine.close().unwrap();
+    }
+    let app = App::start(dir.path(), &Backend::Embedded).await;
+    assert_eq!(app.get("/v1/email/config").await.1["domain_rate"], json!({"rate_per_s": 7.0, "burst": 3}));
+    let (code, entry) = app.get("/v1/email/suppressions/eve@example.org").await;
+    assert_eq!((code, entry["detail"].as_str()), (StatusCode::OK, Some("asked")));
+    assert_eq!(app.get("/v1/email/suppressions/gone@example.org").await.0, StatusCode::NOT_FOUND, "a tombstone is carried over as a removal");
+    assert_eq!(app.get("/v1/email/suppressions").await.1["total"], 1);
+    assert_eq!(history(&app.wait_for("old-1", "delivered").await), ["queued", "delivered"]);
+    app.stop().await;
+    // Carried over once: a later start does not bring a removed entry back.
+    let app = App::start(dir.path(), &Backend::Embedded).await;
+    assert_eq!(app.delete("/v1/email/suppressions/eve@example.org").await.0, StatusCode::NO_CONTENT);
+    app.stop().await;
+    let app = App::start(dir.path(), &Backend::Embedded).await;
+    assert_eq!(app.get("/v1/email/suppressions/eve@example.org").await.0, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
