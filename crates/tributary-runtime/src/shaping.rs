@@ -62,6 +62,17 @@ impl TokenBucket {
         TokenBucket { tat_ms: f64::MIN }
     }
 
+    /// A bucket kept elsewhere (a database row shared by several processes), by the theoretical
+    /// arrival time [`TokenBucket::tat_ms`] gave.
+    pub fn from_tat_ms(tat_ms: f64) -> TokenBucket {
+        TokenBucket { tat_ms }
+    }
+
+    /// The theoretical arrival time, to keep the bucket elsewhere.
+    pub fn tat_ms(&self) -> f64 {
+        self.tat_ms
+    }
+
     /// Take a token now: `Ok(())`, or `Err(wait_ms)` until one is there (nothing taken).
     pub fn try_take(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
         let now = now_ms as f64;

@@ -19,7 +19,8 @@
 //!                                          ──signed POST (HMAC-SHA256), retried──▶ your endpoint
 //!               status DB   email_status (id → latest event) ──▶ GET /v1/email/messages/{id}
 //!                           email_suppressions ◀── hard bounces, complaints, manual entries
-//!                           email_settings (the configuration), email_webhook (lease, replay)
+//!                           email_settings (the configuration), email_webhook (lease, replay),
+//!                           email_domain_rates (each recipient domain's token bucket)
 //! ```
 //!
 //! # Routes
@@ -50,7 +51,8 @@
 //! the log say `suppressed` (SendGrid's "dropped").
 //!
 //! **Send.** A worker leases a batch, checks the suppression list again, then takes a token of
-//! the recipient domain's bucket (rate and burst per domain, configurable; default 100/s). A
+//! the recipient domain's bucket (rate and burst per domain, configurable; default 100/s; the
+//! buckets are rows of the status DB, so every node draws from the same one). A
 //! domain out of tokens gets its email parked in the queue until its reserved slot (a nack with
 //! that delay: it does not count as an attempt). The email is sent over a pool of SMTP
 //! connections to the relay. The reply decides ([`process::classify`]): 2xx `delivered` (handed
@@ -83,8 +85,9 @@
 //! - One relay (a smarthost): no MX lookup, no direct-to-MX delivery, no IP pools, no DKIM
 //!   signing (the relay's job in this design).
 //! - No automatic throttling that adapts to replies; rates are configured.
-//! - Transactional and bulk mail share each domain's bucket. The buckets are each node's own:
-//!   N nodes send to a domain at up to N times its rate.
+//! - Transactional and bulk mail share each domain's bucket. A reservation (the slot a parked
+//!   email waits for) is the reserving node's: an email redelivered to another node reserves a
+//!   second slot, so a domain gets its rate or less, never more.
 //! - No idempotency key on send: a retried request after a lost answer queues the emails again.
 //! - A send answered 5xx may have been partly queued (queue, log and DB are three writes); a
 //!   crash between an event's append and its status row leaves the row at the previous event
@@ -126,10 +129,10 @@ use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, Qu
 use tributary_engine::StreamError;
 use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
-use tributary_runtime::shaping::TokenBuckets;
+use tributary_runtime::shaping::{Rate, TokenBucket};
 use tributary_server::{ApiError, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, DbError, Migration, Read, Schema};
+use tributary_sql::{Db, DbError, Dialect, Migration, Read, Schema};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
@@ -194,10 +197,17 @@ CREATE TABLE email_webhook (name TEXT PRIMARY KEY, holder TEXT, lease_until_ms B
 INSERT INTO email_webhook (name, holder, lease_until_ms, replay_from) VALUES ('webhook', NULL, 0, NULL);
 ";
 
+/// The token bucket of each recipient domain, shared by every node (GCRA: the bucket's
+/// theoretical arrival time, in milliseconds).
+const TABLES_V2: &str = "CREATE TABLE email_domain_rates (domain TEXT PRIMARY KEY, tat_ms DOUBLE PRECISION NOT NULL);";
+
 /// The status DB's migrations.
 pub const SCHEMA: Schema = Schema {
     owner: "email",
-    migrations: &[Migration { version: 1, description: "status, suppressions, settings and the webhook lease", sqlite: TABLES_V1, postgres: TABLES_V1 }],
+    migrations: &[
+        Migration { version: 1, description: "status, suppressions, settings and the webhook lease", sqlite: TABLES_V1, postgres: TABLES_V1 },
+        Migration { version: 2, description: "per-domain token buckets", sqlite: TABLES_V2, postgres: TABLES_V2 },
+    ],
 };
 
 type Relay = AsyncSmtpTransport<Tokio1Executor>;
@@ -236,7 +246,6 @@ pub struct EmailSystem {
     /// The relay's pooled transport and the permits that bound concurrent SMTP transactions to
     /// its `pool_max` (lettre's pool bounds idle connections, not open ones).
     relay: Mutex<Option<(RelaySpec, Arc<RelayHandle>)>>,
-    buckets: TokenBuckets<String>,
     /// Email id → the instant its reserved token becomes usable.
     reserved: Mutex<HashMap<String, u64>>,
     /// This node: the prefix of the ids it gives and its name as the webhook lease's holder.
@@ -312,7 +321,6 @@ impl EmailSystem {
             config: RwLock::new((0, Arc::new(EmailConfig::default()))),
             config_write: tokio::sync::Mutex::new(()),
             relay: Mutex::new(None),
-            buckets: TokenBuckets::new(),
             reserved: Mutex::new(HashMap::new()),
             node: format!("{:x}", tributary_core::unique_u64()),
             next_id: AtomicU64::new(0),
@@ -882,33 +890,40 @@ impl EmailSystem {
             }
         }
         let suppressed = self.suppressed_among(emails.iter().map(|(e, _)| e.to.as_str())).await?;
+        let mut unreserved: Vec<(Email, Receipt)> = Vec::new();
         for (email, receipt) in emails {
             if suppressed.contains(&process::suppression_key(&email.to)) {
                 outcomes.push((email, receipt, Outcome::Suppressed));
                 continue;
             }
             let reserved = self.reserved.lock().remove(&email.id);
-            let wait = match reserved {
+            match reserved {
                 // This email waited for a token it had reserved: it is its turn.
-                Some(due) if due <= now + 5 => 0,
+                Some(due) if due <= now + 5 => to_send.push((email, receipt)),
                 Some(due) => {
                     self.reserved.lock().insert(email.id.clone(), due);
-                    due - now
+                    parked.push((receipt, due - now));
                 }
-                None => {
-                    let domain = email.domain();
-                    let wait = self.buckets.reserve(&domain, config.rate_of(&domain), now, THROTTLE_HORIZON_MS);
-                    if wait > 0 && wait <= THROTTLE_HORIZON_MS {
-                        self.reserved.lock().insert(email.id.clone(), now + wait);
-                    }
-                    wait.min(THROTTLE_HORIZON_MS)
-                }
-            };
-            if wait > 0 {
-                parked.push((receipt, wait));
-                continue;
+                None => unreserved.push((email, receipt)),
             }
-            to_send.push((email, receipt));
+        }
+        let domains: Vec<(String, Rate)> = unreserved
+            .iter()
+            .map(|(email, _)| {
+                let domain = email.domain();
+                let rate = config.rate_of(&domain);
+                (domain, rate)
+            })
+            .collect();
+        let waits = self.reserve_tokens(&domains, now).await?;
+        for ((email, receipt), wait) in unreserved.into_iter().zip(waits) {
+            if wait > 0 && wait <= THROTTLE_HORIZON_MS {
+                self.reserved.lock().insert(email.id.clone(), now + wait);
+            }
+            match wait.min(THROTTLE_HORIZON_MS) {
+                0 => to_send.push((email, receipt)),
+                wait => parked.push((receipt, wait)),
+            }
         }
         self.counts.throttled.fetch_add(parked.len() as u64, Ordering::Relaxed);
         let sent = futures_util::future::join_all(to_send.into_iter().map(|(email, receipt)| {
@@ -928,6 +943,50 @@ impl EmailSystem {
             self.metrics.latency(latency);
         }
         Ok(())
+    }
+
+    /// Take a token of each recipient domain's bucket, one per entry of `domains` in order, from
+    /// the buckets in the status DB (every node shares them). Returns each entry's wait: 0 to
+    /// send now, else when its token comes (a reservation); a wait beyond
+    /// `THROTTLE_HORIZON_MS` took nothing. Domains are locked in name order, so nodes working
+    /// batches of the same domains never wait on each other in a circle.
+    async fn reserve_tokens(&self, domains: &[(String, Rate)], now: u64) -> Result<Vec<u64>, ApiError> {
+        let mut waits = vec![0; domains.len()];
+        if domains.is_empty() {
+            return Ok(waits);
+        }
+        let mut by_domain: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (domain, _)) in domains.iter().enumerate() {
+            by_domain.entry(domain.as_str()).or_default().push(i);
+        }
+        let lock = if self.db.dialect() == Dialect::Postgres { " FOR UPDATE" } else { "" };
+        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        for (domain, entries) in by_domain {
+            // The write first: SQLite takes its write lock here, not on a later upgrade.
+            sqlx::query("INSERT INTO email_domain_rates (domain, tat_ms) VALUES ($1, $2) ON CONFLICT (domain) DO NOTHING")
+                .bind(domain.to_string())
+                .bind(0.0_f64)
+                .execute(&mut *transaction)
+                .await
+                .map_err(DbError::from)?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT tat_ms FROM email_domain_rates WHERE domain = $1{lock}")))
+                .bind(domain.to_string())
+                .fetch_one(&mut *transaction)
+                .await
+                .map_err(DbError::from)?;
+            let mut bucket = TokenBucket::from_tat_ms(row.try_get("tat_ms").map_err(DbError::from)?);
+            for i in entries {
+                waits[i] = bucket.reserve(domains[i].1, now, THROTTLE_HORIZON_MS);
+            }
+            sqlx::query("UPDATE email_domain_rates SET tat_ms = $1 WHERE domain = $2")
+                .bind(bucket.tat_ms())
+                .bind(domain.to_string())
+                .execute(&mut *transaction)
+                .await
+                .map_err(DbError::from)?;
+        }
+        transaction.commit().await.map_err(DbError::from)?;
+        Ok(waits)
     }
 
     /// Write the events of a worked batch, suppress hard-bounced addresses, then ack what is

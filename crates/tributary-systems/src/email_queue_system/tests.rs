@@ -479,8 +479,9 @@ async fn bad_requests_get_errors_that_name_the_field_or_the_limit(backend: Backe
 }
 
 /// Two nodes on one NATS namespace and one PostgreSQL schema: a configuration, a suppression or
-/// an email accepted through either is the deployment's; the webhook gets every event once, in
-/// order, from whichever node holds the lease, and the other takes over when that one stops.
+/// an email accepted through either is the deployment's, and so is a domain's rate; the webhook
+/// gets every event once, in order, from whichever node holds the lease, and the other takes
+/// over when that one stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_share_the_queues_the_status_db_and_one_webhook_poster() {
     let backend = Backend::nats();
@@ -519,6 +520,28 @@ async fn two_nodes_share_the_queues_the_status_db_and_one_webhook_poster() {
     let posted = offsets(&hook);
     assert_eq!(posted.len(), 41, "one poster, every event once (20 queued, 20 delivered, 1 suppressed)");
     assert!(posted.windows(2).all(|w| w[1] == w[0] + 1), "events out of order or repeated: {posted:?}");
+
+    // A domain's rate holds for the deployment, not per node: 6 emails at 5/s with a burst of 1,
+    // sent through both nodes and sent by the workers of both, go out at least 5 × 200 ms apart.
+    b.configure(Some(&relay), Some(&hook), json!({"domains": {"slow.example": {"rate_per_s": 5.0, "burst": 1}}})).await;
+    let deadline = Instant::now() + super::CONFIG_REFRESH * 5;
+    while a.get("/v1/email/config").await.1["domains"]["slow.example"].is_null() {
+        assert!(Instant::now() < deadline, "node A never saw the configuration written through B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Workers take a new configuration from their next receive (each waits up to WORKER_WAIT).
+    tokio::time::sleep(super::WORKER_WAIT * 3).await;
+    let mut slow = Vec::new();
+    for i in 0..6 {
+        slow.push((if i % 2 == 0 { &a } else { &b }).send("transactional", &format!("s{i}@slow.example")).await);
+    }
+    let mut handed_off = Vec::new();
+    for id in &slow {
+        handed_off.push(a.wait_for(id, "delivered").await["updated_at_ms"].as_u64().unwrap());
+    }
+    handed_off.sort();
+    assert!(handed_off[5] - handed_off[0] >= 900, "slow.example got more than its rate from two nodes: {handed_off:?}");
+    wait_until("the slow emails' events", || slow.iter().all(|id| hook.events_of(id) == ["queued", "delivered"])).await;
 
     // The poster stops (giving its lease back); the other node posts what follows.
     let (poster, other) = if a.get("/v1/email").await.1["webhook"]["posts"].as_u64().unwrap() > 0 { (a, b) } else { (b, a) };
