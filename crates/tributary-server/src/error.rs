@@ -172,6 +172,13 @@ impl From<DbError> for ApiError {
     }
 }
 
+/// A query's error, as the db component reports it.
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> ApiError {
+        ApiError::from(DbError::Query(error))
+    }
+}
+
 /// A blocking engine call run off the async workers.
 pub async fn blocking<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
 where

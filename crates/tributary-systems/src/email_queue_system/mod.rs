@@ -132,7 +132,7 @@ use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::{Rate, TokenBucket};
 use tributary_server::{ApiError, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, DbError, Dialect, Migration, Read, Schema};
+use tributary_sql::{Db, Dialect, Migration, Read, Schema};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
@@ -289,13 +289,13 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T
 }
 
 fn suppression_of(row: &sqlx::any::AnyRow) -> Result<Suppression, ApiError> {
-    let reason: String = row.try_get("reason").map_err(DbError::from)?;
+    let reason: String = row.try_get("reason")?;
     Ok(Suppression {
-        address: row.try_get("address").map_err(DbError::from)?,
+        address: row.try_get("address")?,
         reason: SuppressionReason::parse(&reason).ok_or_else(|| ApiError::internal(format!("the status DB holds an unknown suppression reason {reason:?}")))?,
-        at_ms: row.try_get::<i64, _>("at_ms").map_err(DbError::from)? as u64,
-        message_id: row.try_get("message_id").map_err(DbError::from)?,
-        detail: row.try_get("detail").map_err(DbError::from)?,
+        at_ms: row.try_get::<i64, _>("at_ms")? as u64,
+        message_id: row.try_get("message_id")?,
+        detail: row.try_get("detail")?,
     })
 }
 
@@ -353,11 +353,11 @@ impl EmailSystem {
 
     /// Take the configuration from the DB when it is newer than this node's.
     async fn refresh_config(&self) -> Result<(), ApiError> {
-        let row = sqlx::query("SELECT value, version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_optional(self.db.primary()).await.map_err(DbError::from)?;
+        let row = sqlx::query("SELECT value, version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_optional(self.db.primary()).await?;
         let Some(row) = row else { return Ok(()) };
-        let version: i64 = row.try_get("version").map_err(DbError::from)?;
+        let version: i64 = row.try_get("version")?;
         if version > self.config.read().0 {
-            let config: EmailConfig = from_json("configuration", &row.try_get::<String, _>("value").map_err(DbError::from)?)?;
+            let config: EmailConfig = from_json("configuration", &row.try_get::<String, _>("value")?)?;
             let mut current = self.config.write();
             if version > current.0 {
                 *current = (version, Arc::new(config));
@@ -435,7 +435,7 @@ impl EmailSystem {
     /// from the events log at every start. The first start with the status DB carries all three
     /// over (the old topics are left as they are), then notes that it did.
     async fn carry_over(&self) -> Result<(), ApiError> {
-        let done = sqlx::query("SELECT value FROM email_counters WHERE name = 'carried_over'").fetch_optional(self.db.primary()).await.map_err(DbError::from)?;
+        let done = sqlx::query("SELECT value FROM email_counters WHERE name = 'carried_over'").fetch_optional(self.db.primary()).await?;
         if done.is_some() {
             return Ok(());
         }
@@ -449,7 +449,7 @@ impl EmailSystem {
         .await?;
         if let Some(value) = config {
             from_json::<EmailConfig>("configuration of email-config", &value)?;
-            sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await.map_err(DbError::from)?;
+            sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await?;
         }
         let mut suppressed: BTreeMap<String, Option<Suppression>> = BTreeMap::new();
         self.read_all(LEGACY_SUPPRESSIONS_TOPIC, |record| {
@@ -475,7 +475,7 @@ impl EmailSystem {
         for (offsets, events) in offsets.chunks(BATCH_RECORDS_MAX).zip(events.chunks(BATCH_RECORDS_MAX)) {
             self.write_status(events, offsets).await?;
         }
-        sqlx::query("INSERT INTO email_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await.map_err(DbError::from)?;
+        sqlx::query("INSERT INTO email_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await?;
         Ok(())
     }
 
@@ -560,7 +560,7 @@ impl EmailSystem {
             }
         }
         let rows: Vec<(&str, u64, &Event)> = latest.into_iter().map(|(id, (offset, event))| (id, offset, event)).collect();
-        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let mut transaction = self.db.primary().begin().await?;
         for chunk in rows.chunks(SQL_ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO email_status (id, event_offset, event, updated_ms) VALUES {} \
@@ -572,30 +572,37 @@ impl EmailSystem {
             for (id, offset, event) in chunk {
                 query = query.bind(id.to_string()).bind(*offset as i64).bind(serde_json::to_string(event).expect("an event serializes")).bind(event.at_ms as i64);
             }
-            query.execute(&mut *transaction).await.map_err(DbError::from)?;
+            query.execute(&mut *transaction).await?;
         }
-        transaction.commit().await.map_err(DbError::from)?;
+        transaction.commit().await?;
         Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
     // Status
 
+    /// The rows of `select … WHERE column` whose column is one of `keys`, one statement per
+    /// `SQL_ROWS_PER_STATEMENT` keys.
+    async fn rows_in(&self, select: &str, keys: &[String]) -> Result<Vec<sqlx::any::AnyRow>, ApiError> {
+        let mut rows = Vec::new();
+        for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len()))));
+            for key in chunk {
+                query = query.bind(key.clone());
+            }
+            rows.extend(query.fetch_all(self.db.primary()).await?);
+        }
+        Ok(rows)
+    }
+
     /// The latest event of each email of `ids` that has a status row, with its offset.
     async fn latest_of(&self, ids: &[&str]) -> Result<HashMap<String, (u64, Event)>, ApiError> {
+        let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
         let mut found = HashMap::with_capacity(ids.len());
-        for chunk in ids.chunks(SQL_ROWS_PER_STATEMENT) {
-            let sql = format!("SELECT id, event_offset, event FROM email_status WHERE id IN ({})", placeholders(1, chunk.len()));
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            for row in query.fetch_all(self.db.primary()).await.map_err(DbError::from)? {
-                let id: String = row.try_get("id").map_err(DbError::from)?;
-                let offset = row.try_get::<i64, _>("event_offset").map_err(DbError::from)? as u64;
-                let event: Event = from_json("event", &row.try_get::<String, _>("event").map_err(DbError::from)?)?;
-                found.insert(id, (offset, event));
-            }
+        for row in self.rows_in("SELECT id, event_offset, event FROM email_status WHERE id", &ids).await? {
+            let offset = row.try_get::<i64, _>("event_offset")? as u64;
+            let event: Event = from_json("event", &row.try_get::<String, _>("event")?)?;
+            found.insert(row.try_get("id")?, (offset, event));
         }
         Ok(found)
     }
@@ -644,18 +651,8 @@ impl EmailSystem {
     /// Which of `addresses` are on the suppression list (as their keys).
     async fn suppressed_among<'a>(&self, addresses: impl Iterator<Item = &'a str>) -> Result<HashSet<String>, ApiError> {
         let keys: Vec<String> = addresses.map(process::suppression_key).collect::<HashSet<_>>().into_iter().collect();
-        let mut found = HashSet::new();
-        for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
-            let sql = format!("SELECT address FROM email_suppressions WHERE address IN ({})", placeholders(1, chunk.len()));
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for key in chunk {
-                query = query.bind(key.clone());
-            }
-            for row in query.fetch_all(self.db.primary()).await.map_err(DbError::from)? {
-                found.insert(row.try_get::<String, _>("address").map_err(DbError::from)?);
-            }
-        }
-        Ok(found)
+        let rows = self.rows_in("SELECT address FROM email_suppressions WHERE address", &keys).await?;
+        rows.iter().map(|row| Ok(row.try_get::<String, _>("address")?)).collect()
     }
 
     /// Add addresses to the suppression list (durably). Addresses already on it keep their
@@ -666,7 +663,7 @@ impl EmailSystem {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let mut transaction = self.db.primary().begin().await?;
         let mut added = 0u64;
         for chunk in entries.chunks(SQL_ROWS_PER_STATEMENT) {
             let insert = format!("INSERT INTO email_suppressions (address, reason, at_ms, message_id, detail) VALUES {}", value_rows(chunk.len(), 5));
@@ -675,7 +672,7 @@ impl EmailSystem {
                 for entry in chunk {
                     query = query.bind(entry.address.clone()).bind(entry.reason.as_str()).bind(entry.at_ms as i64).bind(entry.message_id.clone()).bind(entry.detail.clone());
                 }
-                let written = query.execute(&mut *transaction).await.map_err(DbError::from)?;
+                let written = query.execute(&mut *transaction).await?;
                 if conflict.ends_with("NOTHING") {
                     added += written.rows_affected();
                     if !replace {
@@ -684,24 +681,24 @@ impl EmailSystem {
                 }
             }
         }
-        sqlx::query("UPDATE email_counters SET value = value + $1 WHERE name = 'suppressions'").bind(added as i64).execute(&mut *transaction).await.map_err(DbError::from)?;
-        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(&mut *transaction).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
+        sqlx::query("UPDATE email_counters SET value = value + $1 WHERE name = 'suppressions'").bind(added as i64).execute(&mut *transaction).await?;
+        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(&mut *transaction).await?.try_get(0)?;
         if total as usize > SUPPRESSIONS_MAX {
-            transaction.rollback().await.map_err(DbError::from)?;
+            transaction.rollback().await?;
             return Err(ApiError::too_large(format!("the suppression list holds SUPPRESSIONS_MAX ({SUPPRESSIONS_MAX}) addresses")));
         }
-        transaction.commit().await.map_err(DbError::from)?;
+        transaction.commit().await?;
         Ok(if replace { entries.len() } else { added as usize })
     }
 
     /// Take an address off the list; `false` if it was not on it.
     pub async fn unsuppress(&self, address: &str) -> Result<bool, ApiError> {
-        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
-        let removed = sqlx::query("DELETE FROM email_suppressions WHERE address = $1").bind(process::suppression_key(address)).execute(&mut *transaction).await.map_err(DbError::from)?.rows_affected();
+        let mut transaction = self.db.primary().begin().await?;
+        let removed = sqlx::query("DELETE FROM email_suppressions WHERE address = $1").bind(process::suppression_key(address)).execute(&mut *transaction).await?.rows_affected();
         if removed > 0 {
-            sqlx::query("UPDATE email_counters SET value = value - $1 WHERE name = 'suppressions'").bind(removed as i64).execute(&mut *transaction).await.map_err(DbError::from)?;
+            sqlx::query("UPDATE email_counters SET value = value - $1 WHERE name = 'suppressions'").bind(removed as i64).execute(&mut *transaction).await?;
         }
-        transaction.commit().await.map_err(DbError::from)?;
+        transaction.commit().await?;
         Ok(removed > 0)
     }
 
@@ -710,12 +707,12 @@ impl EmailSystem {
             .bind(process::suppression_key(address))
             .fetch_optional(self.db.reader(Read::MayLag))
             .await
-            .map_err(DbError::from)?;
+            ?;
         row.as_ref().map(suppression_of).transpose()
     }
 
     async fn suppressions_total(&self) -> Result<usize, ApiError> {
-        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(self.db.reader(Read::MayLag)).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
+        let total: i64 = sqlx::query("SELECT value FROM email_counters WHERE name = 'suppressions'").fetch_one(self.db.reader(Read::MayLag)).await?.try_get(0)?;
         Ok(total.max(0) as usize)
     }
 
@@ -726,7 +723,7 @@ impl EmailSystem {
             .bind(limit as i64)
             .fetch_all(self.db.reader(Read::MayLag))
             .await
-            .map_err(DbError::from)?;
+            ?;
         let suppressions = rows.iter().map(suppression_of).collect::<Result<Vec<_>, _>>()?;
         Ok(process::SuppressionPage { suppressions, total: self.suppressions_total().await? })
     }
@@ -772,18 +769,18 @@ impl EmailSystem {
         if new_webhook && config.webhook.is_some() {
             let (_, end) = self.event_offsets().await?;
             self.commit_webhook(end).await?;
-            sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook'").execute(self.db.primary()).await.map_err(DbError::from)?;
+            sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook'").execute(self.db.primary()).await?;
         }
         let value = serde_json::to_string(&config).expect("a configuration serializes");
-        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let mut transaction = self.db.primary().begin().await?;
         sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = email_settings.version + 1")
             .bind(CONFIG_KEY)
             .bind(value)
             .execute(&mut *transaction)
             .await
-            .map_err(DbError::from)?;
-        let version: i64 = sqlx::query("SELECT version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_one(&mut *transaction).await.map_err(DbError::from)?.try_get(0).map_err(DbError::from)?;
-        transaction.commit().await.map_err(DbError::from)?;
+            ?;
+        let version: i64 = sqlx::query("SELECT version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_one(&mut *transaction).await?.try_get(0)?;
+        transaction.commit().await?;
         *self.config.write() = (version, Arc::new(config));
         *self.webhook_error.lock() = None;
         Ok(())
@@ -797,17 +794,17 @@ impl EmailSystem {
         }
         let (start, end) = self.event_offsets().await?;
         let from = from.clamp(start, end);
-        sqlx::query("UPDATE email_webhook SET replay_from = $1 WHERE name = 'webhook'").bind(from as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
+        sqlx::query("UPDATE email_webhook SET replay_from = $1 WHERE name = 'webhook'").bind(from as i64).execute(self.db.primary()).await?;
         Ok(from)
     }
 
     /// Whether this node holds the webhook lease (taking or renewing it when due), and the
     /// replay asked for, if any. `held_until` is this node's view of its lease.
     async fn webhook_turn(&self, held_until: &mut u64) -> Result<(bool, Option<u64>), ApiError> {
-        let row = sqlx::query("SELECT holder, lease_until_ms, replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await.map_err(DbError::from)?;
-        let holder: Option<String> = row.try_get("holder").map_err(DbError::from)?;
-        let until = row.try_get::<i64, _>("lease_until_ms").map_err(DbError::from)? as u64;
-        let replay = row.try_get::<Option<i64>, _>("replay_from").map_err(DbError::from)?.map(|from| from as u64);
+        let row = sqlx::query("SELECT holder, lease_until_ms, replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await?;
+        let holder: Option<String> = row.try_get("holder")?;
+        let until = row.try_get::<i64, _>("lease_until_ms")? as u64;
+        let replay = row.try_get::<Option<i64>, _>("replay_from")?.map(|from| from as u64);
         let now = now_ms();
         let mine = holder.as_deref() == Some(self.node.as_str());
         if mine && until > now + WEBHOOK_LEASE_MS / 2 {
@@ -824,7 +821,7 @@ impl EmailSystem {
             .bind(now as i64)
             .execute(self.db.primary())
             .await
-            .map_err(DbError::from)?
+            ?
             .rows_affected()
             == 1;
         *held_until = if taken { now + WEBHOOK_LEASE_MS } else { 0 };
@@ -834,25 +831,25 @@ impl EmailSystem {
     /// Commit a replay's offset as the webhook's position, then clear the request.
     async fn take_replay(&self, from: u64) -> Result<(), ApiError> {
         self.commit_webhook(from).await?;
-        sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook' AND replay_from = $1").bind(from as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
+        sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook' AND replay_from = $1").bind(from as i64).execute(self.db.primary()).await?;
         Ok(())
     }
 
     async fn replay_pending(&self) -> Result<bool, ApiError> {
-        let row = sqlx::query("SELECT replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await.map_err(DbError::from)?;
-        Ok(row.try_get::<Option<i64>, _>("replay_from").map_err(DbError::from)?.is_some())
+        let row = sqlx::query("SELECT replay_from FROM email_webhook WHERE name = 'webhook'").fetch_one(self.db.primary()).await?;
+        Ok(row.try_get::<Option<i64>, _>("replay_from")?.is_some())
     }
 
     /// Give the webhook lease back (this node stops): another node takes over at once.
     async fn release_webhook(&self) -> Result<(), ApiError> {
-        sqlx::query("UPDATE email_webhook SET lease_until_ms = 0 WHERE name = 'webhook' AND holder = $1").bind(self.node.clone()).execute(self.db.primary()).await.map_err(DbError::from)?;
+        sqlx::query("UPDATE email_webhook SET lease_until_ms = 0 WHERE name = 'webhook' AND holder = $1").bind(self.node.clone()).execute(self.db.primary()).await?;
         Ok(())
     }
 
     /// Delete the status rows of emails whose events retention removed.
     async fn prune_status(&self) -> Result<u64, ApiError> {
         let (start, _) = self.event_offsets().await?;
-        let removed = sqlx::query("DELETE FROM email_status WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await.map_err(DbError::from)?;
+        let removed = sqlx::query("DELETE FROM email_status WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await?;
         Ok(removed.rows_affected())
     }
 
@@ -960,7 +957,7 @@ impl EmailSystem {
             by_domain.entry(domain.as_str()).or_default().push(i);
         }
         let lock = if self.db.dialect() == Dialect::Postgres { " FOR UPDATE" } else { "" };
-        let mut transaction = self.db.primary().begin().await.map_err(DbError::from)?;
+        let mut transaction = self.db.primary().begin().await?;
         for (domain, entries) in by_domain {
             // The write first: SQLite takes its write lock here, not on a later upgrade.
             sqlx::query("INSERT INTO email_domain_rates (domain, tat_ms) VALUES ($1, $2) ON CONFLICT (domain) DO NOTHING")
@@ -968,13 +965,13 @@ impl EmailSystem {
                 .bind(0.0_f64)
                 .execute(&mut *transaction)
                 .await
-                .map_err(DbError::from)?;
+                ?;
             let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT tat_ms FROM email_domain_rates WHERE domain = $1{lock}")))
                 .bind(domain.to_string())
                 .fetch_one(&mut *transaction)
                 .await
-                .map_err(DbError::from)?;
-            let mut bucket = TokenBucket::from_tat_ms(row.try_get("tat_ms").map_err(DbError::from)?);
+                ?;
+            let mut bucket = TokenBucket::from_tat_ms(row.try_get("tat_ms")?);
             for i in entries {
                 waits[i] = bucket.reserve(domains[i].1, now, THROTTLE_HORIZON_MS);
             }
@@ -983,9 +980,9 @@ impl EmailSystem {
                 .bind(domain.to_string())
                 .execute(&mut *transaction)
                 .await
-                .map_err(DbError::from)?;
+                ?;
         }
-        transaction.commit().await.map_err(DbError::from)?;
+        transaction.commit().await?;
         Ok(waits)
     }
 
