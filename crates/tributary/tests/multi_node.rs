@@ -102,6 +102,9 @@ async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_kille
     let direct = reqwest::Client::new();
     for port in ports {
         wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
+        // Without a shared database (--db), a node leaves out the systems that keep state there.
+        let email = direct.get(format!("http://127.0.0.1:{port}/v1/email")).send().await.unwrap();
+        assert_eq!(email.status(), 404, "email-queue-system started on a node whose database is its own SQLite file");
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
