@@ -132,7 +132,7 @@ use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::{Rate, TokenBucket};
 use tributary_server::{ApiError, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, Dialect, Migration, Read, Schema};
+use tributary_sql::{Db, Migration, Read, Schema};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
@@ -398,8 +398,13 @@ impl EmailSystem {
 
     /// The events log's first offset and its end.
     async fn event_offsets(&self) -> Result<(u64, u64), ApiError> {
+        Ok(self.offsets_of(EVENTS_TOPIC).await?)
+    }
+
+    /// A topic's (one partition) first offset and its end.
+    async fn offsets_of(&self, topic: &'static str) -> Result<(u64, u64), StreamError> {
         let streams = self.streams.clone();
-        Ok(on_backend(streams.blocking(), async move { streams.offsets(EVENTS_TOPIC, 0).await }).await?)
+        on_backend(streams.blocking(), async move { streams.offsets(topic, 0).await }).await
     }
 
     async fn fetch_events(&self, from: u64, max: usize) -> Result<Vec<StoredRecord>, ApiError> {
@@ -413,8 +418,7 @@ impl EmailSystem {
 
     /// Every record of `topic` (one partition) in offset order; none when there is no such topic.
     async fn read_all(&self, topic: &'static str, mut each: impl FnMut(StoredRecord) -> Result<(), ApiError>) -> Result<(), ApiError> {
-        let streams = self.streams.clone();
-        let (mut offset, end) = match on_backend(streams.blocking(), async move { streams.offsets(topic, 0).await }).await {
+        let (mut offset, end) = match self.offsets_of(topic).await {
             Ok(offsets) => offsets,
             Err(StreamError::TopicNotFound(_)) => return Ok(()),
             Err(error) => return Err(error.into()),
@@ -666,19 +670,18 @@ impl EmailSystem {
         let mut transaction = self.db.primary().begin().await?;
         let mut added = 0u64;
         for chunk in entries.chunks(SQL_ROWS_PER_STATEMENT) {
-            let insert = format!("INSERT INTO email_suppressions (address, reason, at_ms, message_id, detail) VALUES {}", value_rows(chunk.len(), 5));
-            for conflict in ["ON CONFLICT (address) DO NOTHING", "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms, message_id = excluded.message_id, detail = excluded.detail"] {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{insert} {conflict}")));
+            let insert = |conflict: &str| {
+                let sql = format!("INSERT INTO email_suppressions (address, reason, at_ms, message_id, detail) VALUES {} ON CONFLICT (address) {conflict}", value_rows(chunk.len(), 5));
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for entry in chunk {
                     query = query.bind(entry.address.clone()).bind(entry.reason.as_str()).bind(entry.at_ms as i64).bind(entry.message_id.clone()).bind(entry.detail.clone());
                 }
-                let written = query.execute(&mut *transaction).await?;
-                if conflict.ends_with("NOTHING") {
-                    added += written.rows_affected();
-                    if !replace {
-                        break;
-                    }
-                }
+                query
+            };
+            // New addresses first, counted; then, when replacing, every entry written over.
+            added += insert("DO NOTHING").execute(&mut *transaction).await?.rows_affected();
+            if replace {
+                insert("DO UPDATE SET reason = excluded.reason, at_ms = excluded.at_ms, message_id = excluded.message_id, detail = excluded.detail").execute(&mut *transaction).await?;
             }
         }
         sqlx::query("UPDATE email_counters SET value = value + $1 WHERE name = 'suppressions'").bind(added as i64).execute(&mut *transaction).await?;
@@ -706,8 +709,7 @@ impl EmailSystem {
         let row = sqlx::query("SELECT address, reason, at_ms, message_id, detail FROM email_suppressions WHERE address = $1")
             .bind(process::suppression_key(address))
             .fetch_optional(self.db.reader(Read::MayLag))
-            .await
-            ?;
+            .await?;
         row.as_ref().map(suppression_of).transpose()
     }
 
@@ -722,8 +724,7 @@ impl EmailSystem {
             .bind(after.unwrap_or("").to_string())
             .bind(limit as i64)
             .fetch_all(self.db.reader(Read::MayLag))
-            .await
-            ?;
+            .await?;
         let suppressions = rows.iter().map(suppression_of).collect::<Result<Vec<_>, _>>()?;
         Ok(process::SuppressionPage { suppressions, total: self.suppressions_total().await? })
     }
@@ -777,8 +778,7 @@ impl EmailSystem {
             .bind(CONFIG_KEY)
             .bind(value)
             .execute(&mut *transaction)
-            .await
-            ?;
+            .await?;
         let version: i64 = sqlx::query("SELECT version FROM email_settings WHERE name = $1").bind(CONFIG_KEY).fetch_one(&mut *transaction).await?.try_get(0)?;
         transaction.commit().await?;
         *self.config.write() = (version, Arc::new(config));
@@ -820,8 +820,7 @@ impl EmailSystem {
             .bind((now + WEBHOOK_LEASE_MS) as i64)
             .bind(now as i64)
             .execute(self.db.primary())
-            .await
-            ?
+            .await?
             .rows_affected()
             == 1;
         *held_until = if taken { now + WEBHOOK_LEASE_MS } else { 0 };
@@ -956,21 +955,18 @@ impl EmailSystem {
         for (i, (domain, _)) in domains.iter().enumerate() {
             by_domain.entry(domain.as_str()).or_default().push(i);
         }
-        let lock = if self.db.dialect() == Dialect::Postgres { " FOR UPDATE" } else { "" };
         let mut transaction = self.db.primary().begin().await?;
         for (domain, entries) in by_domain {
-            // The write first: SQLite takes its write lock here, not on a later upgrade.
-            sqlx::query("INSERT INTO email_domain_rates (domain, tat_ms) VALUES ($1, $2) ON CONFLICT (domain) DO NOTHING")
-                .bind(domain.to_string())
-                .bind(0.0_f64)
-                .execute(&mut *transaction)
-                .await
-                ?;
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT tat_ms FROM email_domain_rates WHERE domain = $1{lock}")))
-                .bind(domain.to_string())
-                .fetch_one(&mut *transaction)
-                .await
-                ?;
+            // An upsert that changes nothing: it makes the row when missing, holds its lock to the
+            // end of the transaction (SQLite's write lock, PostgreSQL's row lock) and returns it.
+            let row = sqlx::query(
+                "INSERT INTO email_domain_rates (domain, tat_ms) VALUES ($1, $2) \
+                 ON CONFLICT (domain) DO UPDATE SET tat_ms = email_domain_rates.tat_ms RETURNING tat_ms",
+            )
+            .bind(domain.to_string())
+            .bind(0.0_f64)
+            .fetch_one(&mut *transaction)
+            .await?;
             let mut bucket = TokenBucket::from_tat_ms(row.try_get("tat_ms")?);
             for i in entries {
                 waits[i] = bucket.reserve(domains[i].1, now, THROTTLE_HORIZON_MS);
@@ -979,8 +975,7 @@ impl EmailSystem {
                 .bind(bucket.tat_ms())
                 .bind(domain.to_string())
                 .execute(&mut *transaction)
-                .await
-                ?;
+                .await?;
         }
         transaction.commit().await?;
         Ok(waits)
