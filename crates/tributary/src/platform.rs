@@ -20,7 +20,7 @@ use tributary_engine::Engine;
 use tributary_runtime::{Catalogue, CheckReport, MetricsSnapshot, Topology, check};
 use tributary_server::gateway::GatewayStats;
 use tributary_server::{ApiToken, Gateway, ServerConfig};
-use tributary_sql::{Db, DbConfig, redacted_url};
+use tributary_sql::{Db, DbConfig, Dialect, redacted_url};
 use tributary_systems::{Context, System, entries};
 
 /// How often the engine's upkeep runs (retention, compaction, lease expiry, cache expiry).
@@ -153,7 +153,8 @@ pub async fn run(config: UpConfig, listener: tokio::net::TcpListener, shutdown: 
     let gateway = Gateway::default();
     let context = context(&config, engine.clone(), gateway.clone()).await?;
     let distributed = config.stream.is_some();
-    let shared_db = config.db.as_deref().is_some_and(|url| !url.starts_with("sqlite:"));
+    // A database the nodes share: PostgreSQL (a SQLite file is the node's own).
+    let shared_db = context.db.as_ref().is_some_and(|db| db.dialect() == Dialect::Postgres);
     let mut running: Vec<Arc<dyn System>> = Vec::new();
     let mut left_out = Vec::new();
     for entry in entries() {
