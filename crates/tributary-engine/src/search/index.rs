@@ -55,9 +55,18 @@ pub struct SearchPage {
     pub hits: Vec<Hit>,
 }
 
+/// One change to the documents of an index.
+#[derive(Debug, Clone)]
+pub enum Edit {
+    /// Add the document, replacing the one with its id.
+    Upsert(Document),
+    /// Remove the document with this id (nothing if there is none).
+    Delete(String),
+}
+
 enum Change {
-    Upsert(Document, (u32, u64)),
-    Delete(String, (u32, u64)),
+    /// Edits that came from one log record: one commit takes all of them or none.
+    Record(Vec<Edit>, (u32, u64)),
     Advance((u32, u64)),
     Commit(mpsc::Sender<Result<(), String>>),
     #[cfg(test)]
@@ -235,13 +244,24 @@ impl SearchIndex {
 
     /// Add `document`, replacing the one with its id; it came from `position` of the log.
     pub fn upsert(&self, document: Document, position: (u32, u64)) -> Result<(), SearchError> {
-        self.check_document(&document)?;
-        self.send(Change::Upsert(document, position))
+        self.record(vec![Edit::Upsert(document)], position)
     }
 
     /// Remove the document `id` (nothing if there is none); the delete came from `position`.
     pub fn delete(&self, id: &str, position: (u32, u64)) -> Result<(), SearchError> {
-        self.send(Change::Delete(id.to_string(), position))
+        self.record(vec![Edit::Delete(id.to_string())], position)
+    }
+
+    /// The edits one record of the log at `position` makes, in order. A commit holds all of
+    /// them or none, so a checkpoint never passes a record that is only partly indexed. No
+    /// edits is [`SearchIndex::advance`].
+    pub fn record(&self, edits: Vec<Edit>, position: (u32, u64)) -> Result<(), SearchError> {
+        for edit in &edits {
+            if let Edit::Upsert(document) = edit {
+                self.check_document(document)?;
+            }
+        }
+        self.send(Change::Record(edits, position))
     }
 
     /// The record at `position` changes nothing in the index: let the checkpoint pass it.
@@ -362,29 +382,19 @@ impl Worker {
                 None => Duration::from_secs(3600),
             };
             match changes.recv_timeout(wait) {
-                Ok(Change::Upsert(document, position)) => {
-                    let id = Term::from_field_text(self.fields.id, &document.id);
-                    self.writer.delete_term(id);
-                    let mut doc = TantivyDocument::default();
-                    doc.add_text(self.fields.id, &document.id);
-                    for (name, value) in &document.text {
-                        if let Some((_, field)) = self.fields.text.iter().find(|(n, _)| n == name) {
-                            doc.add_text(*field, value);
+                Ok(Change::Record(edits, position)) => {
+                    let count = edits.len();
+                    for edit in edits {
+                        match edit {
+                            Edit::Upsert(document) => self.upsert(document)?,
+                            Edit::Delete(id) => {
+                                self.writer.delete_term(Term::from_field_text(self.fields.id, &id));
+                            }
                         }
                     }
-                    for (name, value) in &document.filters {
-                        if let Some((_, field)) = self.fields.filters.iter().find(|(n, _)| n == name) {
-                            doc.add_text(*field, value);
-                        }
-                    }
-                    self.writer.add_document(doc).map_err(|e| e.to_string())?;
-                    self.changed(position);
+                    self.changed(position, count);
                 }
-                Ok(Change::Delete(id, position)) => {
-                    self.writer.delete_term(Term::from_field_text(self.fields.id, &id));
-                    self.changed(position);
-                }
-                Ok(Change::Advance(position)) => self.changed(position),
+                Ok(Change::Advance(position)) => self.changed(position, 1),
                 Ok(Change::Commit(reply)) => {
                     let result = self.commit();
                     let failed = result.as_ref().err().cloned();
@@ -405,10 +415,29 @@ impl Worker {
         }
     }
 
-    fn changed(&mut self, (partition, offset): (u32, u64)) {
+    fn upsert(&mut self, document: Document) -> Result<(), String> {
+        let id = Term::from_field_text(self.fields.id, &document.id);
+        self.writer.delete_term(id);
+        let mut doc = TantivyDocument::default();
+        doc.add_text(self.fields.id, &document.id);
+        for (name, value) in &document.text {
+            if let Some((_, field)) = self.fields.text.iter().find(|(n, _)| n == name) {
+                doc.add_text(*field, value);
+            }
+        }
+        for (name, value) in &document.filters {
+            if let Some((_, field)) = self.fields.filters.iter().find(|(n, _)| n == name) {
+                doc.add_text(*field, value);
+            }
+        }
+        self.writer.add_document(doc).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn changed(&mut self, (partition, offset): (u32, u64), changes: usize) {
         let next = self.pending.entry(partition).or_insert(0);
         *next = (*next).max(offset + 1);
-        self.dirty += 1;
+        self.dirty += changes.max(1);
         self.since.get_or_insert_with(Instant::now);
     }
 

@@ -19,7 +19,8 @@
 //! commit held, and the caller replays its log from the checkpoint: upserts and deletes by id are
 //! idempotent, so replaying a change twice is harmless. Changes must be handed in log order per
 //! partition. [`SearchIndex::advance`] moves the checkpoint past records that change nothing in
-//! the index.
+//! the index, and [`SearchIndex::record`] hands in the several edits one record makes, which a
+//! commit takes all of or none.
 //!
 //! A schema that differs from the one on disk (fields added or removed) wipes the index: its
 //! checkpoint is then empty and the caller rebuilds it from the start of its log.
@@ -37,7 +38,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-pub use index::{Checkpoint, Document, Hit, SearchIndex, SearchPage, SearchQuery};
+pub use index::{Checkpoint, Document, Edit, Hit, SearchIndex, SearchPage, SearchQuery};
 
 /// Commit at least this often while changes wait, unless configured otherwise.
 pub const COMMIT_INTERVAL_MS_DEFAULT: u64 = 1_000;

@@ -152,6 +152,36 @@ fn a_crash_keeps_the_last_commit_and_its_checkpoint_says_where_to_replay_from() 
 }
 
 #[test]
+fn the_edits_of_one_record_are_committed_together_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let searches = Searches::open(dir.path());
+    // A commit every 2 changes: three edits of one record must still land in one commit, so a
+    // checkpoint past the record never covers part of it.
+    let index = searches.index("chat", schema(), SearchConfig { commit_interval_ms: 60_000, commit_docs: 2 }).unwrap();
+    index.upsert(doc("a/0", "a", "older"), (0, 4)).unwrap();
+    let edits = vec![Edit::Upsert(doc("a/1", "a", "together")), Edit::Upsert(doc("a/2", "a", "together")), Edit::Delete("a/0".into()), Edit::Upsert(doc("a/3", "a", "together"))];
+    index.record(edits, (0, 5)).unwrap();
+    let began = Instant::now();
+    loop {
+        let total = index.search(&query("together", &["a"])).unwrap().total;
+        if total > 0 {
+            assert_eq!(total, 3, "a commit holds the whole record");
+            break;
+        }
+        assert!(began.elapsed() < Duration::from_secs(5), "commit_docs did not trigger a commit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(index.checkpoint(), Checkpoint::from([(0, 6)]));
+    assert_eq!(index.search(&query("older", &["a"])).unwrap().total, 0);
+    // A record with a bad document is refused whole: nothing of it is handed in.
+    let bad = Document { id: "a/9".into(), text: vec![("nope".into(), "x".into())], filters: vec![] };
+    assert!(matches!(index.record(vec![Edit::Upsert(doc("a/8", "a", "partial")), Edit::Upsert(bad)], (0, 6)), Err(SearchError::Invalid(_))));
+    index.commit().unwrap();
+    assert_eq!(index.search(&query("partial", &["a"])).unwrap().total, 0);
+    assert_eq!(index.checkpoint(), Checkpoint::from([(0, 6)]));
+}
+
+#[test]
 fn a_clean_close_commits_and_another_schema_rebuilds_from_scratch() {
     let dir = tempfile::tempdir().unwrap();
     {
