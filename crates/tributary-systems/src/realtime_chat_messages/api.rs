@@ -703,7 +703,7 @@ async fn client_frame(system: &Shared, user: &str, sink: &Sink<'_>, frame: serde
         let Some(channel) = channel_of(typing) else {
             return sink.text(error("bad_request", "typing needs {\"channel\"}".into(), None)).await;
         };
-        if let Err(e) = process::check_channel(&channel).and_then(|_| system.typing(&channel, user)) {
+        if let Err(e) = process::check_channel(&channel).map_err(ChatError::from).and_then(|_| system.typing(&channel, user)) {
             let e = ApiError::from(e);
             return sink.text(error(e.code, e.message, None)).await;
         }

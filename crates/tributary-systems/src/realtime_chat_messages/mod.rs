@@ -64,12 +64,31 @@
 //! retention is set: the history is the product). Presence (unless counted in a shared cache),
 //! typing and the connection index are this process's and gone on restart by nature.
 //!
+//! **Several nodes.** On a node whose stream interface is shared (`tributary up --stream
+//! nats://…`), the chat's topics are every node's, and no node may assign seqs on its own. A
+//! send checks its ops against what its node has applied (most refusals are answered there,
+//! before anything is appended), then appends them as a *proposal*: the events without seqs, one
+//! record per partition, with an id in the `chat-proposal` header. Each node's follower (one
+//! thread, `tributary_server::shared_log::follow`) reads every partition in log order and
+//! decides each proposal against the state so far: all its ops valid, or the whole proposal
+//! refused; repeated client ids and no-op joins append nothing; seqs are the channel's next.
+//! The decision is a function of the log alone, so every node reaches the same state, seqs and
+//! event JSON. The sender waits for its own follower's verdict (at most `FANOUT_WAIT_MAX`, then
+//! `503`: the proposal is in the log and is applied wherever it is read). A proposal refused
+//! at its place in the log (another node changed the channel first) stays in the log and changes
+//! nothing. Read markers are a topic every node follows (not compacted: the largest per key
+//! wins), typing indicators a topic kept `TYPING_RETENTION_MS` that every node fans out from.
+//! Each node keeps its own search index under its data folder, checkpointed against the shared
+//! log. A batch of sends spanning channels of several partitions is one proposal per partition,
+//! each all or nothing (the default is one partition). Presence join and leave events, and the
+//! typing rate limit, are each node's own.
+//!
 //! **What it does not do.** Threads, reactions, attachments, mobile push, group DMs of more than
 //! two, per-user signed identities (the platform's API tokens guard who may call at all; behind
 //! them the caller names the user, as in realtime-notifications), moderation of others'
-//! messages, presence updates for channels joined after a connection opened (reconnect), and more
-//! than one node. A failed append (the disk refused a write) stops writes to that log partition
-//! with `503` until a restart, which rebuilds the state from what the log holds.
+//! messages, and presence updates for channels joined after a connection opened (reconnect). A
+//! failed append of the engine's log (the disk refused a write) stops writes to that log
+//! partition with `503` until a restart, which rebuilds the state from what the log holds.
 
 pub mod api;
 pub mod process;
@@ -81,18 +100,19 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tributary_core::Record;
 use tributary_core::limits::BATCH_BYTES_MAX;
-use tributary_engine::search::{Document, SearchConfig, SearchError, SearchIndex, SearchQuery, SearchSchema};
+use tributary_core::{Header, Record, StoredRecord, partition_for_key};
+use tributary_engine::search::{Document, Edit, SearchConfig, SearchError, SearchIndex, SearchQuery, SearchSchema};
 use tributary_engine::stream::{Topic, TopicConfig};
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
+use tributary_server::shared_log::{self, FANOUT_WAIT_MAX, Reader, SharedLog};
 use tributary_server::{Gateway, Presence, SystemApi};
 
 use crate::{Context, System};
@@ -122,6 +142,15 @@ pub const DUPLICATE_WAIT: Duration = Duration::from_secs(10);
 pub const TYPING_ENTRIES_MAX: usize = 100_000;
 /// Records read from the log per step at start.
 pub const REBUILD_CHUNK_RECORDS: usize = 5_000;
+/// On a shared log: typing indicators, one record each, kept this long (nodes read them live).
+pub const TYPING_TOPIC: &str = "chat-typing";
+/// How long a shared log keeps typing indicators, in milliseconds.
+pub const TYPING_RETENTION_MS: u64 = 60_000;
+/// On a shared log: the header naming a proposal, so its node's follower hands the verdict to
+/// the waiting sender.
+const PROPOSAL_HEADER: &str = "chat-proposal";
+/// Records a node's follower reads from one partition per step.
+const FOLLOW_CHUNK_RECORDS: usize = 1_000;
 
 /// How the chat log is laid out.
 #[derive(Debug, Clone)]
@@ -171,6 +200,33 @@ impl Op {
         match self {
             Op::Send { channel, .. } | Op::Edit { channel, .. } | Op::Delete { channel, .. } | Op::Create { channel, .. } | Op::Join { channel, .. } | Op::Leave { channel, .. } => channel,
         }
+    }
+
+    /// The op as a shared log carries it: an event without a seq (its follower assigns one).
+    fn proposal(&self, ts: i64) -> Event {
+        let (channel, user, body) = match self.clone() {
+            Op::Send { channel, user, text, client_id } => (channel, user, Body::Message { text, client_id }),
+            Op::Edit { channel, user, target, text } => (channel, user, Body::Edited { target, text }),
+            Op::Delete { channel, user, target } => (channel, user, Body::Deleted { target }),
+            Op::Create { channel, user, visibility, name, members } => (channel, user, Body::Created { visibility, name, members }),
+            Op::Join { channel, user, members } => (channel, user, Body::Joined { members }),
+            Op::Leave { channel, user, members } => (channel, user, Body::Left { members }),
+        };
+        Event { channel, seq: 0, user, ts, body }
+    }
+
+    /// The op a proposal carries, and when it was sent.
+    fn from_proposal(event: Event) -> (Op, i64) {
+        let Event { channel, user, ts, body, .. } = event;
+        let op = match body {
+            Body::Message { text, client_id } => Op::Send { channel, user, text, client_id },
+            Body::Edited { target, text } => Op::Edit { channel, user, target, text },
+            Body::Deleted { target } => Op::Delete { channel, user, target },
+            Body::Created { visibility, name, members } => Op::Create { channel, user, visibility, name, members },
+            Body::Joined { members } => Op::Join { channel, user, members },
+            Body::Left { members } => Op::Leave { channel, user, members },
+        };
+        (op, ts)
     }
 }
 
@@ -286,12 +342,78 @@ struct Channel {
     view: ChannelView,
 }
 
-/// An appended event waiting to be applied in log order.
+impl Channel {
+    fn new() -> Channel {
+        Channel { assigned: Assigned::default(), view: ChannelView::new(Visibility::Public, String::new()) }
+    }
+}
+
+/// What an op adds to its channel.
+enum Assignment {
+    /// This event, with the channel's next seq.
+    Event(Event),
+    /// Nothing: a repeated send, whose first send has this seq.
+    Repeat(u64),
+    /// Nothing: the op changes nothing (members who already joined or left); the channel's
+    /// last seq.
+    Unchanged(u64),
+}
+
+/// The event `op` (validated against this state) adds to its channel, stamped `ts`; the
+/// sequencer's view takes it at once. The same on every node for the same state.
+fn assign(state: &mut State, op: Op, ts: i64) -> Assignment {
+    let key: Arc<str> = match state.channels.get_key_value(op.channel()) {
+        Some((key, _)) => key.clone(),
+        None => Arc::from(op.channel()),
+    };
+    let assigned = &mut state.channels.entry(key.clone()).or_insert_with(Channel::new).assigned;
+    let (user, body) = match op {
+        Op::Send { user, text, client_id, .. } => {
+            if let Some(client_id) = &client_id
+                && let Some(&seq) = assigned.client_ids.get(&(Arc::from(user.as_str()), Arc::from(client_id.as_str())))
+            {
+                return Assignment::Repeat(seq);
+            }
+            (user, Body::Message { text, client_id })
+        }
+        Op::Edit { user, target, text, .. } => (user, Body::Edited { target, text }),
+        Op::Delete { user, target, .. } => (user, Body::Deleted { target }),
+        Op::Create { user, visibility, name, mut members, .. } => {
+            members.sort();
+            members.dedup();
+            (user, Body::Created { visibility, name, members })
+        }
+        Op::Join { user, members, .. } => {
+            let mut new: Vec<String> = members.into_iter().filter(|m| !assigned.is_member(m)).collect();
+            new.sort();
+            new.dedup();
+            if new.is_empty() {
+                return Assignment::Unchanged(assigned.last_seq);
+            }
+            (user, Body::Joined { members: new })
+        }
+        Op::Leave { user, members, .. } => {
+            let mut gone: Vec<String> = members.into_iter().filter(|m| assigned.is_member(m)).collect();
+            gone.sort();
+            gone.dedup();
+            if gone.is_empty() {
+                return Assignment::Unchanged(assigned.last_seq);
+            }
+            (user, Body::Left { members: gone })
+        }
+    };
+    let event = Event { channel: key.to_string(), seq: assigned.last_seq + 1, user, ts, body };
+    assigned.apply(&event);
+    Assignment::Event(event)
+}
+
+/// An event to apply in log order.
 struct Appended {
     event: Event,
     json: Arc<str>,
     offset: u64,
-    accepted: Instant,
+    /// When it was accepted, for the delivery latency (None: replayed at start).
+    accepted: Option<Instant>,
 }
 
 struct PartitionState {
@@ -313,12 +435,63 @@ struct State {
     typing: HashMap<(Arc<str>, Arc<str>), Instant>,
 }
 
+/// A follower's decision on a proposal of a shared log: where each of its ops landed, or why
+/// the whole proposal was refused.
+type Verdict = Result<Vec<Outcome>, Invalid>;
+
+/// Where the chat's topics live.
+enum Log {
+    /// The engine's topics in this process: a send is checked and sequenced under the state's
+    /// lock, appended (group commit), and applied in log order.
+    Local { events: Arc<Topic>, markers: Arc<Topic> },
+    /// Topics every node appends to (NATS JetStream): a send appends a proposal, and each
+    /// node's follower checks and sequences every proposal in log order (see "Several nodes").
+    Shared(SharedChat),
+}
+
+struct SharedChat {
+    log: SharedLog,
+    partitions: u32,
+    /// This node's proposals waiting for its follower's verdict, by proposal id.
+    proposals: Mutex<HashMap<u64, std::sync::mpsc::Sender<Verdict>>>,
+    next_proposal: AtomicU64,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Log {
+    fn partitions(&self) -> u32 {
+        match self {
+            Log::Local { events, .. } => events.partition_count(),
+            Log::Shared(shared) => shared.partitions,
+        }
+    }
+
+    fn local(events: &Arc<Topic>, markers: &Arc<Topic>, topic: &str) -> Arc<Topic> {
+        if topic == READ_MARKERS_TOPIC { markers.clone() } else { events.clone() }
+    }
+
+    fn fetch(&self, topic: &str, partition: u32, offset: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        match self {
+            Log::Local { events, markers } => Log::local(events, markers, topic).fetch(partition, offset, max, BATCH_BYTES_MAX),
+            Log::Shared(shared) => shared.log.fetch(topic, partition, offset, max),
+        }
+    }
+
+    fn offsets(&self, topic: &str, partition: u32) -> Result<(u64, u64), StreamError> {
+        match self {
+            Log::Local { events, markers } => Log::local(events, markers, topic).offsets(partition),
+            Log::Shared(shared) => shared.log.offsets(topic, partition),
+        }
+    }
+}
+
 pub struct Chat {
     gateway: Gateway,
     presence: Presence,
-    log: Arc<Topic>,
-    markers: Arc<Topic>,
+    log: Log,
     search: Arc<SearchIndex>,
+    /// Per partition, the first offset the search index has not covered at start.
+    index_from: Vec<u64>,
     state: Mutex<State>,
     metrics: SystemMetrics,
     next_connection: AtomicU64,
@@ -342,60 +515,48 @@ fn message_doc(channel: &str, seq: u64, text: &str) -> Document {
 }
 
 /// The search index change an applied event makes.
-fn index_event(search: &SearchIndex, event: &Event, deleted: bool, position: (u32, u64)) -> Result<(), SearchError> {
+fn index_edit(event: &Event, deleted: bool) -> Option<Edit> {
     match &event.body {
-        Body::Message { text, .. } => search.upsert(message_doc(&event.channel, event.seq, text), position),
-        Body::Edited { target, text } if !deleted => search.upsert(message_doc(&event.channel, *target, text), position),
-        Body::Deleted { target } => search.delete(&format!("{}/{}", event.channel, target), position),
-        _ => search.advance(position),
+        Body::Message { text, .. } => Some(Edit::Upsert(message_doc(&event.channel, event.seq, text))),
+        Body::Edited { target, text } if !deleted => Some(Edit::Upsert(message_doc(&event.channel, *target, text))),
+        Body::Deleted { target } => Some(Edit::Delete(format!("{}/{}", event.channel, target))),
+        _ => None,
     }
 }
 
 impl Chat {
     pub fn open(context: &Context, config: ChatConfig) -> anyhow::Result<Arc<Chat>> {
         let engine: &Engine = &context.engine;
-        let log = engine.topics.create(EVENTS_TOPIC, TopicConfig { partitions: config.partitions, segment_bytes: config.segment_bytes, ..TopicConfig::default() })?;
-        let markers = engine.topics.create(READ_MARKERS_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
+        let events_config = TopicConfig { partitions: config.partitions, segment_bytes: config.segment_bytes, ..TopicConfig::default() };
+        let log = if context.streams.blocking() {
+            let events = engine.topics.create(EVENTS_TOPIC, events_config)?;
+            let markers = engine.topics.create(READ_MARKERS_TOPIC, TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() })?;
+            Log::Local { events, markers }
+        } else {
+            let log = SharedLog::current(context.streams.clone());
+            log.create_topic(EVENTS_TOPIC, events_config)?;
+            // JetStream does not compact by key: every marker is kept, and the largest per key wins.
+            log.create_topic(READ_MARKERS_TOPIC, TopicConfig { partitions: 1, ..TopicConfig::default() })?;
+            log.create_topic(TYPING_TOPIC, TopicConfig { partitions: 1, retention_ms: Some(TYPING_RETENTION_MS), ..TopicConfig::default() })?;
+            let partitions = log.partitions(EVENTS_TOPIC)?;
+            let next_proposal = AtomicU64::new(tributary_core::unique_u64() >> 1);
+            Log::Shared(SharedChat { log, partitions, proposals: Mutex::default(), next_proposal, stopping: Arc::new(AtomicBool::new(false)) })
+        };
         let search = engine.search.index(SEARCH_INDEX, search_schema(), config.search)?;
         let checkpoint = search.checkpoint();
-        let mut channels: HashMap<Arc<str>, Channel> = HashMap::new();
-        let mut partitions = Vec::new();
-        for partition in 0..log.partition_count() {
-            let (start, end) = log.offsets(partition)?;
-            let replay_from = checkpoint.get(&partition).copied().unwrap_or(0);
-            let mut offset = start;
-            while offset < end {
-                let records = log.fetch(partition, offset, REBUILD_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
-                let Some(last) = records.last() else { break };
-                offset = last.offset + 1;
-                for record in records {
-                    let Some(value) = record.value.as_deref() else { continue };
-                    let event: Event = serde_json::from_slice(value).map_err(|e| anyhow::anyhow!("{EVENTS_TOPIC} partition {partition} offset {}: unreadable event: {e}", record.offset))?;
-                    let channel = channels.entry(Arc::from(event.channel.as_str())).or_insert_with(|| Channel { assigned: Assigned::default(), view: ChannelView::new(Visibility::Public, String::new()) });
-                    if let Body::Created { visibility, name, .. } = &event.body {
-                        channel.view.visibility = *visibility;
-                        channel.view.name = name.clone();
-                    }
-                    anyhow::ensure!(event.seq == channel.view.last_seq() + 1, "{EVENTS_TOPIC}: channel {} has seq {} after {}", event.channel, event.seq, channel.view.last_seq());
-                    let deleted = event_target_deleted(&channel.view, &event);
-                    channel.assigned.apply(&event);
-                    let json: Arc<str> = Arc::from(std::str::from_utf8(value).unwrap_or_default());
-                    channel.view.apply(&event, json);
-                    if record.offset >= replay_from {
-                        index_event(&search, &event, deleted, (partition, record.offset))?;
-                    }
-                }
-            }
-            partitions.push(PartitionState { next: end, waiting: BTreeMap::new(), broken: None });
+        let mut bounds = Vec::new();
+        for partition in 0..log.partitions() {
+            bounds.push(log.offsets(EVENTS_TOPIC, partition)?);
         }
-        let read = load_markers(&markers)?;
+        let (read, markers_end) = load_markers(&log)?;
+        let partitions = bounds.iter().map(|&(start, _)| PartitionState { next: start, waiting: BTreeMap::new(), broken: None }).collect();
         let system = Chat {
             gateway: context.gateway.clone(),
             presence: context.presence(ID),
+            index_from: (0..log.partitions()).map(|p| checkpoint.get(&p).copied().unwrap_or(0)).collect(),
             log,
-            markers,
             search,
-            state: Mutex::new(State { channels, partitions, connections: HashMap::new(), read, typing: HashMap::new() }),
+            state: Mutex::new(State { channels: HashMap::new(), partitions, connections: HashMap::new(), read, typing: HashMap::new() }),
             metrics: SystemMetrics::new(ID),
             next_connection: AtomicU64::new(1),
             connection_count: AtomicUsize::new(0),
@@ -404,7 +565,51 @@ impl Chat {
             overflows: AtomicU64::new(0),
             search_errors: AtomicU64::new(0),
         };
-        Ok(Arc::new(system))
+        for (partition, &(_, end)) in (0u32..).zip(&bounds) {
+            loop {
+                let next = system.state.lock().partitions[partition as usize].next;
+                if next >= end {
+                    break;
+                }
+                let records = system.log.fetch(EVENTS_TOPIC, partition, next, REBUILD_CHUNK_RECORDS)?;
+                let Some(last) = records.last() else { break };
+                let last = last.offset;
+                match &system.log {
+                    Log::Local { .. } => system.replay(partition, &records)?,
+                    Log::Shared(_) => system.follow_events(partition, &records),
+                }
+                system.state.lock().partitions[partition as usize].next = last + 1;
+            }
+        }
+        let system = Arc::new(system);
+        if let Log::Shared(shared) = &system.log {
+            let mut events: Vec<Reader> = (0..shared.partitions).map(|p| Reader::new(&shared.log, EVENTS_TOPIC, p)).collect();
+            let mut markers = (Reader::new(&shared.log, READ_MARKERS_TOPIC, 0), markers_end);
+            let mut typing = (Reader::new(&shared.log, TYPING_TOPIC, 0), shared.log.offsets(TYPING_TOPIC, 0)?.1);
+            let follow = move |system: &Chat| system.follow_once(&mut events, &mut markers, &mut typing);
+            shared_log::follow("chat-follow", Arc::downgrade(&system), shared.stopping.clone(), follow)?;
+        }
+        Ok(system)
+    }
+
+    /// Apply events of the engine's own log read at start: their seqs were assigned before
+    /// they were appended.
+    fn replay(&self, partition: u32, records: &[StoredRecord]) -> anyhow::Result<()> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let mut wake = HashMap::new();
+        for record in records {
+            let Some(value) = record.value.as_deref() else { continue };
+            let event: Event = serde_json::from_slice(value).map_err(|e| anyhow::anyhow!("{EVENTS_TOPIC} partition {partition} offset {}: unreadable event: {e}", record.offset))?;
+            let channel = state.channels.entry(Arc::from(event.channel.as_str())).or_insert_with(Channel::new);
+            anyhow::ensure!(event.seq == channel.view.last_seq() + 1, "{EVENTS_TOPIC}: channel {} has seq {} after {}", event.channel, event.seq, channel.view.last_seq());
+            channel.assigned.apply(&event);
+            let json: Arc<str> = Arc::from(std::str::from_utf8(value).unwrap_or_default());
+            let mut edits = Vec::new();
+            self.apply_event(state, Appended { event, json, offset: record.offset, accepted: None }, &mut edits, &mut wake);
+            self.index(partition, record.offset, edits);
+        }
+        Ok(())
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -496,8 +701,13 @@ impl Chat {
     }
 
     /// Validate `ops` (all or nothing), assign each its channel's next seq, append them durably,
-    /// apply them in log order, and say where each landed.
+    /// apply them in log order, and say where each landed. On a shared log: see
+    /// [`Chat::submit_shared`].
     pub fn submit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, ChatError> {
+        let topic = match &self.log {
+            Log::Local { events, .. } => events,
+            Log::Shared(shared) => return self.submit_shared(shared, ops),
+        };
         let now = tributary_core::now_ms();
         let accepted = Instant::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
@@ -511,60 +721,23 @@ impl Chat {
             }
             let mut by_partition: BTreeMap<u32, Vec<Event>> = BTreeMap::new();
             for (i, op) in ops.into_iter().enumerate() {
-                let partition = self.log.partition_for(Some(op.channel().as_bytes()), 0);
+                let partition = topic.partition_for(Some(op.channel().as_bytes()), 0);
                 if let Some(reason) = &state.partitions[partition as usize].broken {
                     return Err(ChatError::Unavailable(format!("writes to the chat log are stopped until a restart: {reason}")));
                 }
-                let key: Arc<str> = Arc::from(op.channel());
-                let channel = state.channels.entry(key.clone()).or_insert_with(|| Channel { assigned: Assigned::default(), view: ChannelView::new(Visibility::Public, String::new()) });
-                let assigned = &mut channel.assigned;
-                let (user, body) = match op {
-                    Op::Send { user, text, client_id, .. } => {
-                        if let Some(client_id) = &client_id
-                            && let Some(&seq) = assigned.client_ids.get(&(Arc::from(user.as_str()), Arc::from(client_id.as_str())))
-                        {
-                            waits.push((i, key.to_string(), seq));
-                            continue;
-                        }
-                        (user, Body::Message { text, client_id })
+                let channel = op.channel().to_string();
+                match assign(state, op, now) {
+                    Assignment::Repeat(seq) => waits.push((i, channel, seq)),
+                    Assignment::Unchanged(seq) => outcomes[i] = Some(Outcome { channel, seq, ts: now, duplicate: true }),
+                    Assignment::Event(event) => {
+                        outcomes[i] = Some(Outcome { channel, seq: event.seq, ts: now, duplicate: false });
+                        by_partition.entry(partition).or_default().push(event);
                     }
-                    Op::Edit { user, target, text, .. } => (user, Body::Edited { target, text }),
-                    Op::Delete { user, target, .. } => (user, Body::Deleted { target }),
-                    Op::Create { user, visibility, name, members, .. } => {
-                        let mut members = members;
-                        members.sort();
-                        members.dedup();
-                        (user, Body::Created { visibility, name, members })
-                    }
-                    Op::Join { user, members, .. } => {
-                        let mut new: Vec<String> = members.into_iter().filter(|m| !assigned.is_member(m)).collect();
-                        new.sort();
-                        new.dedup();
-                        if new.is_empty() {
-                            outcomes[i] = Some(Outcome { channel: key.to_string(), seq: assigned.last_seq, ts: now, duplicate: true });
-                            continue;
-                        }
-                        (user, Body::Joined { members: new })
-                    }
-                    Op::Leave { user, members, .. } => {
-                        let mut gone: Vec<String> = members.into_iter().filter(|m| assigned.is_member(m)).collect();
-                        gone.sort();
-                        gone.dedup();
-                        if gone.is_empty() {
-                            outcomes[i] = Some(Outcome { channel: key.to_string(), seq: assigned.last_seq, ts: now, duplicate: true });
-                            continue;
-                        }
-                        (user, Body::Left { members: gone })
-                    }
-                };
-                let event = Event { channel: key.to_string(), seq: assigned.last_seq + 1, user, ts: now, body };
-                assigned.apply(&event);
-                outcomes[i] = Some(Outcome { channel: key.to_string(), seq: event.seq, ts: now, duplicate: false });
-                by_partition.entry(partition).or_default().push(event);
+                }
             }
             for (partition, events) in by_partition {
                 let records: Vec<Record> = events.iter().map(|e| Record::keyed(Bytes::copy_from_slice(e.channel.as_bytes()), e.json())).collect();
-                let pending = self.log.log(partition).and_then(|log| log.append_pending(&records, 0, 0).map_err(StreamError::Log));
+                let pending = topic.log(partition).and_then(|log| log.append_pending(&records, 0, 0).map_err(StreamError::Log));
                 match pending {
                     Ok(pending) => appends.push((partition, events, records, pending)),
                     Err(error) => {
@@ -592,13 +765,12 @@ impl Chat {
                 .enumerate()
                 .map(|(n, (event, record))| {
                     let json: Arc<str> = Arc::from(std::str::from_utf8(record.value.as_deref().unwrap_or_default()).unwrap_or_default());
-                    Appended { event, json, offset: appended.base_offset + n as u64, accepted }
+                    Appended { event, json, offset: appended.base_offset + n as u64, accepted: Some(accepted) }
                 })
                 .collect();
             self.apply(partition, appended.base_offset, batch);
         }
-        self.metrics.messages_in(count);
-        self.sent.fetch_add(count, Ordering::Relaxed);
+        self.count_sent(count);
         // Repeated sends answer once the first one is applied (durable).
         for (i, channel, seq) in waits {
             let deadline = Instant::now() + DUPLICATE_WAIT;
@@ -618,6 +790,183 @@ impl Chat {
         Ok(outcomes.into_iter().map(|o| o.expect("every op has an outcome")).collect())
     }
 
+    fn count_sent(&self, count: u64) {
+        self.metrics.messages_in(count);
+        self.sent.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// On a shared log: check `ops` against what this node has applied (most refusals are
+    /// answered here, before anything is appended), append them as one proposal per partition,
+    /// and wait for this node's follower's verdict on each. A proposal is all or nothing: ops
+    /// on channels of one partition (all of them, with the default single partition) are
+    /// accepted together or refused together.
+    fn submit_shared(&self, shared: &SharedChat, ops: Vec<Op>) -> Result<Vec<Outcome>, ChatError> {
+        {
+            let state = self.state.lock();
+            for op in &ops {
+                Self::validate(&state, op)?;
+            }
+        }
+        let now = tributary_core::now_ms();
+        let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            groups.entry(partition_for_key(op.channel().as_bytes(), shared.partitions)).or_default().push(i);
+        }
+        let mut records = Vec::with_capacity(groups.len());
+        let mut waiting = Vec::with_capacity(groups.len());
+        for indexes in groups.values() {
+            let proposal: Vec<Event> = indexes.iter().map(|&i| ops[i].proposal(now)).collect();
+            let id = shared.next_proposal.fetch_add(1, Ordering::Relaxed);
+            let (verdict, verdict_of) = std::sync::mpsc::channel();
+            shared.proposals.lock().insert(id, verdict);
+            let headers = vec![Header { name: PROPOSAL_HEADER.into(), value: Bytes::from(id.to_string()) }];
+            let value = serde_json::to_vec(&proposal).expect("events serialize");
+            records.push(Record { key: Some(Bytes::copy_from_slice(ops[indexes[0]].channel().as_bytes())), value: Some(value.into()), headers, timestamp_ms: 0 });
+            waiting.push((id, verdict_of));
+        }
+        let forget = |ids: &mut dyn Iterator<Item = u64>| {
+            let mut proposals = shared.proposals.lock();
+            for id in ids {
+                proposals.remove(&id);
+            }
+        };
+        if let Err(error) = shared.log.produce(EVENTS_TOPIC, records) {
+            forget(&mut waiting.iter().map(|(id, _)| *id));
+            self.metrics.error();
+            return Err(error.into());
+        }
+        let deadline = Instant::now() + FANOUT_WAIT_MAX;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
+        let mut refused = None;
+        let mut undecided = false;
+        for ((id, verdict_of), indexes) in waiting.iter().zip(groups.values()) {
+            match verdict_of.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Ok(landed)) => {
+                    for (&i, outcome) in indexes.iter().zip(landed) {
+                        outcomes[i] = Some(outcome);
+                    }
+                }
+                Ok(Err(invalid)) => refused = refused.or(Some(invalid)),
+                Err(_) => undecided = true,
+            }
+            forget(&mut std::iter::once(*id));
+        }
+        if undecided {
+            return Err(ChatError::Unavailable(format!(
+                "appended, but this node's follower has not decided it within FANOUT_WAIT_MAX ({FANOUT_WAIT_MAX:?}); the nodes that read it apply it, and a retry with the same client_id is safe"
+            )));
+        }
+        if let Some(invalid) = refused {
+            return Err(invalid.into());
+        }
+        let outcomes: Vec<Outcome> = outcomes.into_iter().map(|o| o.expect("every op has an outcome")).collect();
+        self.count_sent(ops.iter().zip(&outcomes).filter(|(op, outcome)| matches!(op, Op::Send { .. }) && !outcome.duplicate).count() as u64);
+        Ok(outcomes)
+    }
+
+    /// A step of this node's follower of a shared log: what is new in each partition of the
+    /// chat log, then read markers and typing indicators.
+    fn follow_once(&self, events: &mut [Reader], markers: &mut (Reader, u64), typing: &mut (Reader, u64)) -> Result<(), StreamError> {
+        for (partition, reader) in (0u32..).zip(events.iter_mut()) {
+            let next = self.state.lock().partitions[partition as usize].next;
+            let records = reader.read(next, FOLLOW_CHUNK_RECORDS)?;
+            if let Some(last) = records.last() {
+                let last = last.offset;
+                self.follow_events(partition, &records);
+                self.state.lock().partitions[partition as usize].next = last + 1;
+            }
+        }
+        let (reader, next) = markers;
+        for record in reader.read(*next, FOLLOW_CHUNK_RECORDS)? {
+            *next = record.offset + 1;
+            if let Some((channel, user, seq)) = marker_of(&record) {
+                let wake = self.raise_marker(&mut self.state.lock(), channel, user, seq);
+                wake_all(wake);
+            }
+        }
+        let (reader, next) = typing;
+        for record in reader.read(*next, FOLLOW_CHUNK_RECORDS)? {
+            *next = record.offset + 1;
+            let Some(json) = record.value.as_deref().and_then(|v| std::str::from_utf8(v).ok()) else { continue };
+            let Ok(indicator) = serde_json::from_str::<serde_json::Value>(json) else { continue };
+            let (Some(channel), Some(user)) = (indicator["typing"]["channel"].as_str(), indicator["typing"]["user"].as_str()) else { continue };
+            let state = self.state.lock();
+            let Some(members) = state.channels.get(channel).map(|c| c.view.members.iter().filter(|m| &***m != user).cloned().collect::<Vec<_>>()) else { continue };
+            let wake = queue_ephemeral(&state, members.iter().map(|m| &**m), &Arc::from(json));
+            drop(state);
+            wake_all(wake);
+        }
+        Ok(())
+    }
+
+    /// Decide and apply proposals read from a shared log, in log order (the same way on every
+    /// node), and hand this node's senders their verdicts.
+    fn follow_events(&self, partition: u32, records: &[StoredRecord]) {
+        let mut wake = HashMap::new();
+        let mut verdicts = Vec::new();
+        {
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            for record in records {
+                let id = record.headers.iter().find(|h| h.name == PROPOSAL_HEADER).and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<u64>().ok());
+                let verdict = self.decide(state, partition, record, &mut wake);
+                if let Some(id) = id {
+                    verdicts.push((id, verdict));
+                }
+            }
+        }
+        wake_all(wake.into_values());
+        if let Log::Shared(shared) = &self.log
+            && !verdicts.is_empty()
+        {
+            let proposals = shared.proposals.lock();
+            for (id, verdict) in verdicts {
+                if let Some(waiting) = proposals.get(&id) {
+                    let _ = waiting.send(verdict);
+                }
+            }
+        }
+    }
+
+    /// One proposal: every op valid against the state so far, or the proposal is refused whole.
+    fn decide(&self, state: &mut State, partition: u32, record: &StoredRecord, wake: &mut HashMap<u64, Arc<Connection>>) -> Verdict {
+        let proposal: Vec<Event> = match record.value.as_deref().map(serde_json::from_slice) {
+            Some(Ok(proposal)) => proposal,
+            _ => {
+                tracing::warn!(partition, offset = record.offset, "{EVENTS_TOPIC}: an unreadable proposal is skipped");
+                self.index(partition, record.offset, Vec::new());
+                return Err(Invalid::Bad("the proposal is unreadable".into()));
+            }
+        };
+        let ops: Vec<(Op, i64)> = proposal.into_iter().map(Op::from_proposal).collect();
+        if let Some(invalid) = ops.iter().find_map(|(op, _)| Self::validate(state, op).err()) {
+            self.index(partition, record.offset, Vec::new());
+            return Err(invalid);
+        }
+        let accepted = Instant::now().checked_sub(Duration::from_millis(tributary_core::now_ms().saturating_sub(record.timestamp_ms).max(0) as u64));
+        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut edits = Vec::new();
+        for (op, ts) in ops {
+            let channel = op.channel().to_string();
+            let outcome = match assign(state, op, ts) {
+                Assignment::Repeat(seq) => {
+                    let ts = state.channels.get(channel.as_str()).and_then(|c| c.view.view(&channel, seq)).map_or(ts, |m| m.ts);
+                    Outcome { channel, seq, ts, duplicate: true }
+                }
+                Assignment::Unchanged(seq) => Outcome { channel, seq, ts, duplicate: true },
+                Assignment::Event(event) => {
+                    let json: Arc<str> = Arc::from(event.json());
+                    let outcome = Outcome { channel, seq: event.seq, ts, duplicate: false };
+                    self.apply_event(state, Appended { event, json, offset: record.offset, accepted }, &mut edits, wake);
+                    outcome
+                }
+            };
+            outcomes.push(outcome);
+        }
+        self.index(partition, record.offset, edits);
+        Ok(outcomes)
+    }
+
     /// Apply a durable batch once every batch before it in the partition is applied.
     fn apply(&self, partition: u32, base: u64, batch: Vec<Appended>) {
         let mut wake: HashMap<u64, Arc<Connection>> = HashMap::new();
@@ -630,39 +979,57 @@ impl Chat {
             let Some(batch) = state.partitions[p].waiting.remove(&next) else { break };
             for appended in batch {
                 state.partitions[p].next = appended.offset + 1;
-                let Appended { event, json, offset, accepted } = appended;
-                let Some(channel) = state.channels.get_mut(event.channel.as_str()) else { continue };
-                if let Body::Created { visibility, name, .. } = &event.body {
-                    channel.view.visibility = *visibility;
-                    channel.view.name = name.clone();
-                }
-                let deleted = event_target_deleted(&channel.view, &event);
-                let mut recipients: Vec<Arc<str>> = Vec::new();
-                if let Body::Left { members } = &event.body {
-                    recipients.extend(members.iter().map(|m| Arc::from(m.as_str())));
-                }
-                channel.view.apply(&event, json.clone());
-                recipients.extend(channel.view.members.iter().cloned());
-                if let Err(error) = index_event(&self.search, &event, deleted, (partition, offset)) {
-                    self.search_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%error, "chat search index");
-                }
-                let key: Arc<str> = state.channels.get_key_value(event.channel.as_str()).map(|(k, _)| k.clone()).expect("the channel exists");
-                let item = Item::Event { channel: key, seq: event.seq, json, accepted: Some(accepted) };
-                for user in recipients {
-                    if let Some(connections) = state.connections.get(&user) {
-                        for connection in connections.values() {
-                            if connection.push(item.clone()) {
-                                self.overflows.fetch_add(1, Ordering::Relaxed);
-                            }
-                            wake.entry(connection.id).or_insert_with(|| connection.clone());
-                        }
-                    }
-                }
+                let offset = appended.offset;
+                let mut edits = Vec::new();
+                self.apply_event(state, appended, &mut edits, &mut wake);
+                self.index(partition, offset, edits);
             }
         }
         drop(guard);
         wake_all(wake.into_values());
+    }
+
+    /// Apply one event to its channel's view, queue it for the connections of its members (and
+    /// of members it removes), and add its search index change to `edits`.
+    fn apply_event(&self, state: &mut State, appended: Appended, edits: &mut Vec<Edit>, wake: &mut HashMap<u64, Arc<Connection>>) {
+        let Appended { event, json, accepted, .. } = appended;
+        let Some(key) = state.channels.get_key_value(event.channel.as_str()).map(|(key, _)| key.clone()) else { return };
+        let channel = state.channels.get_mut(&key).expect("the channel exists");
+        if let Body::Created { visibility, name, .. } = &event.body {
+            channel.view.visibility = *visibility;
+            channel.view.name = name.clone();
+        }
+        let deleted = event_target_deleted(&channel.view, &event);
+        let mut recipients: Vec<Arc<str>> = Vec::new();
+        if let Body::Left { members } = &event.body {
+            recipients.extend(members.iter().map(|m| Arc::from(m.as_str())));
+        }
+        channel.view.apply(&event, json.clone());
+        recipients.extend(channel.view.members.iter().cloned());
+        edits.extend(index_edit(&event, deleted));
+        let item = Item::Event { channel: key, seq: event.seq, json, accepted };
+        for user in recipients {
+            if let Some(connections) = state.connections.get(&user) {
+                for connection in connections.values() {
+                    if connection.push(item.clone()) {
+                        self.overflows.fetch_add(1, Ordering::Relaxed);
+                    }
+                    wake.entry(connection.id).or_insert_with(|| connection.clone());
+                }
+            }
+        }
+    }
+
+    /// Hand the search index what the record at `offset` changes (nothing: its checkpoint
+    /// passes it), unless the index covered it before this start.
+    fn index(&self, partition: u32, offset: u64, edits: Vec<Edit>) {
+        if offset < self.index_from[partition as usize] {
+            return;
+        }
+        if let Err(error) = self.search.record(edits, (partition, offset)) {
+            self.search_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "chat search index");
+        }
     }
 
     /// Register a connection of `user`: from now on it is offered every event of its user's
@@ -753,23 +1120,36 @@ impl Chat {
                 return Ok((marker, channel.view.unread(user, marker)));
             }
         }
-        let key = format!("{id}\n{user}");
-        self.markers.produce_to(0, &[Record::keyed(Bytes::from(key), seq.to_string())])?;
+        let record = Record::keyed(Bytes::from(format!("{id}\n{user}")), seq.to_string());
+        match &self.log {
+            Log::Local { markers, .. } => markers.produce_to(0, &[record]).map(drop)?,
+            Log::Shared(shared) => shared.log.produce(READ_MARKERS_TOPIC, vec![record]).map(drop)?,
+        }
         let mut guard = self.state.lock();
-        let state = &mut *guard;
-        let marker = state.read.entry((Arc::from(id), Arc::from(user))).or_insert(0);
-        *marker = (*marker).max(seq);
-        let marker = *marker;
-        let unread = state.channels.get(id).map_or(0, |c| c.view.unread(user, marker));
-        let json: Arc<str> = Arc::from(serde_json::json!({"read": {"channel": id, "seq": marker, "unread": unread}}).to_string());
-        let wake = queue_ephemeral(state, [user], &json);
+        let wake = self.raise_marker(&mut guard, id, user, seq);
+        let marker = guard.read.get(&(Arc::from(id), Arc::from(user))).copied().unwrap_or(0);
+        let unread = guard.channels.get(id).map_or(0, |c| c.view.unread(user, marker));
         drop(guard);
         wake_all(wake);
         Ok((marker, unread))
     }
 
-    /// A typing indicator of `user` in `channel`, to the other members' connections.
-    pub fn typing(&self, id: &str, user: &str) -> Result<(), Invalid> {
+    /// Move `user`'s read marker of `channel` up to `seq`; if it moved, its connections are told
+    /// (returned to be woken once the lock is released).
+    fn raise_marker(&self, state: &mut State, channel: &str, user: &str, seq: u64) -> Vec<Arc<Connection>> {
+        let marker = state.read.entry((Arc::from(channel), Arc::from(user))).or_insert(0);
+        if seq <= *marker {
+            return Vec::new();
+        }
+        *marker = seq;
+        let unread = state.channels.get(channel).map_or(0, |c| c.view.unread(user, seq));
+        let json: Arc<str> = Arc::from(serde_json::json!({"read": {"channel": channel, "seq": seq, "unread": unread}}).to_string());
+        queue_ephemeral(state, [user], &json)
+    }
+
+    /// A typing indicator of `user` in `channel`, to the other members' connections (on a
+    /// shared log, through its typing topic, to every node's).
+    pub fn typing(&self, id: &str, user: &str) -> Result<(), ChatError> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         let channel = Self::readable(state, id, user)?;
@@ -779,13 +1159,19 @@ impl Chat {
         if let Some(last) = state.typing.get(&key)
             && now.duration_since(*last) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN)
         {
-            return Err(Invalid::RateLimited(format!("one typing indicator per channel every TYPING_INTERVAL_MS_MIN ({} ms)", process::TYPING_INTERVAL_MS_MIN)));
+            return Err(Invalid::RateLimited(format!("one typing indicator per channel every TYPING_INTERVAL_MS_MIN ({} ms)", process::TYPING_INTERVAL_MS_MIN)).into());
         }
         if state.typing.len() > TYPING_ENTRIES_MAX {
             state.typing.retain(|_, at| now.duration_since(*at) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN));
         }
         state.typing.insert(key, now);
         let json: Arc<str> = Arc::from(serde_json::json!({"typing": {"channel": id, "user": user}}).to_string());
+        if let Log::Shared(shared) = &self.log {
+            drop(guard);
+            let record = Record::keyed(Bytes::copy_from_slice(id.as_bytes()), Bytes::copy_from_slice(json.as_bytes()));
+            shared.log.produce(TYPING_TOPIC, vec![record])?;
+            return Ok(());
+        }
         let wake = queue_ephemeral(state, members.iter().map(|m| &**m), &json);
         drop(guard);
         wake_all(wake);
@@ -869,25 +1255,30 @@ fn summary(state: &State, id: &Arc<str>, channel: &Channel, user: &str) -> Chann
     }
 }
 
-/// The read markers, from the compacted topic (the last value per key wins; markers only move
-/// forward, so the largest is kept).
-fn load_markers(markers: &Topic) -> anyhow::Result<ReadMarkers> {
+/// The read markers, from their topic (the last value per key wins on the engine's compacted
+/// topic; markers only move forward, so the largest is kept), and the offset after the last
+/// one read.
+fn load_markers(log: &Log) -> anyhow::Result<(ReadMarkers, u64)> {
     let mut read = HashMap::new();
-    let (start, end) = markers.offsets(0)?;
+    let (start, end) = log.offsets(READ_MARKERS_TOPIC, 0)?;
     let mut offset = start;
     while offset < end {
-        let records = markers.fetch(0, offset, REBUILD_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+        let records = log.fetch(READ_MARKERS_TOPIC, 0, offset, REBUILD_CHUNK_RECORDS)?;
         let Some(last) = records.last() else { break };
         offset = last.offset + 1;
-        for record in records {
-            let (Some(key), Some(value)) = (record.key.as_deref(), record.value.as_deref()) else { continue };
-            let Some((channel, user)) = std::str::from_utf8(key).ok().and_then(|k| k.split_once('\n')) else { continue };
-            let Some(seq) = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok()) else { continue };
+        for (channel, user, seq) in records.iter().filter_map(marker_of) {
             let marker = read.entry((Arc::from(channel), Arc::from(user))).or_insert(0);
             *marker = seq.max(*marker);
         }
     }
-    Ok(read)
+    Ok((read, offset.max(end)))
+}
+
+/// The channel, user and seq of a read marker record.
+fn marker_of(record: &StoredRecord) -> Option<(&str, &str, u64)> {
+    let (channel, user) = std::str::from_utf8(record.key.as_deref()?).ok()?.split_once('\n')?;
+    let seq = std::str::from_utf8(record.value.as_deref()?).ok()?.parse::<u64>().ok()?;
+    Some((channel, user, seq))
 }
 
 /// Queue an ephemeral message (typing, a read marker) for every connection of `users`; the
@@ -920,6 +1311,12 @@ impl System for Chat {
 
     fn metrics(&self) -> &SystemMetrics {
         &self.metrics
+    }
+
+    fn shutdown(&self) {
+        if let Log::Shared(shared) = &self.log {
+            shared.stopping.store(true, Ordering::Release);
+        }
     }
 
     fn status(&self) -> serde_json::Value {

@@ -1,5 +1,6 @@
 //! Feature tests of realtime-chat-messages through its real HTTP, WebSocket and SSE API, on a
-//! server started in-process on 127.0.0.1:0 over an engine in a temporary folder.
+//! server started in-process on 127.0.0.1:0, with the log on the engine in a temporary folder or
+//! on the machine's NATS JetStream ([`on_both!`]), and two nodes on one shared log.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,12 +11,11 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
 use tributary_engine::search::SearchConfig;
-use tributary_server::Gateway;
 
 use super::process::{CHANNEL_MEMBERS_MAX, HISTORY_PAGE_MAX, MESSAGE_TEXT_BYTES_MAX, SEND_BATCH_MAX};
 use super::{Chat, ChatConfig};
-use crate::test_support::{Served, until_last_handle};
-use crate::{Context, System};
+use crate::System;
+use crate::test_support::{Backend, Served, on_both, until_last_handle};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,9 +33,9 @@ fn config() -> ChatConfig {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
+    async fn start(dir: &Path, backend: &Backend) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context::embedded(engine.clone(), Gateway::default());
+        let context = backend.context(engine.clone()).await;
         let system = Chat::open(&context, config()).unwrap();
         let served = Served::start(system.clone().api()).await;
         App { base: served.base(), ws_base: served.ws_base(), client: reqwest::Client::new(), system, engine, served }
@@ -44,6 +44,7 @@ impl App {
     /// Stop serving and drop everything holding the engine without a clean close (only what
     /// was acknowledged is relied on afterwards).
     async fn stop(mut self) {
+        self.system.shutdown();
         self.system.gateway().close();
         self.served.stop().await;
         let (system, engine) = (self.system, self.engine);
@@ -196,10 +197,10 @@ fn texts(page: &Value) -> Vec<String> {
     page["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap_or("<deleted>").to_string()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_arrive_live_in_seq_order_and_history_pages_by_cursor() {
+on_both!(messages_arrive_live_in_seq_order_and_history_pages_by_cursor);
+async fn messages_arrive_live_in_seq_order_and_history_pages_by_cursor(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let mut bob = app.ws("bob", None).await;
     // Concurrent senders: seqs are gapless and the live order is the seq order.
@@ -246,10 +247,10 @@ async fn messages_arrive_live_in_seq_order_and_history_pages_by_cursor() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnect_with_since_gets_exactly_the_missed_events_then_live() {
+on_both!(a_reconnect_with_since_gets_exactly_the_missed_events_then_live);
+async fn a_reconnect_with_since_gets_exactly_the_missed_events_then_live(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     app.channel("ann", "random", "private", &["bob"]).await;
     let mut bob = app.ws("bob", Some(json!({"general": 0, "random": 0}))).await;
@@ -291,10 +292,10 @@ async fn a_reconnect_with_since_gets_exactly_the_missed_events_then_live() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_keeps_every_acknowledged_event_and_sync_continues_across_it() {
+on_both!(a_restart_keeps_every_acknowledged_event_and_sync_continues_across_it);
+async fn a_restart_keeps_every_acknowledged_event_and_sync_continues_across_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let dm = app.ok(reqwest::Method::POST, "/v1/chat/dms?user=ann", Some(json!({"with": "bob"}))).await;
     let dm = dm["id"].as_str().unwrap().to_string();
@@ -306,7 +307,7 @@ async fn a_restart_keeps_every_acknowledged_event_and_sync_continues_across_it()
     app.ok(reqwest::Method::PUT, "/v1/chat/channels/general/read?user=bob", Some(json!({"seq": 11}))).await;
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let history = app.history("bob", "general", "limit=200").await;
     assert_eq!(texts(&history).len(), 30, "every acknowledged message is back");
     assert_eq!(history["last_seq"], last);
@@ -326,10 +327,10 @@ async fn a_restart_keeps_every_acknowledged_event_and_sync_continues_across_it()
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn edits_and_deletes_show_in_history_sync_and_search() {
+on_both!(edits_and_deletes_show_in_history_sync_and_search);
+async fn edits_and_deletes_show_in_history_sync_and_search(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let typo = app.send("ann", "general", "the deploy is tomorow").await;
     let gone = app.send("ann", "general", "the password is hunter2").await;
@@ -364,10 +365,10 @@ async fn edits_and_deletes_show_in_history_sync_and_search() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn search_finds_words_only_in_the_channels_of_the_user() {
+on_both!(search_finds_words_only_in_the_channels_of_the_user);
+async fn search_finds_words_only_in_the_channels_of_the_user(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob", "cy"]).await;
     app.channel("ann", "board", "private", &[]).await;
     let public = app.send("ann", "general", "Quarterly numbers look great").await;
@@ -398,10 +399,10 @@ async fn search_finds_words_only_in_the_channels_of_the_user() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_markers_move_forward_and_give_unread_counts() {
+on_both!(read_markers_move_forward_and_give_unread_counts);
+async fn read_markers_move_forward_and_give_unread_counts(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let mut last = 0;
     for i in 0..5 {
@@ -430,10 +431,10 @@ async fn read_markers_move_forward_and_give_unread_counts() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_and_typing_reach_the_other_members_and_typing_is_rate_limited() {
+on_both!(presence_and_typing_reach_the_other_members_and_typing_is_rate_limited);
+async fn presence_and_typing_reach_the_other_members_and_typing_is_rate_limited(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     app.channel("cy", "elsewhere", "public", &[]).await;
     let mut ann = app.ws("ann", None).await;
@@ -467,10 +468,10 @@ async fn presence_and_typing_reach_the_other_members_and_typing_is_rate_limited(
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_messages_have_one_id_for_both_users_and_stay_private() {
+on_both!(direct_messages_have_one_id_for_both_users_and_stay_private);
+async fn direct_messages_have_one_id_for_both_users_and_stay_private(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let a = app.ok(reqwest::Method::POST, "/v1/chat/dms?user=bob", Some(json!({"with": "ann"}))).await;
     let b = app.ok(reqwest::Method::POST, "/v1/chat/dms?user=ann", Some(json!({"with": "bob"}))).await;
     assert_eq!(a["id"], "dm:ann:bob");
@@ -505,10 +506,10 @@ async fn direct_messages_have_one_id_for_both_users_and_stay_private() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_client_id_appends_once_and_sends_over_the_websocket_are_acknowledged() {
+on_both!(a_repeated_client_id_appends_once_and_sends_over_the_websocket_are_acknowledged);
+async fn a_repeated_client_id_appends_once_and_sends_over_the_websocket_are_acknowledged(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let first = app.post("/v1/chat/channels/general/messages?user=ann", json!({"text": "once", "client_id": "c-1"})).await;
     let again = app.post("/v1/chat/channels/general/messages?user=ann", json!({"text": "once", "client_id": "c-1"})).await;
@@ -539,10 +540,10 @@ async fn a_repeated_client_id_appends_once_and_sends_over_the_websocket_are_ackn
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_and_bad_input_get_clear_errors_and_lose_nothing() {
+on_both!(limits_and_bad_input_get_clear_errors_and_lose_nothing);
+async fn limits_and_bad_input_get_clear_errors_and_lose_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &[]).await;
     let kept = app.send("ann", "general", "accepted before the bad requests").await;
     let too_many: Vec<String> = (0..CHANNEL_MEMBERS_MAX).map(|i| format!("u{i}")).collect();
@@ -586,10 +587,10 @@ async fn limits_and_bad_input_get_clear_errors_and_lose_nothing() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sse_fallback_syncs_from_since_and_then_goes_live() {
+on_both!(the_sse_fallback_syncs_from_since_and_then_goes_live);
+async fn the_sse_fallback_syncs_from_since_and_then_goes_live(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.channel("ann", "general", "public", &["bob"]).await;
     let s2 = app.send("ann", "general", "one").await;
     app.send("ann", "general", "two").await;
@@ -630,7 +631,7 @@ async fn the_sse_fallback_syncs_from_since_and_then_goes_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_is_served_and_loads_nothing_from_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &Backend::Embedded).await;
     let response = app.client.get(format!("{}/chat", app.base)).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
@@ -642,4 +643,84 @@ async fn the_chat_page_is_served_and_loads_nothing_from_elsewhere() {
     let status = app.system.status();
     assert_eq!(status["channels"], 0);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_shared_log_sequence_and_serve_every_channel_alike() {
+    let backend = Backend::nats();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = App::start(dir_a.path(), &backend).await;
+    let b = App::start(dir_b.path(), &backend).await;
+    a.channel("ann", "general", "public", &["bob"]).await;
+    let mut ann_on_a = a.ws("ann", None).await;
+    let mut bob_on_b = b.ws("bob", None).await;
+
+    // Concurrent sends through both nodes: one gapless sequence, delivered in it on both.
+    let mut sends = Vec::new();
+    for i in 0..40 {
+        let (client, base) = if i % 2 == 0 { (a.client.clone(), a.base.clone()) } else { (b.client.clone(), b.base.clone()) };
+        let user = if i % 3 == 0 { "ann" } else { "bob" };
+        sends.push(tokio::spawn(async move {
+            let response = client.post(format!("{base}/v1/chat/channels/general/messages?user={user}")).json(&json!({"text": format!("m{i}")})).send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            response.json::<Value>().await.unwrap()["seq"].as_u64().unwrap()
+        }));
+    }
+    let mut acked = Vec::new();
+    for send in sends {
+        acked.push(send.await.unwrap());
+    }
+    acked.sort();
+    assert_eq!(acked, (2..=41).collect::<Vec<u64>>(), "one sequence across nodes, no gap, no seq twice");
+    let on_a = ann_on_a.events(40).await;
+    let on_b = bob_on_b.events(40).await;
+    assert_eq!(seqs(&on_a), (2..=41).collect::<Vec<u64>>());
+    assert_eq!(on_a, on_b, "both nodes deliver the same events, byte for byte");
+    assert_eq!(a.history("ann", "general", "limit=200").await["messages"], b.history("ann", "general", "limit=200").await["messages"]);
+
+    // A client id repeated through the other node is the same message.
+    let first = a.post("/v1/chat/channels/general/messages?user=ann", json!({"text": "once", "client_id": "c-1"})).await;
+    let again = b.post("/v1/chat/channels/general/messages?user=ann", json!({"text": "once", "client_id": "c-1"})).await;
+    assert_eq!((first.0, again.0), (201, 201));
+    assert_eq!((first.1["seq"].as_u64(), again.1["duplicate"].as_bool()), (again.1["seq"].as_u64(), Some(true)));
+    assert_eq!(seqs(&bob_on_b.events(1).await), vec![42]);
+
+    // A proposal that is invalid where it lands in the log is refused by every node alike: a
+    // non-member's send appended straight to the log changes nothing, and the sequence goes on.
+    let Backend::Nats(namespace) = &backend else { unreachable!() };
+    let streams = tributary_nats::NatsStreams::connect(&crate::test_support::nats_url(), namespace).await.unwrap();
+    let proposal = json!([{"channel": "general", "seq": 0, "user": "mallory", "ts": 1, "kind": "message", "text": "not a member"}]);
+    let record = tributary_core::Record::keyed(bytes::Bytes::from_static(b"general"), proposal.to_string());
+    tributary_engine::stream::StreamStore::produce(&streams, super::EVENTS_TOPIC, vec![record]).await.unwrap();
+    let after = b.send("bob", "general", "after the refused one").await;
+    assert_eq!(after, 43);
+    assert_eq!(seqs(&ann_on_a.events(2).await), vec![42, 43]);
+    assert_eq!(seqs(&bob_on_b.events(1).await), vec![43]);
+    for node in [&a, &b] {
+        let history = node.history("ann", "general", "after=41").await;
+        assert_eq!(texts(&history), vec!["once", "after the refused one"]);
+    }
+
+    // Membership changed through one node holds on the other.
+    a.channel("ann", "lobby", "public", &["dan"]).await;
+    a.ok(reqwest::Method::POST, "/v1/chat/channels/lobby/members?user=dan", Some(json!({"remove": ["dan"]}))).await;
+    let (status, body) = b.post("/v1/chat/channels/lobby/messages?user=dan", json!({"text": "still here?"})).await;
+    assert_eq!(status, 403, "{body}");
+
+    // Typing and read markers reach the user's connections on the other node; search on one
+    // node finds what was sent through the other.
+    ann_on_a.send(json!({"typing": {"channel": "general"}})).await;
+    assert_eq!(bob_on_b.message_with("typing").await["typing"], json!({"channel": "general", "user": "ann"}));
+    let read = a.ok(reqwest::Method::PUT, "/v1/chat/channels/general/read?user=bob", Some(json!({"seq": 40}))).await;
+    assert_eq!(read["read_seq"], 40);
+    assert_eq!(bob_on_b.message_with("read").await["read"]["seq"], 40);
+    let channels = b.ok(reqwest::Method::GET, "/v1/chat/channels?user=bob", None).await;
+    assert_eq!(channels["channels"][0]["read_seq"], 40);
+    b.search_until("bob", "q=refused", vec![("general".into(), 43)]).await;
+    a.search_until("bob", "q=refused", vec![("general".into(), 43)]).await;
+
+    drop((ann_on_a, bob_on_b));
+    a.stop().await;
+    b.stop().await;
+    backend.forget().await;
 }
