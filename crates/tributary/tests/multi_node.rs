@@ -10,6 +10,9 @@
 //! - email-queue-system, with `--db` on PostgreSQL, behind the balancer under send load: every
 //!   email a node accepted (202) before or after the kill is handed to the SMTP relay once one is
 //!   configured through the survivor.
+//! - realtime-chat-messages, behind the balancer under send load with client ids: every message
+//!   a node acknowledged (201) is in the survivor's history once, at the seq its sender was
+//!   told, in one gapless sequence.
 //!
 //! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), Redis on
 //! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`) and PostgreSQL with a database `test` on
@@ -453,4 +456,96 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
     let db = tributary_sql::Db::connect(&tributary_sql::DbConfig::new(postgres_url()).in_schema(namespace.as_str())).await.unwrap();
     db.drop_schema().await.unwrap();
+}
+
+/// Every message of `channel` as `user` sees it, oldest first (history pages back by cursor).
+async fn chat_history(client: &reqwest::Client, base: &str, channel: &str, user: &str) -> (Vec<Value>, u64) {
+    let mut messages: Vec<Value> = Vec::new();
+    let mut before = None;
+    loop {
+        let cursor = before.map(|b: u64| format!("&before={b}")).unwrap_or_default();
+        let page: Value = client.get(format!("{base}/v1/chat/channels/{channel}/messages?user={user}&limit=200{cursor}")).send().await.unwrap().json().await.unwrap();
+        let older = page["messages"].as_array().unwrap().clone();
+        let more = page["more"].as_bool().unwrap();
+        before = older.first().map(|m| m["seq"].as_u64().unwrap());
+        messages.splice(0..0, older);
+        if !more {
+            return (messages, page["last_seq"].as_u64().unwrap());
+        }
+    }
+}
+
+/// Chat sends answered `"duplicate": true`: retried after the node that appended them died.
+static REPEATED: AtomicUsize = AtomicUsize::new(0);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
+    const SENDERS: u64 = 3;
+    const PER_SENDER: u64 = 100;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+    let namespace = format!("multinode-c-{}-{nanos}", std::process::id());
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ports = [free_port(), free_port()];
+    let mut nodes = [start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
+    let direct = reqwest::Client::new();
+    for port in ports {
+        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+    let members: Vec<String> = (0..SENDERS).map(|s| format!("s{s}")).collect();
+    post_until(&client, &format!("{base}/v1/chat/channels?user=s0"), &json!({"id": "room", "visibility": "public", "members": members}), reqwest::StatusCode::CREATED, Duration::from_secs(30)).await;
+
+    // Senders, each message with a client id, retried through the balancer until answered 201.
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let mut senders = Vec::new();
+    for sender in 0..SENDERS {
+        let (client, base, acked) = (client.clone(), base.clone(), acked.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER_SENDER {
+                let client_id = format!("s{sender}-{i}");
+                let body = json!({"text": format!("message {i} of s{sender}"), "client_id": client_id});
+                let answer = post_until(&client, &format!("{base}/v1/chat/channels/room/messages?user=s{sender}"), &body, reqwest::StatusCode::CREATED, Duration::from_secs(60)).await;
+                acked.lock().insert(client_id, answer["seq"].as_u64().unwrap());
+                if answer["duplicate"] == true {
+                    REPEATED.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let total = (SENDERS * PER_SENDER) as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().len() < total / 3 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    unsafe { libc::kill(nodes[0].id() as i32, libc::SIGKILL) };
+    nodes[0].wait().unwrap();
+    let killed_at = acked.lock().len();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let acked = acked.lock().clone();
+    assert_eq!(acked.len(), total, "every send was acknowledged in the end");
+
+    // The survivor holds every acknowledged message once, at the seq its sender was told, and
+    // the channel's seqs have no gap (seq 1 is the channel's creation).
+    let (history, last_seq) = chat_history(&direct, &format!("http://127.0.0.1:{}", ports[1]), "room", "s0").await;
+    let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (2..=last_seq).collect::<Vec<u64>>(), "one gapless sequence");
+    let kept: BTreeMap<String, u64> = history.iter().map(|m| (m["client_id"].as_str().unwrap().to_string(), m["seq"].as_u64().unwrap())).collect();
+    assert_eq!(history.len(), total, "no message twice: a retry whose answer was lost with the node is a duplicate, not a second message");
+    assert_eq!(kept, acked, "every acknowledged message at the seq its sender was told");
+    println!(
+        "{total} messages acknowledged ({killed_at} before the kill), each kept once; {} sends retried, {} answered as repeats of a send already in the log",
+        RETRIED.load(Ordering::Relaxed),
+        REPEATED.load(Ordering::Relaxed)
+    );
+
+    balancer.abort();
+    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
+    nodes[1].wait().unwrap();
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
 }
