@@ -77,8 +77,10 @@
 //!
 //! At-least-once hand-off: an accepted email is sent until the relay answers (or it bounces), also
 //! across crashes; a crash after the relay took it but before its event was written sends it
-//! again. Webhook events are delivered at least once, in log order. An email leased by a worker
-//! that died comes back when its lease (2 minutes) runs out.
+//! again. Webhook events are delivered at least once, in log order. A worker renews the lease of
+//! the batch it works every third of the queue's lease (`WORKER_LEASE_MS`, 30 s, for the queues
+//! it creates; a queue made before keeps its own lease), so an email leased by a worker that died
+//! comes back within one lease, and one on a slow relay is not leased twice.
 //!
 //! # What it does not do
 //!
@@ -125,7 +127,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 use tributary_core::{Record, StoredRecord};
 use tributary_core::limits::{BATCH_RECORDS_MAX, QUEUE_DELAY_MS_MAX};
-use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueStats, QueueStore, Receipt};
+use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueError, QueueStats, QueueStore, Receipt};
 use tributary_engine::StreamError;
 use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
@@ -154,9 +156,10 @@ pub const TRANSACTIONAL_WORKERS: usize = 8;
 pub const BULK_WORKERS: usize = 4;
 /// Emails one worker leases at once.
 pub const WORKER_BATCH_MAX: usize = 64;
-/// Lease of a worker's batch (the queues' default lease): longer than a slow relay's answers to
-/// a whole batch.
-pub const WORKER_LEASE_MS: u64 = 120_000;
+/// Lease of a worker's batch (the default lease of the queues this system creates). A worker
+/// renews it every third of the queue's lease while it works the batch, so a slow relay keeps
+/// its batch, and the batch of a node that died is leased again within this.
+pub const WORKER_LEASE_MS: u64 = 30_000;
 /// How long one receive of a worker waits before it looks at the configuration again.
 pub const WORKER_WAIT: Duration = Duration::from_millis(250);
 /// Furthest ahead a throttled email reserves a slot of its domain's bucket.
@@ -250,6 +253,8 @@ pub struct EmailSystem {
     reserved: Mutex<HashMap<String, u64>>,
     /// This node: the prefix of the ids it gives and its name as the webhook lease's holder.
     node: String,
+    /// Each class's queue lease, in milliseconds (as the queue was created).
+    leases: [u64; 2],
     next_id: AtomicU64,
     counts: Counts,
     webhook_error: Mutex<Option<String>>,
@@ -305,14 +310,20 @@ impl EmailSystem {
     pub fn open(context: &Context) -> anyhow::Result<Arc<EmailSystem>> {
         let (queues, streams, db) = (context.queues.clone(), context.streams.clone(), context.db()?);
         let setup = async {
-            for class in Class::ALL {
-                queues.create_queue(class.queue(), queue_config()).await?;
+            let mut leases = [0; 2];
+            for (lease, class) in leases.iter_mut().zip(Class::ALL) {
+                // A queue made before (another lease, say) is kept as it is.
+                match queues.create_queue(class.queue(), queue_config()).await {
+                    Ok(()) | Err(QueueError::AlreadyExists { .. }) => {}
+                    Err(error) => return Err(error.into()),
+                }
+                *lease = queues.queue_config(class.queue()).await?.lease_ms_default;
             }
             streams.create_topic(EVENTS_TOPIC, TopicConfig { partitions: 1, retention_ms: Some(EVENTS_RETENTION_MS), ..TopicConfig::default() }).await?;
             db.migrate(&SCHEMA).await?;
-            anyhow::Ok(())
+            anyhow::Ok(leases)
         };
-        tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
+        let leases = tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
         let system = Arc::new(EmailSystem {
             metrics: SystemMetrics::new(ID),
             queues,
@@ -323,6 +334,7 @@ impl EmailSystem {
             relay: Mutex::new(None),
             reserved: Mutex::new(HashMap::new()),
             node: format!("{:x}", tributary_core::unique_u64()),
+            leases,
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
             webhook_error: Mutex::new(None),
@@ -1223,7 +1235,8 @@ async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
         };
         let queues = system.queues.clone();
         let name = consumer.clone();
-        // The lease is the queues' default (WORKER_LEASE_MS), which every backend honours.
+        // The lease is the queue's default, which every backend honours; the batch keeps it
+        // while it is worked (`renew_leases`).
         let received = on_backend(queues.blocking(), async move { queues.receive(class.queue(), SENDER_GROUP, &name, WORKER_BATCH_MAX, None, WORKER_WAIT).await }).await;
         let deliveries = match received {
             Ok(deliveries) => deliveries,
@@ -1236,10 +1249,30 @@ async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
         if deliveries.is_empty() {
             continue;
         }
-        if let Err(error) = system.work(class, deliveries, &config, &relay).await {
+        let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
+        let worked = tokio::select! {
+            worked = system.work(class, deliveries, &config, &relay) => worked,
+            never = renew_leases(&system, class, receipts) => match never {},
+        };
+        if let Err(error) = worked {
             system.metrics.error();
             tracing::warn!("email worker {consumer}: {}", error.message);
             system.pause(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Keep the leases of a batch while it is worked: extended by the queue's lease every third of
+/// it, until the caller drops this (the batch is settled). A node that dies stops renewing, and
+/// its batch is leased again within one lease.
+async fn renew_leases(system: &EmailSystem, class: Class, receipts: Vec<Receipt>) -> std::convert::Infallible {
+    let lease_ms = system.leases[class as usize];
+    loop {
+        tokio::time::sleep(Duration::from_millis(lease_ms / 3)).await;
+        let (queues, receipts) = (system.queues.clone(), receipts.clone());
+        let extended = on_backend(queues.blocking(), async move { queues.extend(class.queue(), SENDER_GROUP, receipts, lease_ms).await }).await;
+        if let Err(error) = extended {
+            tracing::warn!("email {} batch: renewing its leases: {error}", class.as_str());
         }
     }
 }

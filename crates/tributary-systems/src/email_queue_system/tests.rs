@@ -78,9 +78,19 @@ struct App {
 
 impl App {
     async fn start(dir: &Path, backend: &Backend) -> App {
+        App::start_with(dir, backend, None).await
+    }
+
+    /// With `transactional_lease_ms`, the transactional queue is made beforehand with that lease.
+    async fn start_with(dir: &Path, backend: &Backend, transactional_lease_ms: Option<u64>) -> App {
         let data: PathBuf = dir.to_path_buf();
         let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(data)).await.unwrap().unwrap());
         let context = backend.context(engine.clone()).await;
+        if let Some(lease_ms) = transactional_lease_ms {
+            let queues = context.queues.clone();
+            let config = tributary_engine::queue::QueueConfig { lease_ms_default: lease_ms, ..super::queue_config() };
+            tributary_server::on_backend(queues.blocking(), async move { queues.create_queue(super::TRANSACTIONAL_QUEUE, config).await }).await.unwrap();
+        }
         let system = EmailSystem::open(&context).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -193,6 +203,24 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+on_both!(a_batch_on_a_relay_slower_than_its_lease_keeps_the_lease_and_is_handed_off_once);
+async fn a_batch_on_a_relay_slower_than_its_lease_keeps_the_lease_and_is_handed_off_once(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start();
+    // A 1.5 s lease and a relay that answers RCPT after 4 s: without the worker's renewals the
+    // email would be leased again, by another worker, and handed off twice.
+    let app = App::start_with(dir.path(), &backend, Some(1_500)).await;
+    app.configure(Some(&relay), None, json!({"relay": {"host": "127.0.0.1", "port": relay.port, "pool_max": 4, "timeout_ms": 10_000}})).await;
+    let to = "slow-4000-a@example.org";
+    let id = app.send("transactional", to).await;
+    let status = app.wait_for(&id, "delivered").await;
+    // Two leases more: a second lease of the email would have been handed off by now.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(relay.accepted_for(to).len(), 1, "handed off once");
+    assert_eq!(history(&status).iter().filter(|e| *e == "delivered").count(), 1, "{status:#}");
+    app.stop().await;
 }
 
 on_both!(an_email_is_handed_to_the_relay_and_its_status_and_signed_webhook_say_delivered);

@@ -3,11 +3,13 @@
   hard...@    RCPT 550 5.1.1 (user unknown)          full...@   RCPT 552 5.2.2 (mailbox full)
   spam...@    end of DATA 550 5.7.1 (policy)         never...@  RCPT 451 4.4.1 every time
   later-N-...@  RCPT 451 4.3.0 the first N times, then accepted
+  slow-MS-...@  RCPT answered 250 after MS milliseconds
   anything else: accepted (250).
 
 Every accepted message is printed to stdout as one JSON line; "READY" is printed once listening.
 Usage: python3 smtp_sink.py PORT
 """
+import asyncio
 import email
 import json
 import re
@@ -28,6 +30,9 @@ class Handler:
             return "552 5.2.2 <%s>: Mailbox full" % address
         if local.startswith("never"):
             return "451 4.4.1 Try again later"
+        slow = re.match(r"slow-(\d+)-", local)
+        if slow:
+            await asyncio.sleep(int(slow.group(1)) / 1000)
         match = re.match(r"later-(\d+)-", local)
         if match:
             count = seen.get(address, 0)
