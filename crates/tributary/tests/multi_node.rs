@@ -72,6 +72,23 @@ async fn balance(listener: TcpListener, backends: Vec<SocketAddr>) {
     }
 }
 
+/// Once a third of `total` is in `done`, SIGKILL `node`, then wait for the `senders` to finish.
+/// Returns how many were in at the kill, and all of them in the end.
+async fn kill_at_a_third<T: Clone>(done: &Mutex<BTreeMap<String, T>>, total: usize, node: &mut Child, senders: Vec<tokio::task::JoinHandle<()>>) -> (usize, BTreeMap<String, T>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.lock().len() < total / 3 {
+        assert!(Instant::now() < deadline, "the load did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    unsafe { libc::kill(node.id() as i32, libc::SIGKILL) };
+    node.wait().unwrap();
+    let killed_at = done.lock().len();
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    (killed_at, done.lock().clone())
+}
+
 /// Posts `body` until a node answers with `want`; other answers and broken connections (the
 /// killed node) are retried through the balancer. Gives up after `within`.
 async fn post_until(client: &reqwest::Client, url: &str, body: &Value, want: reqwest::StatusCode, within: Duration) -> Value {
@@ -412,18 +429,7 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
         }));
     }
     let total = (SENDERS * REQUESTS_PER_SENDER * PER_REQUEST) as usize;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while accepted.lock().len() < total / 3 {
-        assert!(Instant::now() < deadline, "the load did not get going");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    unsafe { libc::kill(nodes[0].id() as i32, libc::SIGKILL) };
-    nodes[0].wait().unwrap();
-    let killed_at = accepted.lock().len();
-    for sender in senders {
-        sender.await.unwrap();
-    }
-    let accepted = accepted.lock().clone();
+    let (killed_at, accepted) = kill_at_a_third(&accepted, total, &mut nodes[0], senders).await;
     assert_eq!(accepted.len(), total, "every send was accepted in the end, by the surviving node");
 
     // A relay, configured through the survivor: every accepted email is handed off.
@@ -516,18 +522,7 @@ async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
         }));
     }
     let total = (SENDERS * PER_SENDER) as usize;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.lock().len() < total / 3 {
-        assert!(Instant::now() < deadline, "the load did not get going");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    unsafe { libc::kill(nodes[0].id() as i32, libc::SIGKILL) };
-    nodes[0].wait().unwrap();
-    let killed_at = acked.lock().len();
-    for sender in senders {
-        sender.await.unwrap();
-    }
-    let acked = acked.lock().clone();
+    let (killed_at, acked) = kill_at_a_third(&acked, total, &mut nodes[0], senders).await;
     assert_eq!(acked.len(), total, "every send was acknowledged in the end");
 
     // The survivor holds every acknowledged message once, at the seq its sender was told, and
