@@ -45,6 +45,12 @@ const BATCH: u64 = 10;
 /// Requests that failed (a broken connection or an error status) and were retried.
 static RETRIED: AtomicUsize = AtomicUsize::new(0);
 
+/// A namespace of its own for one run of one test.
+fn namespace(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
 fn nats_url() -> String {
     std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -110,8 +116,7 @@ async fn post_until(client: &reqwest::Client, url: &str, body: &Value, want: req
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_killed() {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
-    let namespace = format!("multinode-{}-{nanos}", std::process::id());
+    let namespace = namespace("multinode");
     // The queue, made beforehand with a short lease; the nodes find it on their first publish.
     let admin = NatsQueues::connect(&nats_url(), &namespace).await.expect("NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)");
     admin.create_queue("mq.orders", QueueConfig { lease_ms_default: LEASE_MS, ..QueueConfig::default() }).await.unwrap();
@@ -303,8 +308,7 @@ async fn presence_until(client: &reqwest::Client, port: u16, path: &str, done: i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notifications_client_of_a_killed_node_resumes_on_the_other_exactly() {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
-    let namespace = format!("multinode-n-{}-{nanos}", std::process::id());
+    let namespace = namespace("multinode-n");
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ports = [free_port(), free_port()];
     let shared = ["--stream", &nats_url(), "--cache", &redis_url(), "--namespace", &namespace];
@@ -393,8 +397,7 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
     const SENDERS: u64 = 3;
     const REQUESTS_PER_SENDER: u64 = 40;
     const PER_REQUEST: u64 = 5;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
-    let namespace = format!("multinode-e-{}-{nanos}", std::process::id());
+    let namespace = namespace("multinode-e");
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ports = [free_port(), free_port()];
     let shared = ["--stream", &nats_url(), "--db", &postgres_url(), "--namespace", &namespace];
@@ -488,8 +491,7 @@ static REPEATED: AtomicUsize = AtomicUsize::new(0);
 async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
     const SENDERS: u64 = 3;
     const PER_SENDER: u64 = 100;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000_000;
-    let namespace = format!("multinode-c-{}-{nanos}", std::process::id());
+    let namespace = namespace("multinode-c");
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ports = [free_port(), free_port()];
     let mut nodes = [start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
