@@ -135,6 +135,17 @@ pub(crate) async fn connect_client(url: &str) -> Result<async_nats::Client, Stri
     async_nats::connect(servers).await.map_err(|e| format!("connecting to {url}: {e}"))
 }
 
+/// Gets the stream of `config`, creating it when missing. Nodes starting together may all find
+/// it missing: the creates after the first then fail (its name is taken, or its subjects overlap
+/// the first one's), and the stream the first made is the one taken.
+pub(crate) async fn ensure_stream(jetstream: &jetstream::Context, config: stream::Config) -> Result<(), String> {
+    let name = config.name.clone();
+    match jetstream.get_or_create_stream(config).await {
+        Ok(_) => Ok(()),
+        Err(error) => jetstream.get_stream(&name).await.map(drop).map_err(|_| error.to_string()),
+    }
+}
+
 /// Deletes a stream; one that is not there is not an error.
 pub(crate) async fn delete_stream_if_any(jetstream: &jetstream::Context, name: &str) -> Result<(), String> {
     match jetstream.delete_stream(name).await {
@@ -183,7 +194,7 @@ pub(crate) async fn connect_namespace(url: &str, namespace: &str, replicas: usiz
         num_replicas: replicas,
         ..Default::default()
     };
-    jetstream.get_or_create_stream(config).await.map_err(|e| Connect::Backend(format!("creating the KV stream of {bucket}: {e}")))?;
+    ensure_stream(&jetstream, config).await.map_err(|e| Connect::Backend(format!("creating the KV stream of {bucket}: {e}")))?;
     let meta = jetstream.get_key_value(&bucket).await.map_err(|e| Connect::Backend(format!("opening the KV bucket {bucket}: {e}")))?;
     Ok((jetstream, meta))
 }
@@ -312,7 +323,7 @@ impl StreamStore for NatsStreams {
                     max_age: config.retention_ms.map_or(Duration::ZERO, Duration::from_millis),
                     ..Default::default()
                 };
-                self.jetstream.get_or_create_stream(stream).await.map_err(|e| backend(format!("creating partition {partition} of {name:?}: {e}")))?;
+                ensure_stream(&self.jetstream, stream).await.map_err(|e| backend(format!("creating partition {partition} of {name:?}: {e}")))?;
             }
             Ok(())
         })

@@ -460,7 +460,7 @@ impl QueueStore for NatsQueues {
                     duplicate_window: window,
                     ..Default::default()
                 };
-                self.jetstream.get_or_create_stream(config).await.map_err(|e| backend(format!("creating the {what} of queue {name:?}: {e}")))?;
+                crate::ensure_stream(&self.jetstream, config).await.map_err(|e| backend(format!("creating the {what} of queue {name:?}: {e}")))?;
             }
             Ok(())
         })

@@ -42,6 +42,29 @@ async fn two_nodes_see_one_topic_and_its_commits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_make_one_namespace_its_topics_and_queues() {
+    // Each round, four connections (nodes) open a new namespace and create the same topic and
+    // queue at once: every create succeeds, as when nodes start together behind a balancer.
+    for round in 0..10 {
+        let shared = namespace(&format!("together{round}"));
+        let creates = (0..4).map(|_| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let streams = NatsStreams::connect(&nats_url(), &shared).await.unwrap();
+                streams.create_topic("events", TopicConfig { partitions: 3, ..TopicConfig::default() }).await.unwrap();
+                let queues = NatsQueues::connect(&nats_url(), &shared).await.unwrap();
+                tributary_engine::queue::QueueStore::create_queue(&queues, "jobs", tributary_engine::queue::QueueConfig::default()).await.unwrap();
+                streams
+            })
+        });
+        let nodes: Vec<NatsStreams> = futures_util::future::join_all(creates).await.into_iter().map(|n| n.unwrap()).collect();
+        assert_eq!(nodes[3].partitions("events").await.unwrap(), 3);
+        NatsQueues::connect(&nats_url(), &shared).await.unwrap().delete_namespace().await.unwrap();
+        nodes[0].delete_namespace().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_gives_a_partition_in_order_from_an_offset_then_what_is_appended() {
     let streams = NatsStreams::connect(&nats_url(), &namespace("tail")).await.unwrap();
     streams.create_topic("feed", TopicConfig { partitions: 1, ..TopicConfig::default() }).await.unwrap();
