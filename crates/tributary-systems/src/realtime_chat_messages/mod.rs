@@ -580,6 +580,10 @@ impl Chat {
                 }
                 system.state.lock().partitions[partition as usize].next = last + 1;
             }
+            // What is applied from here on starts at the end read at start, whatever lay below it.
+            let mut state = system.state.lock();
+            let next = &mut state.partitions[partition as usize].next;
+            *next = (*next).max(end);
         }
         let system = Arc::new(system);
         if let Log::Shared(shared) = &system.log {
