@@ -55,8 +55,20 @@ fn nats_url() -> String {
     std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-fn start_node(data: &std::path::Path, port: u16, namespace: &str) -> Child {
-    start_up(data, port, &["--stream", &nats_url(), "--namespace", namespace])
+/// Two `tributary up --stream nats://… --namespace NAMESPACE` nodes with `extra` arguments, each
+/// in a folder of its own, once both answer `/healthz`.
+async fn two_nodes(namespace: &str, extra: &[&str]) -> ([tempfile::TempDir; 2], [u16; 2], [Child; 2]) {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ports = [free_port(), free_port()];
+    let nats = nats_url();
+    let mut args = vec!["--stream", nats.as_str(), "--namespace", namespace];
+    args.extend_from_slice(extra);
+    let nodes = [start_up(dirs[0].path(), ports[0], &args), start_up(dirs[1].path(), ports[1], &args)];
+    let client = reqwest::Client::new();
+    for port in ports {
+        wait_healthy(&client, &format!("http://127.0.0.1:{port}")).await;
+    }
+    (dirs, ports, nodes)
 }
 
 /// The balancer: each accepted connection goes to the next backend in turn; a backend that
@@ -121,12 +133,9 @@ async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_kille
     let admin = NatsQueues::connect(&nats_url(), &namespace).await.expect("NATS with JetStream on 127.0.0.1:4222 (.ci/services starts it)");
     admin.create_queue("mq.orders", QueueConfig { lease_ms_default: LEASE_MS, ..QueueConfig::default() }).await.unwrap();
 
-    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ports = [free_port(), free_port()];
-    let mut nodes = [start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &[]).await;
     let direct = reqwest::Client::new();
     for port in ports {
-        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
         // Without a shared database (--db), a node leaves out the systems that keep state there.
         let email = direct.get(format!("http://127.0.0.1:{port}/v1/email")).send().await.unwrap();
         assert_eq!(email.status(), 404, "email-queue-system started on a node whose database is its own SQLite file");
@@ -309,14 +318,8 @@ async fn presence_until(client: &reqwest::Client, port: u16, path: &str, done: i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notifications_client_of_a_killed_node_resumes_on_the_other_exactly() {
     let namespace = namespace("multinode-n");
-    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ports = [free_port(), free_port()];
-    let shared = ["--stream", &nats_url(), "--cache", &redis_url(), "--namespace", &namespace];
-    let mut nodes = [start_up(one.path(), ports[0], &shared), start_up(two.path(), ports[1], &shared)];
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--cache", &redis_url()]).await;
     let client = reqwest::Client::new();
-    for port in ports {
-        wait_healthy(&client, &format!("http://127.0.0.1:{port}")).await;
-    }
 
     let mut alice = Listener::connect(ports[0], "user=alice&topics=news").await;
     let mut bob = Listener::connect(ports[1], "user=bob&topics=news").await;
@@ -398,13 +401,9 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
     const REQUESTS_PER_SENDER: u64 = 40;
     const PER_REQUEST: u64 = 5;
     let namespace = namespace("multinode-e");
-    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ports = [free_port(), free_port()];
-    let shared = ["--stream", &nats_url(), "--db", &postgres_url(), "--namespace", &namespace];
-    let mut nodes = [start_up(one.path(), ports[0], &shared), start_up(two.path(), ports[1], &shared)];
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--db", &postgres_url()]).await;
     let direct = reqwest::Client::new();
     for port in ports {
-        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
         let overview: Value = direct.get(format!("http://127.0.0.1:{port}/v1/email")).send().await.unwrap().json().await.unwrap();
         assert_eq!(overview["backends"], json!({"queues": "nats", "streams": "nats", "db": "postgres"}), "{overview}");
     }
@@ -492,13 +491,8 @@ async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
     const SENDERS: u64 = 3;
     const PER_SENDER: u64 = 100;
     let namespace = namespace("multinode-c");
-    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ports = [free_port(), free_port()];
-    let mut nodes = [start_node(one.path(), ports[0], &namespace), start_node(two.path(), ports[1], &namespace)];
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &[]).await;
     let direct = reqwest::Client::new();
-    for port in ports {
-        wait_healthy(&direct, &format!("http://127.0.0.1:{port}")).await;
-    }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
