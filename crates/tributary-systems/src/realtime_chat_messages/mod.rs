@@ -565,13 +565,27 @@ impl Chat {
             overflows: AtomicU64::new(0),
             search_errors: AtomicU64::new(0),
         };
+        // On a shared log, the follower's readers: live tails, which read a long log far faster
+        // than fetches, and stay open where the rebuild leaves them.
+        let mut readers: Vec<Reader> = match &system.log {
+            Log::Local { .. } => Vec::new(),
+            Log::Shared(shared) => (0..shared.partitions).map(|p| Reader::new(&shared.log, EVENTS_TOPIC, p)).collect(),
+        };
         for (partition, &(_, end)) in (0u32..).zip(&bounds) {
             loop {
                 let next = system.state.lock().partitions[partition as usize].next;
                 if next >= end {
                     break;
                 }
-                let records = system.log.fetch(EVENTS_TOPIC, partition, next, REBUILD_CHUNK_RECORDS)?;
+                let mut records = match readers.get_mut(partition as usize) {
+                    Some(reader) => reader.read(next, REBUILD_CHUNK_RECORDS)?,
+                    None => Vec::new(),
+                };
+                if records.is_empty() {
+                    // The engine's log, or a tail that has not delivered yet: fetch. Nothing
+                    // there either: nothing below the end is left to read.
+                    records = system.log.fetch(EVENTS_TOPIC, partition, next, REBUILD_CHUNK_RECORDS)?;
+                }
                 let Some(last) = records.last() else { break };
                 let last = last.offset;
                 match &system.log {
@@ -587,7 +601,7 @@ impl Chat {
         }
         let system = Arc::new(system);
         if let Log::Shared(shared) = &system.log {
-            let mut events: Vec<Reader> = (0..shared.partitions).map(|p| Reader::new(&shared.log, EVENTS_TOPIC, p)).collect();
+            let mut events = readers;
             let mut markers = (Reader::new(&shared.log, READ_MARKERS_TOPIC, 0), markers_end);
             let mut typing = (Reader::new(&shared.log, TYPING_TOPIC, 0), shared.log.offsets(TYPING_TOPIC, 0)?.1);
             let follow = move |system: &Chat| system.follow_once(&mut events, &mut markers, &mut typing);
