@@ -67,7 +67,6 @@ pub enum Edit {
 enum Change {
     /// Edits that came from one log record: one commit takes all of them or none.
     Record(Vec<Edit>, (u32, u64)),
-    Advance((u32, u64)),
     Commit(mpsc::Sender<Result<(), String>>),
     #[cfg(test)]
     Abandon,
@@ -266,7 +265,7 @@ impl SearchIndex {
 
     /// The record at `position` changes nothing in the index: let the checkpoint pass it.
     pub fn advance(&self, position: (u32, u64)) -> Result<(), SearchError> {
-        self.send(Change::Advance(position))
+        self.record(Vec::new(), position)
     }
 
     /// Commit what was handed in so far and wait until searches see it.
@@ -394,7 +393,6 @@ impl Worker {
                     }
                     self.changed(position, count);
                 }
-                Ok(Change::Advance(position)) => self.changed(position, 1),
                 Ok(Change::Commit(reply)) => {
                     let result = self.commit();
                     let failed = result.as_ref().err().cloned();
