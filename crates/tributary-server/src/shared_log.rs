@@ -80,6 +80,13 @@ impl SharedLog {
     }
 }
 
+/// When `record` was appended, on this node's clock (`now` and `now_ms` are one moment of it):
+/// the start of a delivery latency measured on a node that did not append the record.
+pub fn accepted_at(record: &StoredRecord, now: std::time::Instant, now_ms: i64) -> std::time::Instant {
+    let age = Duration::from_millis(now_ms.saturating_sub(record.timestamp_ms).max(0) as u64);
+    now.checked_sub(age).unwrap_or(now)
+}
+
 /// A node's reader of one partition of a shared log: the backend's live tail when it has one
 /// (kept open while reads go on from where it is, reopened after an error or a jump), else
 /// fetches.

@@ -466,8 +466,8 @@ impl Log {
         }
     }
 
-    fn local(events: &Arc<Topic>, markers: &Arc<Topic>, topic: &str) -> Arc<Topic> {
-        if topic == READ_MARKERS_TOPIC { markers.clone() } else { events.clone() }
+    fn local<'a>(events: &'a Topic, markers: &'a Topic, topic: &str) -> &'a Topic {
+        if topic == READ_MARKERS_TOPIC { markers } else { events }
     }
 
     fn fetch(&self, topic: &str, partition: u32, offset: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
@@ -842,14 +842,11 @@ impl Chat {
             records.push(Record { key: Some(Bytes::copy_from_slice(ops[indexes[0]].channel().as_bytes())), value: Some(value.into()), headers, timestamp_ms: 0 });
             waiting.push((id, verdict_of));
         }
-        let forget = |ids: &mut dyn Iterator<Item = u64>| {
-            let mut proposals = shared.proposals.lock();
-            for id in ids {
-                proposals.remove(&id);
-            }
-        };
         if let Err(error) = shared.log.produce(EVENTS_TOPIC, records) {
-            forget(&mut waiting.iter().map(|(id, _)| *id));
+            let mut proposals = shared.proposals.lock();
+            for (id, _) in &waiting {
+                proposals.remove(id);
+            }
             self.metrics.error();
             return Err(error.into());
         }
@@ -867,7 +864,7 @@ impl Chat {
                 Ok(Err(invalid)) => refused = refused.or(Some(invalid)),
                 Err(_) => undecided = true,
             }
-            forget(&mut std::iter::once(*id));
+            shared.proposals.lock().remove(id);
         }
         if undecided {
             return Err(ChatError::Unavailable(format!(
@@ -961,7 +958,7 @@ impl Chat {
             self.index(partition, record.offset, Vec::new());
             return Err(invalid);
         }
-        let accepted = Instant::now().checked_sub(Duration::from_millis(tributary_core::now_ms().saturating_sub(record.timestamp_ms).max(0) as u64));
+        let accepted = Some(shared_log::accepted_at(record, Instant::now(), tributary_core::now_ms()));
         let mut outcomes = Vec::with_capacity(ops.len());
         let mut edits = Vec::new();
         for (op, ts) in ops {

@@ -99,7 +99,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -646,8 +646,7 @@ fn notification_of(partition: u32, record: &StoredRecord, now: Instant, now_ms: 
         tracing::warn!(partition, offset = record.offset, "skipping a notification record without a topic");
         return None;
     };
-    let age = Duration::from_millis(now_ms.saturating_sub(record.timestamp_ms).max(0) as u64);
-    Some(Arc::new(Notification { pending: pending_of(partition, topic, record), topic: Arc::from(topic), accepted: now.checked_sub(age).unwrap_or(now) }))
+    Some(Arc::new(Notification { pending: pending_of(partition, topic, record), topic: Arc::from(topic), accepted: shared_log::accepted_at(record, now, now_ms) }))
 }
 
 /// A record's topic: its key.
