@@ -18,6 +18,12 @@ pub enum StreamError {
     StaleGeneration { group: String, member: String, given: u64, current: u64 },
     #[error("member {member:?} of group {group:?} does not own partition {partition} in generation {generation}")]
     NotAssigned { group: String, member: String, partition: u32, generation: u64 },
+    /// A conditional append ([`StreamStore::produce_at`](crate::stream::StreamStore::produce_at))
+    /// found the partition ending at `end`, not at `expected`: another writer appended first.
+    /// The first `appended` records went in, from `expected` on; the rest did not (on the
+    /// embedded engine a refused append writes nothing, so `appended` is 0).
+    #[error("partition {partition} of topic {topic:?} ends at {end}, not at {expected} as the append expected; {appended} of its records went in")]
+    EndMoved { topic: String, partition: u32, expected: u64, end: u64, appended: usize },
     #[error("partition {partition} of topic {topic:?}: {source}")]
     Partition { topic: String, partition: u32, source: LogError },
     #[error(transparent)]

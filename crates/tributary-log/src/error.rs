@@ -15,6 +15,10 @@ pub enum LogError {
     /// An idempotent producer skipped or reordered a sequence number; nothing was written.
     #[error("producer {producer_id}: sequence {got} is out of order, expected {expected}")]
     OutOfOrderSequence { producer_id: u64, got: u32, expected: u32 },
+    /// A conditional append ([`Log::append_at`](crate::Log::append_at)) expected the log to end
+    /// elsewhere: another append came first. Nothing was written.
+    #[error("the log ends at offset {end}, not at {expected} as the append expected; nothing was written")]
+    EndMoved { expected: u64, end: u64 },
     /// Stored bytes failed their checksum or structure check. The partition is fenced: no
     /// further reads or writes until an operator repairs or removes it.
     #[error("corruption in {path} at byte {position}: {reason}; the partition is fenced")]

@@ -176,9 +176,21 @@ impl Log {
         self.append_pending(records, producer_id, base_sequence)?.wait()
     }
 
+    /// Append `records` as one batch only if the log ends at `expected_end` (its next offset),
+    /// and wait for durability; else [`LogError::EndMoved`] and nothing is written. A writer
+    /// that checked its input against a state built from the log up to `expected_end` appends
+    /// only on top of that state.
+    pub fn append_at(&self, expected_end: u64, records: &[Record]) -> Result<Appended> {
+        self.append_batch(records, 0, 0, Some(expected_end))?.wait()
+    }
+
     /// Write `records` as one batch and return without waiting for durability: the caller may
     /// pipeline several appends and `wait` on each (in any order).
     pub fn append_pending(&self, records: &[Record], producer_id: u64, base_sequence: u32) -> Result<PendingAppend> {
+        self.append_batch(records, producer_id, base_sequence, None)
+    }
+
+    fn append_batch(&self, records: &[Record], producer_id: u64, base_sequence: u32, expected_end: Option<u64>) -> Result<PendingAppend> {
         self.check_fenced()?;
         let now = now_ms();
         let mut encoded = Vec::with_capacity(batch::HEADER_BYTES + records.iter().map(|r| r.payload_bytes() + 16).sum::<usize>());
@@ -186,6 +198,9 @@ impl Log {
         let header = BatchHeader::parse(&encoded).expect("a batch we just encoded parses");
         let shared = &self.shared;
         let mut writer = shared.writer.lock();
+        if let Some(expected) = expected_end.filter(|&expected| expected != writer.next_offset) {
+            return Err(LogError::EndMoved { expected, end: writer.next_offset });
+        }
         if producer_id != 0 {
             match writer.producers.check(producer_id, base_sequence, header.record_count) {
                 SequenceCheck::Append => {}

@@ -1,5 +1,6 @@
 //! Feature tests of the rest of the public API: retention, truncation, compaction, time
-//! lookup, durability classes, waiting for data, limits, big batches and write errors.
+//! lookup, durability classes, waiting for data, limits, big batches, write errors and
+//! conditional appends.
 
 mod common;
 
@@ -409,4 +410,47 @@ fn write_until_the_file_size_limit(dir: &Path) {
     assert_eq!(report.truncated_bytes, 0);
     assert_eq!(contents(&log), acked);
     println!("child done");
+}
+
+#[test]
+fn a_conditional_append_goes_in_only_at_the_expected_end_and_of_racing_ones_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(dir.path(), small(Durability::Always)).unwrap();
+    let appended = log.append_at(0, &[Record::from_value("a"), Record::from_value("b")]).unwrap();
+    assert_eq!((appended.base_offset, appended.last_offset), (0, 1));
+    for stale in [0, 1, 3] {
+        match log.append_at(stale, &[Record::from_value("late")]) {
+            Err(LogError::EndMoved { expected, end }) => assert_eq!((expected, end), (stale, 2)),
+            other => panic!("an append expecting end {stale} of a log ending at 2: {other:?}"),
+        }
+    }
+    assert_eq!(log.high_watermark(), 2, "a refused append writes nothing");
+    // Writers that each read the end, then append at it: every round, one of them gets in.
+    let log = std::sync::Arc::new(log);
+    let wins: Vec<u64> = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let log = log.clone();
+                scope.spawn(move || {
+                    let mut won = 0;
+                    for _ in 0..50 {
+                        let end = log.high_watermark();
+                        match log.append_at(end, &[Record::from_value(format!("w{w}"))]) {
+                            Ok(appended) => {
+                                assert_eq!(appended.base_offset, end);
+                                won += 1;
+                            }
+                            Err(LogError::EndMoved { expected, end: now }) => assert!(now > expected),
+                            Err(other) => panic!("{other}"),
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let won: u64 = wins.iter().sum();
+    assert_eq!(log.high_watermark(), 2 + won, "every win is one record, and nothing else went in");
+    assert_eq!(offsets(&log), (0..2 + won).collect::<Vec<_>>());
 }

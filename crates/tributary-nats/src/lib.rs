@@ -12,6 +12,7 @@
 //! | offset `n` | stream sequence `n + 1` |
 //! | a record | one message whose payload is the record's envelope (postcard: key, value, headers, timestamp) |
 //! | produce | publishes with acks, pipelined, awaited in order |
+//! | produce_at (conditional) | the same, the first with `Nats-Expected-Last-Sequence`, each later one with `Nats-Expected-Last-Msg-Id` of the one before |
 //! | fetch | direct gets of the sequences, pipelined |
 //! | a committed offset | key `offset.<topic>.<group>.<p>` of the same KV bucket |
 //!
@@ -34,6 +35,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -61,6 +63,19 @@ struct Envelope {
     value: Option<Bytes>,
     headers: Vec<(String, Bytes)>,
     timestamp_ms: i64,
+}
+
+impl Envelope {
+    /// The payload of `record`, stamped with `stamp` when it has no timestamp.
+    fn of(record: Record, stamp: i64) -> Result<Bytes, StreamError> {
+        let envelope = Envelope {
+            key: record.key,
+            value: record.value,
+            headers: record.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            timestamp_ms: if record.timestamp_ms == 0 { stamp } else { record.timestamp_ms },
+        };
+        Ok(Bytes::from(postcard::to_allocvec(&envelope).map_err(backend)?))
+    }
 }
 
 /// Topics on NATS JetStream. Cheap to clone: clones share one connection.
@@ -102,24 +117,37 @@ pub(crate) fn unescape(escaped: &str) -> String {
 }
 
 /// Publishes `messages` (subject, headers, payload) to JetStream in order and returns their
-/// acknowledgements in order. Each acknowledgement is awaited on a task of its own as soon as it
-/// is sent: the client bounds the acknowledgements in flight on a connection (a semaphore of
-/// `max_ack_inflight` permits, 5,000), and an acknowledgement nobody polls keeps its permit, so
-/// concurrent callers that sent large batches before awaiting any would wait on each other.
+/// acknowledgements in order, or the first failure.
 pub(crate) async fn publish_in_order(jetstream: &jetstream::Context, messages: impl IntoIterator<Item = (String, async_nats::HeaderMap, Bytes)>) -> Result<Vec<jetstream::publish::PublishAck>, String> {
-    let mut acks = Vec::new();
-    for (subject, headers, payload) in messages {
-        let ack = jetstream.publish_with_headers(subject, headers, payload).await.map_err(|e| e.to_string())?;
-        acks.push(tokio::spawn(std::future::IntoFuture::into_future(ack)));
-    }
-    let mut done = Vec::with_capacity(acks.len());
-    for ack in acks {
-        done.push(ack.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?);
-    }
-    Ok(done)
+    publish_each(jetstream, messages).await.into_iter().map(|answer| answer.map_err(|e| e.to_string())).collect()
 }
 
-/// A namespace is one NATS token of `A-Z a-z 0-9 -`.
+/// Publishes `messages` to JetStream in order and returns every answer in order (after a
+/// message that could not be sent, nothing more is sent). Each acknowledgement is awaited on a
+/// task of its own as soon as it is sent: the client bounds the acknowledgements in flight on a
+/// connection (a semaphore of `max_ack_inflight` permits, 5,000), and an acknowledgement nobody
+/// polls keeps its permit, so concurrent callers that sent large batches before awaiting any
+/// would wait on each other.
+pub(crate) async fn publish_each(jetstream: &jetstream::Context, messages: impl IntoIterator<Item = (String, async_nats::HeaderMap, Bytes)>) -> Vec<Result<jetstream::publish::PublishAck, PublishError>> {
+    let mut acks = Vec::new();
+    let mut unsent = None;
+    for (subject, headers, payload) in messages {
+        match jetstream.publish_with_headers(subject, headers, payload).await {
+            Ok(ack) => acks.push(tokio::spawn(std::future::IntoFuture::into_future(ack))),
+            Err(error) => {
+                unsent = Some(error);
+                break;
+            }
+        }
+    }
+    let mut answers = Vec::with_capacity(acks.len() + 1);
+    for ack in acks {
+        answers.push(ack.await.unwrap_or_else(|e| Err(PublishError::with_source(PublishErrorKind::Other, e))));
+    }
+    answers.extend(unsent.map(Err));
+    answers
+}
+
 pub(crate) fn check_namespace(namespace: &str) -> Result<(), String> {
     if namespace.is_empty() || !namespace.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         return Err(format!("a NATS namespace is A-Z a-z 0-9 and -, got {namespace:?}"));
@@ -357,19 +385,51 @@ impl StreamStore for NatsStreams {
             let mut partitions_of = Vec::with_capacity(records.len());
             for record in records {
                 let partition = record.key.as_deref().map_or(unkeyed, |key| partition_for_key(key, partitions));
-                let envelope = Envelope {
-                    key: record.key,
-                    value: record.value,
-                    headers: record.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-                    timestamp_ms: if record.timestamp_ms == 0 { stamp } else { record.timestamp_ms },
-                };
-                let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
-                messages.push((self.subject(topic, partition), async_nats::HeaderMap::new(), Bytes::from(payload)));
+                messages.push((self.subject(topic, partition), async_nats::HeaderMap::new(), Envelope::of(record, stamp)?));
                 partitions_of.push(partition);
             }
             let acks = publish_in_order(&self.jetstream, messages).await.map_err(backend)?;
             let produced: Vec<Produced> = partitions_of.into_iter().zip(acks).map(|(partition, ack)| Produced { partition, offset: ack.sequence - 1 }).collect();
             Ok(produced)
+        })
+    }
+
+    /// The first record expects the stream's last sequence to be `expected_end`
+    /// (`Nats-Expected-Last-Sequence`); each later one expects the message id of the one before
+    /// it (`Nats-Expected-Last-Msg-Id`, ids unique per call), so once one is refused, none after
+    /// it goes in, whoever appended in between.
+    fn produce_at<'a>(&'a self, topic: &'a str, partition: u32, expected_end: u64, records: Vec<Record>) -> StreamFuture<'a, u64> {
+        Box::pin(async move {
+            let partitions = self.config(topic).await?.partitions;
+            if partition >= partitions {
+                return Err(StreamError::PartitionNotFound { topic: topic.to_string(), partition, partitions });
+            }
+            let chain = format!("{:016x}", tributary_core::unique_u64());
+            let subject = self.subject(topic, partition);
+            let stamp = now_ms();
+            let mut messages = Vec::with_capacity(records.len());
+            for (i, record) in records.into_iter().enumerate() {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{chain}-{i}").as_str());
+                match i {
+                    0 => headers.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, expected_end.to_string().as_str()),
+                    _ => headers.insert(async_nats::header::NATS_EXPECTED_LAST_MESSAGE_ID, format!("{chain}-{}", i - 1).as_str()),
+                }
+                messages.push((subject.clone(), headers, Envelope::of(record, stamp)?));
+            }
+            let mut appended = 0;
+            for answer in publish_each(&self.jetstream, messages).await {
+                match answer {
+                    Ok(ack) if ack.sequence == expected_end + appended as u64 + 1 => appended += 1,
+                    Ok(ack) => return Err(backend(format!("a conditional append to partition {partition} of {topic:?} landed at sequence {}, expected {}", ack.sequence, expected_end + appended as u64 + 1))),
+                    Err(error) if matches!(error.kind(), PublishErrorKind::WrongLastSequence | PublishErrorKind::WrongLastMessageId) => {
+                        let (_, end) = NatsStreams::bounds(&mut self.partition(topic, partition).await?).await?;
+                        return Err(StreamError::EndMoved { topic: topic.to_string(), partition, expected: expected_end, end, appended });
+                    }
+                    Err(error) => return Err(backend(format!("appending to partition {partition} of {topic:?}: {error}"))),
+                }
+            }
+            Ok(expected_end)
         })
     }
 

@@ -101,6 +101,7 @@ impl From<LogError> for ApiError {
             LogError::Limit(_) => ApiError::too_large(message),
             LogError::OffsetOutOfRange { .. } => ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "offset_out_of_range", message),
             LogError::OutOfOrderSequence { .. } => ApiError::new(StatusCode::CONFLICT, "out_of_order_sequence", message),
+            LogError::EndMoved { .. } => ApiError::new(StatusCode::CONFLICT, "end_moved", message),
             LogError::Corrupt { .. } | LogError::Fenced(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_fenced", message),
             LogError::Config(_) => ApiError::bad_request(message),
             LogError::Locked(_) | LogError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
@@ -118,6 +119,7 @@ impl From<StreamError> for ApiError {
             StreamError::UnknownMember { .. } | StreamError::StaleGeneration { .. } | StreamError::NotAssigned { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "rebalance", message)
             }
+            StreamError::EndMoved { .. } => ApiError::new(StatusCode::CONFLICT, "end_moved", message),
             StreamError::Partition { source, .. } | StreamError::Log(source) => ApiError { message, ..ApiError::from(source) },
             StreamError::Io { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", message),
             StreamError::Backend { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", message),

@@ -58,8 +58,23 @@ impl SharedLog {
         self.wait(self.streams.produce(topic, records))
     }
 
+    /// Append to `partition` only if it ends at `expected_end` ([`StreamStore::produce_at`]).
+    pub fn produce_at(&self, topic: &str, partition: u32, expected_end: u64, records: Vec<Record>) -> Result<u64, StreamError> {
+        self.wait(self.streams.produce_at(topic, partition, expected_end, records))
+    }
+
     pub fn fetch(&self, topic: &str, partition: u32, offset: u64, max_records: usize) -> Result<Vec<StoredRecord>, StreamError> {
         self.wait(self.streams.fetch(topic, partition, offset, max_records))
+    }
+
+    pub fn seek_timestamp(&self, topic: &str, partition: u32, timestamp_ms: i64) -> Result<u64, StreamError> {
+        self.wait(self.streams.seek_timestamp(topic, partition, timestamp_ms))
+    }
+
+    /// True when another node may append to the log too (a network backend); false on the
+    /// embedded engine, where this node is the only writer and nothing needs following.
+    pub fn shared(&self) -> bool {
+        !self.streams.blocking()
     }
 
     /// Wait until `passed` holds for a follower's progress (`watermark`), at most

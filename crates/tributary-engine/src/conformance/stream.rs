@@ -23,6 +23,7 @@ pub const CASES: &[Case] = &[
     Case { name: "contiguous", guarantee: "offsets start at 0, are contiguous, and follow the order of a produce", run: contiguous },
     Case { name: "keyed", guarantee: "a keyed record goes to partition_for_key, and a key's records keep their order", run: keyed },
     Case { name: "unkeyed", guarantee: "the unkeyed records of one produce land together on one partition", run: unkeyed },
+    Case { name: "conditional", guarantee: "produce_at appends only at the expected end, else EndMoved naming the end; of writers racing at one end exactly one gets in, its records together", run: conditional },
     Case { name: "seek_time", guarantee: "seek_timestamp gives the first offset at or after a time, the end past the last", run: seek_time },
     Case { name: "errors", guarantee: "unknown topics and partitions, conflicting configurations and bad names are refused by name", run: errors },
     Case { name: "commits", guarantee: "committed offsets are per group and partition, and cannot pass the end", run: commits },
@@ -151,6 +152,65 @@ fn unkeyed(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
             let produced = ok(s.produce(&topic, vec![Record::from_value(format!("{batch}a")), Record::from_value(format!("{batch}b"))]).await, "produce")?;
             check!(produced[0].partition == produced[1].partition, "one produce's unkeyed records went to two partitions");
             check_eq!(produced[1].offset, produced[0].offset + 1);
+        }
+        Ok(())
+    })
+}
+
+fn conditional(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(2)).await, "create")?;
+        let records = |names: &[&str]| names.iter().map(|n| Record::from_value(n.to_string())).collect::<Vec<_>>();
+        check_eq!(ok(s.produce_at(&topic, 1, 0, records(&["a", "b"])).await, "an append at the end of an empty partition")?, 0);
+        check_eq!(ok(s.produce_at(&topic, 1, 2, records(&["c"])).await, "an append at the new end")?, 2);
+        let passed = |e: &StreamError| matches!(e, StreamError::EndMoved { expected: 2, end: 3, appended: 0, partition: 1, .. });
+        refused(s.produce_at(&topic, 1, 2, records(&["late", "later"])).await, "an append expecting an end passed", passed)?;
+        let ahead = |e: &StreamError| matches!(e, StreamError::EndMoved { expected: 5, end: 3, appended: 0, partition: 1, .. });
+        refused(s.produce_at(&topic, 1, 5, records(&["early"])).await, "an append expecting an end not reached", ahead)?;
+        check_eq!(ok(s.offsets(&topic, 1).await, "offsets")?, (0, 3));
+        check_eq!(ok(s.fetch(&topic, 1, 0, 10).await, "fetch")?.iter().map(value).collect::<Vec<_>>(), vec!["a", "b", "c"]);
+        check_eq!(ok(s.offsets(&topic, 0).await, "offsets of the other partition")?, (0, 0));
+        refused(s.produce_at(&topic, 2, 0, records(&["x"])).await, "an append to partition 2 of 2", |e| matches!(e, StreamError::PartitionNotFound { partition: 2, .. }))?;
+        refused(s.produce_at(&format!("{topic}-missing"), 0, 0, records(&["x"])).await, "an append to a missing topic", |e| matches!(e, StreamError::TopicNotFound(_)))?;
+
+        // Writers that each read the end and append three records at it, concurrently. Every
+        // record of the log then follows the one before it in its own append, and the log
+        // holds exactly what the answers say went in.
+        let topic = topic.as_str();
+        let writer = |w: u32| async move {
+            let mut went_in = 0usize;
+            for round in 0..8 {
+                let (_, end) = s.offsets(topic, 0).await?;
+                let batch = (0..3).map(|i| Record::from_value(format!("{w}-{round}-{i}"))).collect();
+                match s.produce_at(topic, 0, end, batch).await {
+                    Ok(offset) if offset == end => went_in += 3,
+                    Ok(offset) => return Err(StreamError::Invalid(format!("appended at {offset}, expected {end}"))),
+                    Err(StreamError::EndMoved { expected, end: moved, appended, .. }) if moved > expected => went_in += appended,
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(went_in)
+        };
+        let results = futures_util::future::join_all((0..4).map(writer)).await;
+        let mut went_in = 0;
+        for result in results {
+            went_in += ok(result, "a racing writer")?;
+        }
+        let end = ok(s.offsets(topic, 0).await, "offsets after the race")?.1;
+        check_eq!(end as usize, went_in);
+        let mut log = Vec::new();
+        while (log.len() as u64) < end {
+            let batch = ok(s.fetch(topic, 0, log.len() as u64, 100).await, "fetch")?;
+            check!(!batch.is_empty(), "the log ends early, at {}", log.len());
+            log.extend(batch.iter().map(value));
+        }
+        check!(log.len() >= 3, "no racing writer got in");
+        for (i, name) in log.iter().enumerate() {
+            let (run, n) = name.rsplit_once('-').ok_or("a record without its index")?;
+            if n != "0" {
+                let before = format!("{run}-{}", n.parse::<u32>().map_err(|e| e.to_string())? - 1);
+                check!(i > 0 && log[i - 1] == before, "record {i} ({name}) does not follow {before}: {log:?}");
+            }
         }
         Ok(())
     })

@@ -10,6 +10,9 @@
 //!   records of one produce go together to one partition, chosen in turn per call.
 //! - A record comes back as it went in: key, value (a tombstone `None` stays `None`, an empty
 //!   value stays empty), headers in order, and its timestamp (0 on produce means "stamp it").
+//! - `produce_at` appends to one partition only at the end the caller expects; when another
+//!   writer got there first it is refused with [`StreamError::EndMoved`](crate::StreamError::EndMoved),
+//!   which names the end. Of writers racing at one end, exactly one gets in.
 //! - `seek_timestamp` gives the first offset whose timestamp is at or after the time.
 //! - A committed offset is durable and per (topic, group, partition); groups are independent.
 //!
@@ -57,6 +60,13 @@ pub trait StreamStore: Send + Sync + std::fmt::Debug {
     fn partitions<'a>(&'a self, topic: &'a str) -> StreamFuture<'a, u32>;
     /// Appends `records` durably and returns where each went, in the order given.
     fn produce<'a>(&'a self, topic: &'a str, records: Vec<Record>) -> StreamFuture<'a, Vec<Produced>>;
+    /// Appends `records` to `partition`, in order, only if it ends at `expected_end` (its next
+    /// offset): a writer that checked them against a state built from the log up to there
+    /// appends on top of that state, whichever node it runs on. Returns the first record's
+    /// offset. Refused with [`StreamError::EndMoved`](crate::StreamError::EndMoved) when the
+    /// partition ends elsewhere; a backend that appends record by record says how many of the
+    /// leading records went in before it was overtaken (the embedded engine writes all or none).
+    fn produce_at<'a>(&'a self, topic: &'a str, partition: u32, expected_end: u64, records: Vec<Record>) -> StreamFuture<'a, u64>;
     /// At most `max_records` records from `offset` on: none at the end, and
     /// [`LogError::OffsetOutOfRange`](tributary_log::LogError::OffsetOutOfRange) (in
     /// [`StreamError::Partition`](crate::StreamError::Partition)) before the start or past the end.
@@ -98,6 +108,9 @@ impl StreamStore for Topics {
     }
     fn produce<'a>(&'a self, topic: &'a str, records: Vec<Record>) -> StreamFuture<'a, Vec<Produced>> {
         Box::pin(async move { self.get(topic)?.produce(&records) })
+    }
+    fn produce_at<'a>(&'a self, topic: &'a str, partition: u32, expected_end: u64, records: Vec<Record>) -> StreamFuture<'a, u64> {
+        Box::pin(async move { Ok(self.get(topic)?.produce_at(partition, expected_end, &records)?.base_offset) })
     }
     fn fetch<'a>(&'a self, topic: &'a str, partition: u32, offset: u64, max_records: usize) -> StreamFuture<'a, Vec<StoredRecord>> {
         Box::pin(async move { self.get(topic)?.fetch(partition, offset, max_records, STREAM_FETCH_BYTES_MAX) })

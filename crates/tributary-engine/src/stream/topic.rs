@@ -190,6 +190,15 @@ impl Topic {
         self.log(partition)?.append(records).map_err(|e| self.partition_error(partition, e))
     }
 
+    /// Append records to one partition as one batch only if it ends at `expected_end`, else
+    /// [`StreamError::EndMoved`] and nothing is written.
+    pub fn produce_at(&self, partition: u32, expected_end: u64, records: &[Record]) -> Result<Appended> {
+        self.log(partition)?.append_at(expected_end, records).map_err(|e| match e {
+            LogError::EndMoved { expected, end } => StreamError::EndMoved { topic: self.name.clone(), partition, expected, end, appended: 0 },
+            e => self.partition_error(partition, e),
+        })
+    }
+
     /// Append as an idempotent producer: a retried batch (same producer id and sequence)
     /// returns its original offsets, also after a restart.
     pub fn produce_idempotent(&self, partition: u32, producer_id: u64, base_sequence: u32, records: &[Record]) -> Result<Appended> {
