@@ -88,9 +88,10 @@ use tokio::sync::{Notify, oneshot};
 use tributary_core::limits::BATCH_BYTES_MAX;
 use tributary_core::{Record, StoredRecord, Subject, SubjectPattern, now_ms, partition_for_key};
 use tributary_engine::pubsub::{SubjectTrie, SubscriptionId};
-use tributary_engine::stream::{Topic, TopicConfig};
+use tributary_engine::stream::TopicConfig;
 use tributary_engine::{Engine, StreamError};
 use tributary_runtime::SystemMetrics;
+use tributary_server::shared_log::{self, FANOUT_WAIT_MAX, Reader, SharedLog};
 use tributary_server::{ApiError, Gateway, SystemApi};
 
 use crate::{Context, System};
@@ -114,6 +115,8 @@ pub const SUBSCRIBER_BUFFER_MAX: usize = 1_000_000;
 pub const SUBSCRIPTION_PATTERNS_MAX: usize = 1_000;
 /// Log records read per step of a replay, per partition.
 pub const REPLAY_CHUNK_RECORDS: usize = 64;
+/// Log records read per step of the rebuild at start and of a follower.
+pub const RECOVER_CHUNK_RECORDS: usize = 1_000;
 /// A silent symbol is marked stale after this long by default, in milliseconds.
 pub const STALE_AFTER_MS_DEFAULT: i64 = 5_000;
 
@@ -330,6 +333,8 @@ struct Partition {
     jobs: Mutex<VecDeque<Job>>,
     wake: Condvar,
     state: Mutex<PartitionState>,
+    /// Signalled when the follower applied what another node appended (a shared log).
+    applied: Condvar,
 }
 
 /// A gap, stale or resumed event as kept for queries.
@@ -344,7 +349,8 @@ pub struct RecordedEvent {
 /// What the worker threads, the stale sweeper and the API share.
 struct Shared {
     config: StockConfig,
-    topic: Arc<Topic>,
+    /// The tick log: the engine's topic, or one every node appends to.
+    log: SharedLog,
     partitions: Vec<Partition>,
     trie: RwLock<SubjectTrie<Arc<Subscriber>>>,
     /// Bumped by every subscribe and unsubscribe: cached matches older than it are redone.
@@ -356,8 +362,12 @@ struct Shared {
     next_event: AtomicU64,
     metrics: SystemMetrics,
     ticks_total: AtomicU64,
+    /// Appends refused because another node appended to the partition first.
+    overtaken: AtomicU64,
     stop: AtomicBool,
     stop_signal: (Mutex<bool>, Condvar),
+    /// Set to stop the followers of a shared log.
+    following: Arc<AtomicBool>,
 }
 
 pub struct StockPriceUpdates {
@@ -365,6 +375,19 @@ pub struct StockPriceUpdates {
     gateway: Gateway,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The blocks of one round, made from the ticks that passed the check against a partition's
+/// state applied up to `expected` (its end then).
+struct Blocks {
+    expected: u64,
+    records: Vec<Record>,
+    /// Ticks per record.
+    counts: Vec<usize>,
+    /// Per tick, in block order: (job, index in the job), its symbol's slot, when it arrived.
+    origin: Vec<(usize, usize)>,
+    slots: Vec<u32>,
+    accepted_at: Vec<Instant>,
 }
 
 pub fn start(context: &Context) -> anyhow::Result<Arc<dyn System>> {
@@ -544,79 +567,156 @@ impl Shared {
         }
     }
 
+    /// One round of a partition's worker: check the jobs' ticks against the applied state,
+    /// append them as blocks at the end that state was built from, apply them in log order,
+    /// fan out, answer. On a shared log another node may have appended first: then this node's
+    /// follower applies what it appended, and the ticks not yet in the log are checked again
+    /// (a seq another node took meanwhile is now refused as a duplicate).
     fn round(&self, partition: &Partition, jobs: Vec<Job>) {
-        let now = now_ms();
         let mut rejected: Vec<Vec<Rejected>> = jobs.iter().map(|_| Vec::new()).collect();
-        let mut slots: Vec<u32> = Vec::new();
-        let mut accepted_at: Vec<Instant> = Vec::new();
-        let mut records: Vec<Record> = Vec::new();
-        let mut block: Vec<u8> = Vec::new();
-        let mut in_block = 0;
-        {
-            let mut state = partition.state.lock();
-            for (j, job) in jobs.iter().enumerate() {
-                for tick in &job.ticks {
-                    let symbol = tick.symbol(&job.body);
-                    let Some(slot) = self.slot(&mut state, symbol, now) else {
-                        rejected[j].push(Rejected { index: tick.index, error: format!("{symbol}: the system tracks SYMBOLS_MAX ({}) symbols already", process::SYMBOLS_MAX) });
-                        continue;
-                    };
-                    if let Err(error) = state.entries[slot as usize].state.reserve(tick.seq) {
-                        rejected[j].push(Rejected { index: tick.index, error });
-                        continue;
-                    }
-                    if in_block == 0 {
-                        block.reserve(process::TICKS_PER_RECORD_MAX.min(64) * 48);
-                        block.extend_from_slice(process::BINARY_MAGIC);
-                    }
-                    process::encode_tick(&mut block, symbol, tick.price, tick.size, tick.ts_ms, tick.seq);
-                    slots.push(slot);
-                    accepted_at.push(job.accepted);
-                    in_block += 1;
-                    if in_block == process::TICKS_PER_RECORD_MAX {
-                        records.push(Record::from_value(std::mem::take(&mut block)));
-                        in_block = 0;
-                    }
-                }
-            }
-        }
-        if in_block > 0 {
-            records.push(Record::from_value(block));
-        }
-        let appended = if records.is_empty() { None } else { Some(self.topic.produce_to(partition.index, &records)) };
+        let mut pending: Vec<(usize, usize)> = jobs.iter().enumerate().flat_map(|(j, job)| (0..job.ticks.len()).map(move |t| (j, t))).collect();
         let mut out = Vec::new();
-        let result = match appended {
-            Some(Err(error)) => {
-                // Nothing of the round is in the log: let the sequences be offered again.
+        let mut accepted = 0;
+        let result = loop {
+            let blocks = self.check(partition, &jobs, &pending, &mut rejected);
+            if blocks.records.is_empty() {
+                break Ok(());
+            }
+            let (went_in, error) = match self.log.produce_at(TICKS_TOPIC, partition.index, blocks.expected, blocks.records.clone()) {
+                Ok(_) => (blocks.records.len(), None),
+                Err(StreamError::EndMoved { appended, end, .. }) => {
+                    self.overtaken.fetch_add(1, Ordering::Relaxed);
+                    (appended, Some(Ok(end)))
+                }
+                Err(error) => (0, Some(Err(error))),
+            };
+            accepted += self.apply_appended(partition, &blocks, went_in, &mut out);
+            let Some(error) = error else { break Ok(()) };
+            // Ticks not in the log: let their sequences be offered again.
+            let in_log: usize = blocks.counts[..went_in].iter().sum();
+            {
                 let mut state = partition.state.lock();
-                for &slot in &slots {
+                for &slot in &blocks.slots[in_log..] {
                     let entry = &mut state.entries[slot as usize].state;
                     entry.reserved_seq = entry.seq;
                 }
-                self.metrics.error();
-                Err(ApiError::from(error))
             }
-            Some(Ok(appended)) => {
-                let mut state = partition.state.lock();
-                let mut at = 0;
-                for record in &records {
-                    let ticks = process::read_block(record.value.as_deref().expect("blocks have values")).expect("a block we just wrote reads back");
-                    let n = ticks.len();
-                    self.apply_block(&mut state, &ticks, Some(&slots[at..at + n]), Some(&accepted_at[at..at + n]), &mut out, true);
-                    at += n;
+            pending = blocks.origin[in_log..].to_vec();
+            match error {
+                Ok(end) if self.log.shared() && self.wait_applied(partition, end) => continue,
+                Ok(end) => {
+                    let message = format!("another node appended to partition {} of {TICKS_TOPIC} first, and this node has not applied up to offset {end} within FANOUT_WAIT_MAX ({FANOUT_WAIT_MAX:?}); the ticks listed as accepted are in the log, the others are not", partition.index);
+                    break Err(ApiError::from(StreamError::Backend { backend: "shared log", message }));
                 }
-                state.applied_end = appended.last_offset + 1;
-                drop(state);
-                self.ticks_total.fetch_add(slots.len() as u64, Ordering::Relaxed);
-                self.metrics.messages_in(slots.len() as u64);
-                Ok(())
+                Err(error) => break Err(ApiError::from(error)),
             }
-            None => Ok(()),
         };
+        if result.is_err() {
+            self.metrics.error();
+        }
+        self.ticks_total.fetch_add(accepted as u64, Ordering::Relaxed);
+        self.metrics.messages_in(accepted as u64);
         self.deliver(out);
         for (job, rejected) in jobs.into_iter().zip(rejected) {
             let _ = job.reply.send(result.clone().map(|_| rejected));
         }
+    }
+
+    /// Check the `pending` ticks against the partition's applied state, reserving their
+    /// sequences, and pack those that pass into blocks; the others go to `rejected`.
+    fn check(&self, partition: &Partition, jobs: &[Job], pending: &[(usize, usize)], rejected: &mut [Vec<Rejected>]) -> Blocks {
+        let now = now_ms();
+        let mut blocks = Blocks { expected: 0, records: Vec::new(), counts: Vec::new(), origin: Vec::new(), slots: Vec::new(), accepted_at: Vec::new() };
+        let mut block: Vec<u8> = Vec::new();
+        let mut state = partition.state.lock();
+        blocks.expected = state.applied_end;
+        for &(j, t) in pending {
+            let job = &jobs[j];
+            let tick = &job.ticks[t];
+            let symbol = tick.symbol(&job.body);
+            let Some(slot) = self.slot(&mut state, symbol, now) else {
+                rejected[j].push(Rejected { index: tick.index, error: format!("{symbol}: the system tracks SYMBOLS_MAX ({}) symbols already", process::SYMBOLS_MAX) });
+                continue;
+            };
+            if let Err(error) = state.entries[slot as usize].state.reserve(tick.seq) {
+                rejected[j].push(Rejected { index: tick.index, error });
+                continue;
+            }
+            if block.is_empty() {
+                block.reserve(process::TICKS_PER_RECORD_MAX.min(64) * 48);
+                block.extend_from_slice(process::BINARY_MAGIC);
+                blocks.counts.push(0);
+            }
+            process::encode_tick(&mut block, symbol, tick.price, tick.size, tick.ts_ms, tick.seq);
+            blocks.origin.push((j, t));
+            blocks.slots.push(slot);
+            blocks.accepted_at.push(job.accepted);
+            let in_block = blocks.counts.last_mut().expect("a block is open");
+            *in_block += 1;
+            if *in_block == process::TICKS_PER_RECORD_MAX {
+                blocks.records.push(Record::from_value(std::mem::take(&mut block)));
+            }
+        }
+        if !block.is_empty() {
+            blocks.records.push(Record::from_value(block));
+        }
+        blocks
+    }
+
+    /// Apply the first `went_in` records of `blocks`, appended from `blocks.expected` on,
+    /// unless this node's follower applied them first. Returns their ticks.
+    fn apply_appended(&self, partition: &Partition, blocks: &Blocks, went_in: usize, out: &mut Vec<(Arc<Subscriber>, Arc<MarketEvent>)>) -> usize {
+        let mut state = partition.state.lock();
+        let mut at = 0;
+        for (offset, (record, &n)) in (blocks.expected..).zip(blocks.records.iter().zip(&blocks.counts)).take(went_in) {
+            if offset >= state.applied_end {
+                debug_assert_eq!(offset, state.applied_end, "appended at the applied end");
+                let ticks = process::read_block(record.value.as_deref().expect("blocks have values")).expect("a block we just wrote reads back");
+                self.apply_block(&mut state, &ticks, Some(&blocks.slots[at..at + n]), Some(&blocks.accepted_at[at..at + n]), out, true);
+                state.applied_end = offset + 1;
+            }
+            at += n;
+        }
+        at
+    }
+
+    /// Wait until this node's follower applied the partition up to `end`: false after
+    /// [`FANOUT_WAIT_MAX`] or at shutdown.
+    fn wait_applied(&self, partition: &Partition, end: u64) -> bool {
+        let deadline = Instant::now() + FANOUT_WAIT_MAX;
+        let mut state = partition.state.lock();
+        while state.applied_end < end {
+            if self.stop.load(Ordering::Acquire) || Instant::now() >= deadline {
+                return false;
+            }
+            partition.applied.wait_for(&mut state, Duration::from_millis(200));
+        }
+        true
+    }
+
+    /// Apply what the follower read of a shared log: the records other nodes appended, and
+    /// this node's own when the follower got to them first (records below the applied end were
+    /// applied already).
+    fn follow(&self, p: usize, records: &[StoredRecord]) {
+        let partition = &self.partitions[p];
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let mut out = Vec::new();
+        let mut state = partition.state.lock();
+        for record in records {
+            if record.offset < state.applied_end {
+                continue;
+            }
+            state.applied_end = record.offset + 1;
+            let Some(ticks) = record.value.as_deref().and_then(process::read_block) else {
+                tracing::warn!(partition = partition.index, offset = record.offset, "skipping a record of stock-ticks that is not a tick block");
+                continue;
+            };
+            let at = vec![shared_log::accepted_at(record, now, now_ms); ticks.len()];
+            self.apply_block(&mut state, &ticks, None, Some(&at), &mut out, true);
+        }
+        drop(state);
+        partition.applied.notify_all();
+        self.deliver(out);
     }
 
     /// Mark silent symbols stale and tell their subscribers.
@@ -667,12 +767,12 @@ impl Shared {
     fn recover(&self) -> Result<u64, StreamError> {
         let mut ticks = 0;
         for partition in &self.partitions {
-            let (start, end) = self.topic.offsets(partition.index)?;
+            let (start, end) = self.log.offsets(TICKS_TOPIC, partition.index)?;
             let mut state = partition.state.lock();
             let mut offset = start;
             let mut ignored = Vec::new();
             while offset < end {
-                let records = self.topic.fetch(partition.index, offset, 1_000, BATCH_BYTES_MAX)?;
+                let records = self.log.fetch(TICKS_TOPIC, partition.index, offset, RECOVER_CHUNK_RECORDS)?;
                 let Some(last) = records.last() else { break };
                 offset = last.offset + 1;
                 for record in &records {
@@ -694,13 +794,14 @@ impl StockPriceUpdates {
     pub fn open(context: &Context, config: StockConfig) -> anyhow::Result<Arc<StockPriceUpdates>> {
         config.validate()?;
         let engine = context.engine.clone();
-        let topic = engine.topics.create(TICKS_TOPIC, TopicConfig { partitions: config.partitions, retention_ms: config.retention_ms, ..TopicConfig::default() })?;
+        let log = SharedLog::current(context.streams.clone());
+        log.create_topic(TICKS_TOPIC, TopicConfig { partitions: config.partitions, retention_ms: config.retention_ms, ..TopicConfig::default() })?;
         let partitions = (0..config.partitions)
-            .map(|index| Partition { index, jobs: Mutex::new(VecDeque::new()), wake: Condvar::new(), state: Mutex::new(PartitionState::default()) })
+            .map(|index| Partition { index, jobs: Mutex::new(VecDeque::new()), wake: Condvar::new(), state: Mutex::new(PartitionState::default()), applied: Condvar::new() })
             .collect();
         let shared = Arc::new(Shared {
             config,
-            topic,
+            log,
             partitions,
             trie: RwLock::new(SubjectTrie::new()),
             generation: AtomicU64::new(0),
@@ -711,13 +812,31 @@ impl StockPriceUpdates {
             next_event: AtomicU64::new(1),
             metrics: SystemMetrics::new(ID),
             ticks_total: AtomicU64::new(0),
+            overtaken: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stop_signal: (Mutex::new(false), Condvar::new()),
+            following: Arc::new(AtomicBool::new(false)),
         });
         let started = Instant::now();
         let recovered = shared.recover()?;
         if recovered > 0 {
             tracing::info!(ticks = recovered, elapsed_ms = started.elapsed().as_millis() as u64, "stock-price-updates rebuilt its state from the tick log");
+        }
+        if shared.log.shared() {
+            // One follower per partition, from where the rebuild ended.
+            for p in 0..shared.partitions.len() {
+                let mut reader = Reader::new(&shared.log, TICKS_TOPIC, p as u32);
+                let mut next = shared.partitions[p].state.lock().applied_end;
+                let step = move |shared: &Shared| {
+                    let records = reader.read(next, RECOVER_CHUNK_RECORDS)?;
+                    if let Some(last) = records.last() {
+                        next = last.offset + 1;
+                        shared.follow(p, &records);
+                    }
+                    Ok(())
+                };
+                shared_log::follow(&format!("stock-follow-p{p}"), Arc::downgrade(&shared), shared.following.clone(), step)?;
+            }
         }
         let mut threads = Vec::new();
         for p in 0..shared.partitions.len() {
@@ -864,24 +983,24 @@ impl StockPriceUpdates {
     /// Start a replay of the log: ticks accepted at or after `from_ms` (and at or before
     /// `to_ms`), up to `ends` per partition (or the durable end), matching `patterns`.
     pub fn replay(&self, from_ms: i64, to_ms: Option<i64>, patterns: Vec<SubjectPattern>, ends: Option<Vec<u64>>) -> Result<Replay, StreamError> {
-        let topic = self.shared.topic.clone();
-        let count = topic.partition_count();
+        let log = self.shared.log.clone();
+        let count = self.shared.partitions.len() as u32;
         let mut positions = Vec::with_capacity(count as usize);
         let mut limits = Vec::with_capacity(count as usize);
         for p in 0..count {
-            positions.push((topic.seek_timestamp(p, from_ms)?, 0));
+            positions.push((log.seek_timestamp(TICKS_TOPIC, p, from_ms)?, 0));
             limits.push(match &ends {
                 Some(ends) => ends[p as usize],
-                None => topic.offsets(p)?.1,
+                None => log.offsets(TICKS_TOPIC, p)?.1,
             });
         }
-        Ok(Replay { topic, to_ms, matcher: Matcher::new(patterns), positions, ends: limits, held: (0..count).map(|_| VecDeque::new()).collect() })
+        Ok(Replay { log, to_ms, matcher: Matcher::new(patterns), positions, ends: limits, held: (0..count).map(|_| VecDeque::new()).collect() })
     }
 
     /// Continue a replay from a cursor of [`Replay::cursor`].
     pub fn replay_from_cursor(&self, cursor: &str, to_ms: Option<i64>, patterns: Vec<SubjectPattern>) -> Result<Replay, String> {
-        let topic = self.shared.topic.clone();
-        let count = topic.partition_count() as usize;
+        let log = self.shared.log.clone();
+        let count = self.shared.partitions.len();
         let parts: Vec<&str> = cursor.split('-').collect();
         if parts.len() != count {
             return Err(format!("cursor {cursor:?} is not one of this log's ({count} partitions)"));
@@ -895,9 +1014,9 @@ impl StockPriceUpdates {
         }
         let mut ends = Vec::with_capacity(count);
         for p in 0..count as u32 {
-            ends.push(topic.offsets(p).map_err(|e| e.to_string())?.1);
+            ends.push(log.offsets(TICKS_TOPIC, p).map_err(|e| e.to_string())?.1);
         }
-        Ok(Replay { topic, to_ms, matcher: Matcher::new(patterns), positions, ends, held: (0..count).map(|_| VecDeque::new()).collect() })
+        Ok(Replay { log, to_ms, matcher: Matcher::new(patterns), positions, ends, held: (0..count).map(|_| VecDeque::new()).collect() })
     }
 
     pub fn subscribers(&self) -> usize {
@@ -919,6 +1038,7 @@ impl StockPriceUpdates {
         }
         *shared.stop_signal.0.lock() = true;
         shared.stop_signal.1.notify_all();
+        shared.following.store(true, Ordering::Release);
         for handle in self.threads.lock().drain(..) {
             let _ = handle.join();
         }
@@ -983,7 +1103,7 @@ fn is_zero(n: &u64) -> bool {
 /// A replay in progress: a position per partition (next record, ticks of it already emitted),
 /// records held per partition, merged by the log's time (ties: lower partition first).
 pub struct Replay {
-    topic: Arc<Topic>,
+    log: SharedLog,
     to_ms: Option<i64>,
     matcher: Matcher,
     positions: Vec<(u64, u32)>,
@@ -1010,9 +1130,9 @@ impl Replay {
             for p in 0..self.held.len() {
                 let (offset, _) = self.positions[p];
                 if self.held[p].is_empty() && offset < self.ends[p] {
-                    let (start, _) = self.topic.offsets(p as u32)?;
+                    let (start, _) = self.log.offsets(TICKS_TOPIC, p as u32)?;
                     let from = offset.max(start);
-                    let records = self.topic.fetch(p as u32, from, REPLAY_CHUNK_RECORDS, BATCH_BYTES_MAX)?;
+                    let records = self.log.fetch(TICKS_TOPIC, p as u32, from, REPLAY_CHUNK_RECORDS)?;
                     let end = self.ends[p];
                     let before = self.held[p].len();
                     self.held[p].extend(records.into_iter().filter(|r| r.offset >= from && r.offset < end));
@@ -1081,6 +1201,7 @@ impl System for StockPriceUpdates {
             "subscribers": self.subscribers(),
             "ticks_total": self.shared.ticks_total.load(Ordering::Relaxed),
             "partitions": self.shared.partitions.len(),
+            "appends_overtaken": self.shared.overtaken.load(Ordering::Relaxed),
         })
     }
 

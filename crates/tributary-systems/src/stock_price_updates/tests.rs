@@ -1,5 +1,6 @@
 //! Feature tests of stock-price-updates through its real HTTP, WebSocket and SSE API, on a
-//! server started in-process on 127.0.0.1:0 over an engine in a temporary folder.
+//! server started in-process on 127.0.0.1:0, each on the embedded engine in a temporary folder
+//! and on the machine's NATS JetStream ([`on_both!`]); and two nodes on one shared log.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,11 +12,12 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::ServerConfig;
 
 use super::process::{self, Interval, Periods};
 use super::{StockConfig, StockPriceUpdates};
-use crate::{Context, System};
+use crate::System;
+use crate::test_support::{Backend, on_both};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// A fixed moment for ticks with explicit times: 2026-11-28 10:00:00 UTC.
@@ -43,13 +45,13 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path) -> App {
-        App::start_with(dir, config()).await
+    async fn start(dir: &Path, backend: &Backend) -> App {
+        App::start_with(dir, backend, config()).await
     }
 
-    async fn start_with(dir: &Path, config: StockConfig) -> App {
+    async fn start_with(dir: &Path, backend: &Backend, config: StockConfig) -> App {
         let engine = Arc::new(Engine::open(dir).unwrap());
-        let context = Context::embedded(engine, Gateway::default());
+        let context = backend.context(engine).await;
         let system = StockPriceUpdates::open(&context, config).unwrap();
         let app = tributary_server::router(&ServerConfig::default(), vec![system.clone().api()], Router::new());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -62,7 +64,8 @@ impl App {
     }
 
     /// Stop serving and drop everything holding the engine without a clean close: only what
-    /// was acknowledged is relied on afterwards.
+    /// was acknowledged is relied on afterwards. The system's threads stop as at a node's
+    /// shutdown, also while connections the test left open still hold it.
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.server.take().unwrap().await.unwrap().unwrap();
@@ -73,6 +76,7 @@ impl App {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::task::block_in_place(|| system.shutdown());
         drop(system);
     }
 
@@ -160,10 +164,9 @@ fn prices(events: &[Value]) -> Vec<(String, f64)> {
     events.iter().map(|e| (e["symbol"].as_str().unwrap().to_string(), e["price"].as_f64().unwrap())).collect()
 }
 
-#[tokio::test]
-async fn ndjson_and_binary_ticks_are_acknowledged_and_become_the_last_price() {
+async fn ndjson_and_binary_ticks_are_acknowledged_and_become_the_last_price(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.ticks(&[json!({"symbol": "NAS.AAPL", "price": 189.5, "size": 100, "ts": T0, "seq": 1}), tick("NAS.MSFT", 401.25)]).await;
     let mut binary = process::BINARY_MAGIC.to_vec();
     process::encode_tick(&mut binary, "NAS.AAPL", 190.0, 50.0, T0 + 1, 2);
@@ -188,11 +191,11 @@ async fn ndjson_and_binary_ticks_are_acknowledged_and_become_the_last_price() {
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
     app.stop().await;
 }
+on_both!(ndjson_and_binary_ticks_are_acknowledged_and_become_the_last_price);
 
-#[tokio::test]
-async fn bad_ticks_are_refused_one_by_one_and_the_good_ones_of_the_batch_are_kept() {
+async fn bad_ticks_are_refused_one_by_one_and_the_good_ones_of_the_batch_are_kept(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let body = b"{\"symbol\":\"AAPL\",\"price\":1.5}\nnot json\n{\"symbol\":\"AA PL\",\"price\":1}\n{\"symbol\":\"MSFT\",\"price\":0}\n{\"symbol\":\"MSFT\",\"price\":2,\"ts\":99999999999999}\n{\"symbol\":\"IBM\",\"price\":3,\"colour\":1}\n{\"symbol\":\"IBM\",\"price\":3}\n";
     let (status, response) = app.post(body.to_vec(), "application/x-ndjson").await;
     assert_eq!(status, 201, "{response}");
@@ -220,11 +223,11 @@ async fn bad_ticks_are_refused_one_by_one_and_the_good_ones_of_the_batch_are_kep
     assert_eq!(status, 400);
     app.stop().await;
 }
+on_both!(bad_ticks_are_refused_one_by_one_and_the_good_ones_of_the_batch_are_kept);
 
-#[tokio::test]
-async fn a_repeated_sequence_is_refused_and_a_jump_is_a_gap_event() {
+async fn a_repeated_sequence_is_refused_and_a_jump_is_a_gap_event(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut ws = app.ws("symbols=AAPL").await;
     app.ticks(&[json!({"symbol": "AAPL", "price": 1, "seq": 10}), json!({"symbol": "AAPL", "price": 2, "seq": 11})]).await;
     // A feed retrying the same ticks after a timeout: both refused, nothing applied twice.
@@ -242,11 +245,11 @@ async fn a_repeated_sequence_is_refused_and_a_jump_is_a_gap_event() {
     assert_eq!((aapl["ticks"].as_u64(), aapl["gaps"].as_u64(), aapl["missing"].as_u64(), aapl["seq"].as_u64()), (Some(3), Some(1), Some(3), Some(15)));
     app.stop().await;
 }
+on_both!(a_repeated_sequence_is_refused_and_a_jump_is_a_gap_event);
 
-#[tokio::test]
-async fn a_silent_symbol_is_reported_stale_and_then_resumed() {
+async fn a_silent_symbol_is_reported_stale_and_then_resumed(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start_with(dir.path(), StockConfig { stale_after_ms: 400, ..config() }).await;
+    let app = App::start_with(dir.path(), &backend, StockConfig { stale_after_ms: 400, ..config() }).await;
     let mut ws = app.ws("symbols=IBM,MSFT").await;
     app.ticks(&[tick("IBM", 100.0)]).await;
     assert_eq!(ws.events(1).await[0]["type"], "tick");
@@ -265,11 +268,11 @@ async fn a_silent_symbol_is_reported_stale_and_then_resumed() {
     assert_eq!(kinds, vec!["stale", "resumed"]);
     app.stop().await;
 }
+on_both!(a_silent_symbol_is_reported_stale_and_then_resumed);
 
-#[tokio::test]
-async fn subscribers_get_only_their_symbols_and_patterns_over_websocket_and_sse() {
+async fn subscribers_get_only_their_symbols_and_patterns_over_websocket_and_sse(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut nas = app.ws("symbols=NAS.*").await;
     let mut both = app.ws("symbols=LSE.VOD,NAS.AAPL").await;
     let response = app.client.get(format!("{}/v1/stocks/stream?symbols=LSE.>", app.base)).send().await.unwrap();
@@ -310,11 +313,11 @@ async fn subscribers_get_only_their_symbols_and_patterns_over_websocket_and_sse(
     assert_eq!(status, 400, "symbols are required");
     app.stop().await;
 }
+on_both!(subscribers_get_only_their_symbols_and_patterns_over_websocket_and_sse);
 
-#[tokio::test]
-async fn bars_close_with_ohlc_vwap_and_indicators_streamed_and_queryable() {
+async fn bars_close_with_ohlc_vwap_and_indicators_streamed_and_queryable(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let mut ws = app.ws("symbols=AAPL&ticks=false&bars=1s").await;
     // Three 1-second bars; periods are 2 (SMA, EMA) and 2 (RSI).
     let ticks = [
@@ -355,11 +358,11 @@ async fn bars_close_with_ohlc_vwap_and_indicators_streamed_and_queryable() {
     assert_eq!(status, 400, "{body}");
     app.stop().await;
 }
+on_both!(bars_close_with_ohlc_vwap_and_indicators_streamed_and_queryable);
 
-#[tokio::test]
-async fn replay_returns_the_ticks_accepted_since_a_time_page_by_page() {
+async fn replay_returns_the_ticks_accepted_since_a_time_page_by_page(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     app.ticks(&[tick("OLD", 1.0)]).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     let from = tributary_core::now_ms();
@@ -397,11 +400,11 @@ async fn replay_returns_the_ticks_accepted_since_a_time_page_by_page() {
     assert_eq!(status, 400);
     app.stop().await;
 }
+on_both!(replay_returns_the_ticks_accepted_since_a_time_page_by_page);
 
-#[tokio::test]
-async fn a_stream_from_a_time_replays_the_log_then_continues_live_without_gap_or_repeat() {
+async fn a_stream_from_a_time_replays_the_log_then_continues_live_without_gap_or_repeat(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let from = tributary_core::now_ms() - 1;
     let batch: Vec<Value> = (0..50).map(|i| json!({"symbol": format!("EX{}.S{i}", i % 2), "price": i + 1})).collect();
     app.ticks(&batch).await;
@@ -439,11 +442,11 @@ async fn a_stream_from_a_time_replays_the_log_then_continues_live_without_gap_or
     assert_eq!(sorted, want, "each EX0 tick once, replayed or live");
     app.stop().await;
 }
+on_both!(a_stream_from_a_time_replays_the_log_then_continues_live_without_gap_or_repeat);
 
-#[tokio::test]
-async fn a_slow_consumer_is_conflated_to_the_newest_price_or_else_disconnected() {
+async fn a_slow_consumer_is_conflated_to_the_newest_price_or_else_disconnected(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     // No credit: the connection cannot be sent anything while the ticks arrive.
     let mut conflated = app.ws("symbols=AAPL,MSFT&conflate=true&buffer=4&credit=0").await;
     let mut strict = app.ws("symbols=AAPL&buffer=4&credit=0").await;
@@ -475,18 +478,18 @@ async fn a_slow_consumer_is_conflated_to_the_newest_price_or_else_disconnected()
     }
     app.stop().await;
 }
+on_both!(a_slow_consumer_is_conflated_to_the_newest_price_or_else_disconnected);
 
-#[tokio::test]
-async fn a_restart_rebuilds_last_prices_sequences_and_bars_from_the_log() {
+async fn a_restart_rebuilds_last_prices_sequences_and_bars_from_the_log(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let lines: Vec<Value> = (0..6).map(|i| json!({"symbol": "AAPL", "price": 10 + i, "size": 1, "ts": T0 + i * 1_000, "seq": i + 1})).collect();
     app.ticks(&lines).await;
     app.ticks(&[tick("MSFT", 5.0)]).await;
     let (_, before) = app.get("/v1/stocks/symbols/AAPL/bars?interval=1s").await;
     app.stop().await;
 
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let (_, after) = app.get("/v1/stocks/symbols/AAPL/bars?interval=1s").await;
     assert_eq!(before, after, "bars and indicators are a function of the log");
     assert_eq!(after["bars"].as_array().unwrap().len(), 5);
@@ -498,14 +501,92 @@ async fn a_restart_rebuilds_last_prices_sequences_and_bars_from_the_log() {
     assert_eq!(last["prices"][0]["price"].as_f64(), Some(5.0));
     app.stop().await;
 }
+on_both!(a_restart_rebuilds_last_prices_sequences_and_bars_from_the_log);
 
-#[tokio::test]
-async fn status_counts_symbols_and_subscribers() {
+async fn status_counts_symbols_and_subscribers(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path()).await;
+    let app = App::start(dir.path(), &backend).await;
     let _ws = app.ws("symbols=%3E").await;
     app.ticks(&[tick("A", 1.0), tick("B", 2.0)]).await;
     let status = app.system.status();
     assert_eq!((status["symbols"].as_u64(), status["subscribers"].as_u64(), status["ticks_total"].as_u64()), (Some(2), Some(1), Some(2)));
     app.stop().await;
+}
+on_both!(status_counts_symbols_and_subscribers);
+
+/// Posts one tick per request, `seqs` in order, and returns the seqs the node accepted.
+async fn post_each(app: &App, symbol: &'static str, seqs: std::ops::RangeInclusive<u64>, price_offset: f64) -> Vec<u64> {
+    let mut accepted = Vec::new();
+    for seq in seqs {
+        let (status, body) = app.post(ndjson(&[json!({"symbol": symbol, "price": seq as f64 + price_offset, "seq": seq})]), "application/x-ndjson").await;
+        match status {
+            201 => accepted.push(seq),
+            400 => assert!(body["error"]["message"].as_str().unwrap().contains("duplicate or out of order"), "{body}"),
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_shared_log_accept_each_seq_once_and_serve_the_same_ticks() {
+    let backend = Backend::nats();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = App::start(dir_a.path(), &backend).await;
+    let b = App::start(dir_b.path(), &backend).await;
+    let mut watch_a = a.ws("symbols=AAPL,MSFT").await;
+    let mut watch_b = b.ws("symbols=AAPL,MSFT").await;
+
+    // The same feed posted through both nodes at once (a feed handler retrying on the other
+    // node): node A's copy of a tick has a whole price, node B's a price ending in .5.
+    let (from_a, from_b) = tokio::join!(post_each(&a, "AAPL", 1..=60, 0.0), post_each(&b, "AAPL", 1..=60, 0.5));
+    let overtaken = |app: &App| app.system.status()["appends_overtaken"].as_u64().unwrap();
+    println!("of seqs 1 to 60 posted through both nodes at once, A accepted {} (appends overtaken {}), B {} ({})", from_a.len(), overtaken(&a), from_b.len(), overtaken(&b));
+    let mut accepted: Vec<u64> = from_a.iter().chain(&from_b).copied().collect();
+    accepted.sort_unstable();
+    let count = accepted.len();
+    accepted.dedup();
+    assert_eq!(accepted.len(), count, "a seq accepted by both nodes: A {from_a:?}, B {from_b:?}");
+    assert!(accepted.contains(&60), "the last seq is accepted by one of them");
+    // Another symbol through node B only: every tick goes in.
+    assert_eq!(post_each(&b, "MSFT", 1..=20, 0.0).await.len(), 20);
+
+    // Both nodes' subscribers get exactly the accepted ticks, in the log's order (seq order).
+    let source = |e: &Value| (e["seq"].as_u64().unwrap(), e["price"].as_f64().unwrap().fract() == 0.5);
+    let events_a = watch_a.events(count + 20).await;
+    let events_b = watch_b.events(count + 20).await;
+    assert_eq!(events_a, events_b, "the two nodes deliver the same events");
+    let aapl: Vec<(u64, bool)> = events_a.iter().filter(|e| e["symbol"] == "AAPL").map(source).collect();
+    let want: Vec<(u64, bool)> = {
+        let mut all: Vec<(u64, bool)> = from_a.iter().map(|&s| (s, false)).chain(from_b.iter().map(|&s| (s, true))).collect();
+        all.sort_unstable();
+        all
+    };
+    assert_eq!(aapl, want, "each accepted tick once, in seq order, from the node that accepted it");
+    watch_a.quiet().await;
+    watch_b.quiet().await;
+    drop((watch_a, watch_b));
+
+    // The same state on both nodes, and the same replay.
+    for app in [&a, &b] {
+        let (_, view) = app.get("/v1/stocks/symbols/AAPL").await;
+        assert_eq!((view["ticks"].as_u64(), view["seq"].as_u64()), (Some(count as u64), Some(60)), "{view}");
+        let (_, replayed) = app.get("/v1/stocks/replay?from_ms=0&symbols=AAPL&limit=1000").await;
+        let replayed: Vec<(u64, bool)> = replayed["ticks"].as_array().unwrap().iter().map(source).collect();
+        assert_eq!(replayed, want);
+        let (status, body) = app.post(ndjson(&[json!({"symbol": "AAPL", "price": 1, "seq": 60})]), "application/x-ndjson").await;
+        assert_eq!(status, 400, "seq 60 is a duplicate on either node: {body}");
+    }
+
+    // A node started later rebuilds the same state from the shared log.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = App::start(dir_c.path(), &backend).await;
+    let (_, view) = c.get("/v1/stocks/symbols/AAPL").await;
+    assert_eq!((view["ticks"].as_u64(), view["seq"].as_u64()), (Some(count as u64), Some(60)), "{view}");
+    let (_, msft) = c.get("/v1/stocks/symbols/MSFT").await;
+    assert_eq!(msft["ticks"].as_u64(), Some(20));
+    for app in [a, b, c] {
+        app.stop().await;
+    }
+    backend.forget().await;
 }
