@@ -6,7 +6,11 @@
 //! The pattern: a publish only appends; each node's follower reads the log in offset order and
 //! fans out to the node's own connections, raising a watermark; the publish is answered once its
 //! node's watermark has passed its offsets. One reader per node, however many publishers: they
-//! wait for the follower rather than read the log themselves.
+//! wait for the follower rather than read the log themselves. A writer whose input is checked
+//! against the state the log built (stock prices' sequence numbers) appends with
+//! [`SharedLog::produce_at`] at the end that state reached, and lets its follower catch up when
+//! another node got there first. [`SharedLog`] serves the embedded engine too, where this node
+//! is the only writer ([`SharedLog::shared`] is false) and there is nothing to follow.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

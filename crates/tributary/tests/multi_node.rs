@@ -14,6 +14,9 @@
 //!   a node acknowledged (201) is in the survivor's history once, at the seq its sender was
 //!   told, in one gapless sequence.
 //!
+//! - stock-price-updates, behind the balancer under tick load with sequence numbers: the
+//!   survivor's log holds every tick a node acknowledged, each seq once.
+//!
 //! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), Redis on
 //! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`) and PostgreSQL with a database `test` on
 //! 127.0.0.1:5432 (or `TRIBUTARY_TEST_POSTGRES_URL`), which `.ci/run` starts or checks, and
@@ -533,6 +536,77 @@ async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
         "{total} messages acknowledged ({killed_at} before the kill), each kept once; {} sends retried, {} answered as repeats of a send already in the log",
         RETRIED.load(Ordering::Relaxed),
         REPEATED.load(Ordering::Relaxed)
+    );
+
+    balancer.abort();
+    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
+    nodes[1].wait().unwrap();
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_ticks_a_killed_node_acknowledged_are_in_the_others_log_once() {
+    const FEEDS: u64 = 3;
+    const PER_FEED: u64 = 200;
+    let namespace = namespace("multinode-s");
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &[]).await;
+    let direct = reqwest::Client::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+
+    // Feeds, one tick per request with its seq, each retried through the balancer until a node
+    // answers 201 (accepted) or refuses it as a duplicate (a retry of a tick already in the log,
+    // its answer lost with the killed node).
+    let acked: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
+    let (retried, repeated) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut feeds = Vec::new();
+    for feed in 0..FEEDS {
+        let (client, url, acked, retried, repeated) = (client.clone(), format!("{base}/v1/stocks/ticks"), acked.clone(), retried.clone(), repeated.clone());
+        feeds.push(tokio::spawn(async move {
+            for seq in 1..=PER_FEED {
+                let body = format!("{}\n", json!({"symbol": format!("feed.{feed}"), "price": seq, "size": 1, "seq": seq}));
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    if let Ok(response) = client.post(&url).header("content-type", "application/x-ndjson").body(body.clone()).send().await {
+                        let status = response.status().as_u16();
+                        let answer: Value = response.json().await.unwrap_or(Value::Null);
+                        if status == 201 {
+                            break;
+                        }
+                        if status == 400 && answer["error"]["message"].as_str().is_some_and(|m| m.contains("duplicate")) {
+                            repeated.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    assert!(Instant::now() < deadline, "tick {seq} of feed {feed} was not accepted within 60 s");
+                    retried.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                acked.lock().insert(format!("{feed}-{seq}"), true);
+            }
+        }));
+    }
+    let total = (FEEDS * PER_FEED) as usize;
+    let (killed_at, acked) = kill_at_a_third(&acked, total, &mut nodes[0], feeds).await;
+    assert_eq!(acked.len(), total, "every tick was acknowledged in the end");
+
+    // The survivor's log: each feed's seqs 1 to PER_FEED, once each, in order.
+    let survivor = format!("http://127.0.0.1:{}", ports[1]);
+    let page: Value = direct.get(format!("{survivor}/v1/stocks/replay?from_ms=0&symbols=feed.*&limit=100000")).send().await.unwrap().json().await.unwrap();
+    assert!(page["next"].is_null(), "one page holds the whole log");
+    for feed in 0..FEEDS {
+        let symbol = format!("feed.{feed}");
+        let seqs: Vec<u64> = page["ticks"].as_array().unwrap().iter().filter(|t| t["symbol"] == symbol.as_str()).map(|t| t["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=PER_FEED).collect::<Vec<u64>>(), "feed {feed}: every acknowledged tick once, in seq order");
+        let view: Value = direct.get(format!("{survivor}/v1/stocks/symbols/{symbol}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!((view["ticks"].as_u64(), view["seq"].as_u64()), (Some(PER_FEED), Some(PER_FEED)), "{view}");
+    }
+    println!(
+        "{total} ticks acknowledged ({killed_at} before the kill), each in the log once; {} requests retried, {} refused as repeats of a tick already in the log",
+        retried.load(Ordering::Relaxed),
+        repeated.load(Ordering::Relaxed)
     );
 
     balancer.abort();

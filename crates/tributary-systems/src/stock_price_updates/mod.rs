@@ -61,6 +61,21 @@
 //! reading the retained log once. No snapshot is written yet, so start-up time grows with the
 //! retained log (`retention_ms` bounds it).
 //!
+//! **Several nodes.** The tick log is the context's [`StreamStore`](tributary_engine::stream::StreamStore):
+//! the engine's topic, or one on NATS JetStream that every node appends to. A partition worker
+//! checks a round's ticks against its partition's state applied up to the log's offset `e`, and
+//! appends the blocks only if the partition still ends at `e` (`produce_at`, a conditional
+//! append). So the log holds only ticks that passed the check at their place in it, and every
+//! node's state, replay and cursors read the same log. When another node appended first
+//! (`EndMoved`, counted in the status as `appends_overtaken`), the worker waits for this node's
+//! follower to apply what was appended, then checks the round's remaining ticks again: a seq the
+//! other node took meanwhile is now refused as a duplicate. On a shared log, each partition has
+//! a follower (a thread reading the live tail) that applies the records other nodes appended and
+//! fans them out to this node's subscribers; the embedded engine has one writer and no follower.
+//! Stale and resumed events depend on when a node applied a tick, so they are each node's own
+//! (gap events come from the log and are the same everywhere), as are the `SYMBOLS_MAX` count of
+//! symbols and the recorded market events.
+//!
 //! **What it does not do.** No order books, no quotes-vs-trades join (`ASOF JOIN`), no bars
 //! filled for intervals without ticks (`SAMPLE BY … FILL`), no per-subscriber history beyond the
 //! log (a reconnecting client names its `from_ms`). Bars are closed by event time only: the last
