@@ -93,6 +93,23 @@ async fn balance(listener: TcpListener, backends: Vec<SocketAddr>) {
     }
 }
 
+/// A balancer over the nodes on `ports`: its base URL, its task, and a client that opens a
+/// connection per request (each goes through the balancer anew) and gives up after 10 s.
+async fn behind_a_balancer(ports: [u16; 2]) -> (String, tokio::task::JoinHandle<()>, reqwest::Client) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+    (base, balancer, client)
+}
+
+/// Stop the balancer and the node that was not killed (SIGTERM).
+fn stop_the_survivor(balancer: tokio::task::JoinHandle<()>, survivor: &mut Child) {
+    balancer.abort();
+    unsafe { libc::kill(survivor.id() as i32, libc::SIGTERM) };
+    survivor.wait().unwrap();
+}
+
 /// Once a third of `total` is in `done`, SIGKILL `node`, then wait for the `senders` to finish.
 /// Returns how many were in at the kill, and all of them in the end.
 async fn kill_at_a_third<T: Clone>(done: &Mutex<BTreeMap<String, T>>, total: usize, node: &mut Child, senders: Vec<tokio::task::JoinHandle<()>>) -> (usize, BTreeMap<String, T>) {
@@ -410,10 +427,7 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
         let overview: Value = direct.get(format!("http://127.0.0.1:{port}/v1/email")).send().await.unwrap().json().await.unwrap();
         assert_eq!(overview["backends"], json!({"queues": "nats", "streams": "nats", "db": "postgres"}), "{overview}");
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+    let (base, balancer, client) = behind_a_balancer(ports).await;
 
     // Senders: what was answered 202 is accepted. No relay yet: everything waits in the queues.
     let accepted: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
@@ -460,9 +474,7 @@ async fn emails_accepted_by_a_killed_node_are_delivered_by_the_other() {
     let handed_off = relay.recipients.lock().len();
     println!("{total} accepted ({killed_at} before the kill), all handed off ({handed_off} hand-offs); {} sends retried", RETRIED.load(Ordering::Relaxed));
 
-    balancer.abort();
-    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
-    nodes[1].wait().unwrap();
+    stop_the_survivor(balancer, &mut nodes[1]);
     NatsQueues::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
     let db = tributary_sql::Db::connect(&tributary_sql::DbConfig::new(postgres_url()).in_schema(namespace.as_str())).await.unwrap();
@@ -496,10 +508,7 @@ async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
     let namespace = namespace("multinode-c");
     let (_dirs, ports, mut nodes) = two_nodes(&namespace, &[]).await;
     let direct = reqwest::Client::new();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+    let (base, balancer, client) = behind_a_balancer(ports).await;
     let members: Vec<String> = (0..SENDERS).map(|s| format!("s{s}")).collect();
     post_until(&client, &format!("{base}/v1/chat/channels?user=s0"), &json!({"id": "room", "visibility": "public", "members": members}), reqwest::StatusCode::CREATED, Duration::from_secs(30)).await;
 
@@ -538,9 +547,7 @@ async fn chat_messages_a_killed_node_acknowledged_are_kept_once_by_the_other() {
         REPEATED.load(Ordering::Relaxed)
     );
 
-    balancer.abort();
-    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
-    nodes[1].wait().unwrap();
+    stop_the_survivor(balancer, &mut nodes[1]);
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
 }
 
@@ -551,10 +558,7 @@ async fn stock_ticks_a_killed_node_acknowledged_are_in_the_others_log_once() {
     let namespace = namespace("multinode-s");
     let (_dirs, ports, mut nodes) = two_nodes(&namespace, &[]).await;
     let direct = reqwest::Client::new();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let balancer = tokio::spawn(balance(listener, ports.iter().map(|p| SocketAddr::from(([127, 0, 0, 1], *p))).collect()));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(10)).build().unwrap();
+    let (base, balancer, client) = behind_a_balancer(ports).await;
 
     // Feeds, one tick per request with its seq, each retried through the balancer until a node
     // answers 201 (accepted) or refuses it as a duplicate (a retry of a tick already in the log,
@@ -609,8 +613,6 @@ async fn stock_ticks_a_killed_node_acknowledged_are_in_the_others_log_once() {
         repeated.load(Ordering::Relaxed)
     );
 
-    balancer.abort();
-    unsafe { libc::kill(nodes[1].id() as i32, libc::SIGTERM) };
-    nodes[1].wait().unwrap();
+    stop_the_survivor(balancer, &mut nodes[1]);
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
 }
