@@ -13,7 +13,7 @@
 //! | a record | one message whose payload is the record's envelope (postcard: key, value, headers, timestamp) |
 //! | produce | publishes with acks, pipelined, awaited in order |
 //! | produce_at (conditional) | the same, the first with `Nats-Expected-Last-Sequence`, each later one with `Nats-Expected-Last-Msg-Id` of the one before |
-//! | fetch | direct gets of the sequences, pipelined |
+//! | fetch | direct gets of the sequences, pipelined; from `NATS_FETCH_CONSUMER_FROM` records on, one pull of a consumer made for the read |
 //! | a committed offset | key `offset.<topic>.<group>.<p>` of the same KV bucket |
 //!
 //! Topic and group names are escaped for NATS (`_` → `_5F`, `.` → `_2E`). The envelope keeps
@@ -55,6 +55,11 @@ const BACKEND: &str = "nats";
 
 /// Direct gets in flight during one fetch or seek.
 pub const NATS_FETCH_IN_FLIGHT_MAX: usize = 64;
+/// Records a fetch asks for at least to read them through a consumer of its own (one pull)
+/// rather than a direct get each.
+pub const NATS_FETCH_CONSUMER_FROM: u64 = 128;
+/// How long the server keeps a fetch's consumer that its node failed to delete.
+pub const NATS_FETCH_CONSUMER_INACTIVE: Duration = Duration::from_secs(10);
 
 /// How the record travels in a message's payload.
 #[derive(Serialize, Deserialize)]
@@ -304,6 +309,42 @@ impl NatsStreams {
         })
     }
 
+    /// At most `count` records from `offset` on, below `end`, read through a consumer made for
+    /// this read: one pull answered with the whole range instead of a direct get per record.
+    /// The consumer is deleted afterwards (and left to the server's inactivity threshold if that
+    /// fails). Records removed by retention meanwhile are skipped, so the first offset may be
+    /// above `offset`, as on a tail.
+    async fn fetch_by_consumer(stream: &stream::Stream, topic: &str, partition: u32, offset: u64, end: u64, count: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        let failed = |e: &dyn std::fmt::Display| backend(format!("reading partition {partition} of {topic:?} from offset {offset}: {e}"));
+        let config = jetstream::consumer::pull::Config {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: offset + 1 },
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            memory_storage: true,
+            inactive_threshold: NATS_FETCH_CONSUMER_INACTIVE,
+            ..Default::default()
+        };
+        let consumer = stream.create_consumer(config).await.map_err(|e| failed(&e))?;
+        let name = consumer.cached_info().name.clone();
+        let read = async {
+            let mut messages = consumer.fetch().max_messages(count).messages().await.map_err(|e| failed(&e))?;
+            let mut records = Vec::with_capacity(count);
+            while records.len() < count {
+                let Some(message) = messages.next().await else { break };
+                let message = message.map_err(|e| failed(&e))?;
+                let seq = message.info().map_err(|e| failed(&e))?.stream_sequence;
+                if seq > end {
+                    break;
+                }
+                records.push(NatsStreams::decode_payload(seq - 1, &message.payload)?);
+            }
+            Ok(records)
+        }
+        .await;
+        // On failure the server removes it once inactive.
+        let _ = stream.delete_consumer(&name).await;
+        read
+    }
+
     /// The server's append time of sequence `seq`, in ms.
     async fn appended_ms(stream: &stream::Stream, seq: u64) -> Result<i64, StreamError> {
         let message = stream.direct_get(seq).await.map_err(backend)?;
@@ -442,6 +483,9 @@ impl StreamStore for NatsStreams {
                 return Err(StreamError::Partition { topic: topic.to_string(), partition, source });
             }
             let count = (end - offset).min(max_records as u64);
+            if count >= NATS_FETCH_CONSUMER_FROM {
+                return NatsStreams::fetch_by_consumer(&stream, topic, partition, offset, end, count as usize).await;
+            }
             let stream = &stream;
             futures_util::stream::iter(offset..offset + count)
                 .map(|o| async move {

@@ -20,7 +20,7 @@ pub type Case = super::Case<dyn StreamStore, String>;
 pub const CASES: &[Case] = &[
     Case { name: "round_trip", guarantee: "a record comes back as it went in (key, value, tombstone, empty value, headers in order, timestamp); a fetch past the end is OffsetOutOfRange", run: round_trip },
     Case { name: "stamped", guarantee: "a record produced with timestamp 0 is stamped with the append time", run: stamped },
-    Case { name: "contiguous", guarantee: "offsets start at 0, are contiguous, and follow the order of a produce", run: contiguous },
+    Case { name: "contiguous", guarantee: "offsets start at 0, are contiguous, and follow the order of a produce; a fetch, small or large, returns exactly the range asked for", run: contiguous },
     Case { name: "keyed", guarantee: "a keyed record goes to partition_for_key, and a key's records keep their order", run: keyed },
     Case { name: "unkeyed", guarantee: "the unkeyed records of one produce land together on one partition", run: unkeyed },
     Case { name: "conditional", guarantee: "produce_at appends only at the expected end, else EndMoved naming the end; of writers racing at one end exactly one gets in, its records together", run: conditional },
@@ -116,6 +116,12 @@ fn contiguous(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
             }
         }
         check_eq!(ok(s.offsets(&topic, 0).await, "offsets")?, (0, 302));
+        // Large reads (a backend may read them another way): exactly the range asked for.
+        for (from, max, want) in [(0, 1_000, 0..302), (10, 130, 10..140), (150, 200, 150..302)] {
+            let batch = ok(s.fetch(&topic, 0, from, max).await, "a large fetch")?;
+            check_eq!(batch.iter().map(|r| r.offset).collect::<Vec<_>>(), want.clone().collect::<Vec<u64>>());
+            check!(batch.iter().all(|r| value(r) == format!("m{}", r.offset)), "a large fetch from {from} returned other values");
+        }
         Ok(())
     })
 }
