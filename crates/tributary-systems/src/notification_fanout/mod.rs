@@ -323,6 +323,9 @@ fn inbox_message(kind: &str, items: &[InboxItem], ids: &[String], unread: usize)
     }
 }
 
+/// A leased delivery put back in its queue until it may be sent: its receipt and the wait (ms).
+type Parked = (Receipt, u64);
+
 /// A leased delivery ready to send.
 struct Ready {
     receipt: Receipt,
@@ -940,7 +943,7 @@ impl Fanout {
 
     /// Sort a leased batch (blocking): duplicates of finished deliveries are acked, throttled
     /// ones parked, the rest made ready with their current state and digest members.
-    fn prepare(&self, channel: Channel, deliveries: Vec<Delivery>, config: &FanoutConfig) -> Result<(Vec<Ready>, Vec<(Receipt, u64)>), ApiError> {
+    fn prepare(&self, channel: Channel, deliveries: Vec<Delivery>, config: &FanoutConfig) -> Result<(Vec<Ready>, Vec<Parked>), ApiError> {
         let now = now_ms();
         let mut ready = Vec::new();
         let mut parked = Vec::new();
@@ -1319,11 +1322,11 @@ impl Fanout {
 
     /// Write the states of a worked batch, then ack what is done and nack what waits
     /// (blocking).
-    fn settle(&self, channel: Channel, outcomes: Vec<(Ready, Outcome)>, parked: Vec<(Receipt, u64)>, config: &FanoutConfig) -> Result<(), ApiError> {
+    fn settle(&self, channel: Channel, outcomes: Vec<(Ready, Outcome)>, parked: Vec<Parked>, config: &FanoutConfig) -> Result<(), ApiError> {
         let now = now_ms();
         let mut states = Vec::with_capacity(outcomes.len());
         let mut acks = Vec::new();
-        let mut waits: Vec<(Receipt, u64)> = parked;
+        let mut waits: Vec<Parked> = parked;
         let mut latencies = Vec::new();
         for (item, outcome) in outcomes {
             let Ready { receipt, mut state, members, .. } = item;
