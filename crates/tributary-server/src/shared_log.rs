@@ -198,7 +198,8 @@ fn removed_below(error: &StreamError, from: u64) -> Option<u64> {
 /// Run a node's reader of a shared log on a thread named `name`: `step` reads what is new (with
 /// [`Reader`]s, which wait a moment when there is nothing) and fans it out. It runs again at
 /// once, or after [`FOLLOW_RETRY`] when it failed (logged).
-/// It stops when `stopping` is set or its owner is gone; the owner is held only during a step.
+/// It stops when `stopping` is set (quietly, also when that cut its last step short) or its
+/// owner is gone; the owner is held only during a step.
 pub fn follow<T, F>(name: &str, owner: Weak<T>, stopping: Arc<AtomicBool>, mut step: F) -> std::io::Result<()>
 where
     T: Send + Sync + 'static,
@@ -210,6 +211,8 @@ where
             let Some(owner) = owner.upgrade() else { return };
             let pause = match step(&owner) {
                 Ok(()) => None,
+                // Stopping: a read cut short by the closing connection is no failure.
+                Err(_) if stopping.load(Ordering::Acquire) => return,
                 Err(error) => {
                     tracing::warn!(%error, thread, "reading a shared log failed; retrying");
                     Some(FOLLOW_RETRY)
