@@ -32,7 +32,7 @@
 //! - A topic's configuration is read from the KV bucket on each call (one round trip); there is
 //!   no node-local cache to go stale when another node deletes a topic.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -58,6 +58,8 @@ pub const NATS_FETCH_IN_FLIGHT_MAX: usize = 64;
 /// Records a fetch asks for at least to read them through a consumer of its own (one pull)
 /// rather than a direct get each.
 pub const NATS_FETCH_CONSUMER_FROM: u64 = 128;
+/// How long large fetches use direct gets after a fetch's consumer failed.
+pub const NATS_FETCH_CONSUMER_PAUSE: Duration = Duration::from_secs(30);
 /// How long the server keeps a fetch's consumer that its node failed to delete.
 pub const NATS_FETCH_CONSUMER_INACTIVE: Duration = Duration::from_secs(10);
 
@@ -91,6 +93,8 @@ pub struct NatsStreams {
     namespace: String,
     replicas: usize,
     next_unkeyed: std::sync::Arc<AtomicU32>,
+    /// Until when (ms) large fetches use direct gets, after a fetch's consumer failed.
+    consumer_fetch_paused_until: std::sync::Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for NatsStreams {
@@ -246,7 +250,7 @@ impl NatsStreams {
             Connect::Invalid(message) => StreamError::Invalid(message),
             Connect::Backend(message) => backend(message),
         })?;
-        Ok(NatsStreams { jetstream, meta, namespace: namespace.to_string(), replicas, next_unkeyed: Default::default() })
+        Ok(NatsStreams { jetstream, meta, namespace: namespace.to_string(), replicas, next_unkeyed: Default::default(), consumer_fetch_paused_until: Default::default() })
     }
 
     /// Deletes every stream of the namespace and its KV bucket (tests and tear-down).
@@ -311,15 +315,17 @@ impl NatsStreams {
 
     /// At most `count` records from `offset` on, below `end`, read through a consumer made for
     /// this read: one pull answered with the whole range instead of a direct get per record.
-    /// The consumer is deleted afterwards (and left to the server's inactivity threshold if that
-    /// fails). Records removed by retention meanwhile are skipped, so the first offset may be
-    /// above `offset`, as on a tail.
+    /// The consumer (one replica, in memory) is deleted afterwards (and left to the server's
+    /// inactivity threshold if that fails). Records removed by retention meanwhile are skipped,
+    /// so the first offset may be above `offset`, as on a tail. The caller falls back to direct
+    /// gets when this fails.
     async fn fetch_by_consumer(stream: &stream::Stream, topic: &str, partition: u32, offset: u64, end: u64, count: usize) -> Result<Vec<StoredRecord>, StreamError> {
         let failed = |e: &dyn std::fmt::Display| backend(format!("reading partition {partition} of {topic:?} from offset {offset}: {e}"));
         let config = jetstream::consumer::pull::Config {
             deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: offset + 1 },
             ack_policy: jetstream::consumer::AckPolicy::None,
             memory_storage: true,
+            num_replicas: 1,
             inactive_threshold: NATS_FETCH_CONSUMER_INACTIVE,
             ..Default::default()
         };
@@ -483,8 +489,14 @@ impl StreamStore for NatsStreams {
                 return Err(StreamError::Partition { topic: topic.to_string(), partition, source });
             }
             let count = (end - offset).min(max_records as u64);
-            if count >= NATS_FETCH_CONSUMER_FROM {
-                return NatsStreams::fetch_by_consumer(&stream, topic, partition, offset, end, count as usize).await;
+            if count >= NATS_FETCH_CONSUMER_FROM && now_ms() >= self.consumer_fetch_paused_until.load(Ordering::Relaxed) {
+                // A consumer needs the cluster's metadata leader (not there for a while after it
+                // died); the direct gets below do not, so they are the way when it fails, for
+                // every fetch of the next NATS_FETCH_CONSUMER_PAUSE.
+                match NatsStreams::fetch_by_consumer(&stream, topic, partition, offset, end, count as usize).await {
+                    Ok(records) => return Ok(records),
+                    Err(_) => self.consumer_fetch_paused_until.store(now_ms() + NATS_FETCH_CONSUMER_PAUSE.as_millis() as i64, Ordering::Relaxed),
+                }
             }
             let stream = &stream;
             futures_util::stream::iter(offset..offset + count)
