@@ -597,16 +597,17 @@ impl Shared {
             if blocks.records.is_empty() {
                 break Ok(());
             }
-            let (went_in, error) = match self.log.produce_at(TICKS_TOPIC, partition.index, blocks.expected, blocks.records.clone()) {
-                Ok(_) => (blocks.records.len(), None),
-                Err(StreamError::EndMoved { appended, end, .. }) => {
-                    self.overtaken.fetch_add(1, Ordering::Relaxed);
-                    (appended, Some(Ok(end)))
-                }
-                Err(error) => (0, Some(Err(error))),
+            let appended = self.log.produce_at(TICKS_TOPIC, partition.index, blocks.expected, blocks.records.clone());
+            let went_in = match &appended {
+                Ok(_) => blocks.records.len(),
+                Err(StreamError::EndMoved { appended, .. }) => *appended,
+                Err(_) => 0,
             };
             accepted += self.apply_appended(partition, &blocks, went_in, &mut out);
-            let Some(error) = error else { break Ok(()) };
+            let error = match appended {
+                Ok(_) => break Ok(()),
+                Err(error) => error,
+            };
             // Ticks not in the log: let their sequences be offered again.
             let in_log: usize = blocks.counts[..went_in].iter().sum();
             {
@@ -617,14 +618,13 @@ impl Shared {
                 }
             }
             pending = blocks.origin[in_log..].to_vec();
-            match error {
-                Ok(end) if self.log.shared() && self.wait_applied(partition, end) => continue,
-                Ok(end) => {
-                    let message = format!("another node appended to partition {} of {TICKS_TOPIC} first, and this node has not applied up to offset {end} within FANOUT_WAIT_MAX ({FANOUT_WAIT_MAX:?}); the ticks listed as accepted are in the log, the others are not", partition.index);
-                    break Err(ApiError::from(StreamError::Backend { backend: "shared log", message }));
-                }
-                Err(error) => break Err(ApiError::from(error)),
+            let StreamError::EndMoved { end, .. } = error else { break Err(ApiError::from(error)) };
+            self.overtaken.fetch_add(1, Ordering::Relaxed);
+            if self.log.shared() && self.wait_applied(partition, end) {
+                continue;
             }
+            let message = format!("another node appended to partition {} of {TICKS_TOPIC} first, and this node has not applied up to offset {end} within FANOUT_WAIT_MAX ({FANOUT_WAIT_MAX:?}); the ticks listed as accepted are in the log, the others are not", partition.index);
+            break Err(ApiError::from(StreamError::Backend { backend: "shared log", message }));
         };
         if result.is_err() {
             self.metrics.error();
@@ -722,16 +722,24 @@ impl Shared {
                 continue;
             }
             state.applied_end = record.offset + 1;
-            let Some(ticks) = record.value.as_deref().and_then(process::read_block) else {
-                tracing::warn!(partition = partition.index, offset = record.offset, "skipping a record of stock-ticks that is not a tick block");
-                continue;
-            };
-            let at = vec![shared_log::accepted_at(record, now, now_ms); ticks.len()];
-            self.apply_block(&mut state, &ticks, None, Some(&at), &mut out, true);
+            self.apply_record(partition, &mut state, record, Some(shared_log::accepted_at(record, now, now_ms)), &mut out);
         }
         drop(state);
         partition.applied.notify_all();
         self.deliver(out);
+    }
+
+    /// Apply a record read back from the log: live (fanned out, its ticks accepted at
+    /// `accepted`) when a follower read it, not when the rebuild at start did. Returns its
+    /// ticks; a record that is not a tick block is skipped with a warning.
+    fn apply_record(&self, partition: &Partition, state: &mut PartitionState, record: &StoredRecord, accepted: Option<Instant>, out: &mut Vec<(Arc<Subscriber>, Arc<MarketEvent>)>) -> usize {
+        let Some(ticks) = record.value.as_deref().and_then(process::read_block) else {
+            tracing::warn!(partition = partition.index, offset = record.offset, "skipping a record of stock-ticks that is not a tick block");
+            return 0;
+        };
+        let accepted = accepted.map(|at| vec![at; ticks.len()]);
+        self.apply_block(state, &ticks, None, accepted.as_deref(), out, accepted.is_some());
+        ticks.len()
     }
 
     /// Mark silent symbols stale and tell their subscribers.
@@ -791,12 +799,7 @@ impl Shared {
                 let Some(last) = records.last() else { break };
                 offset = last.offset + 1;
                 for record in &records {
-                    let Some(block) = record.value.as_deref().and_then(process::read_block) else {
-                        tracing::warn!(partition = partition.index, offset = record.offset, "skipping a record of stock-ticks that is not a tick block");
-                        continue;
-                    };
-                    ticks += block.len() as u64;
-                    self.apply_block(&mut state, &block, None, None, &mut ignored, false);
+                    ticks += self.apply_record(partition, &mut state, record, None, &mut ignored) as u64;
                 }
             }
             state.applied_end = end;
