@@ -223,3 +223,18 @@ pub async fn on_backend<T: Send + 'static>(blocking: bool, call: impl Future<Out
         call.await
     }
 }
+
+/// Keeps a leased batch of `queue` leased while a worker works it: extends the receipts' leases
+/// by `lease_ms` every third of it, until dropped (select it against the work). The lease is the
+/// queue's default, the one every backend honours; a batch of a worker that died comes back
+/// within one lease. A failed renewal is logged, and the next is tried on time.
+pub async fn renew_leases(queues: &std::sync::Arc<dyn tributary_engine::queue::QueueStore>, queue: &'static str, group: &'static str, receipts: Vec<tributary_engine::queue::Receipt>, lease_ms: u64) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(lease_ms / 3)).await;
+        let (queues, receipts) = (queues.clone(), receipts.clone());
+        let extended = on_backend(queues.blocking(), async move { queues.extend(queue, group, receipts, lease_ms).await }).await;
+        if let Err(error) = extended {
+            tracing::warn!(queue, "renewing the leases of a worked batch: {error}");
+        }
+    }
+}

@@ -36,7 +36,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use auth::{ApiToken, USER_HEADER, named_user};
-pub use error::{ApiError, blocking, on_backend, wait_in_place};
+pub use error::{ApiError, blocking, on_backend, renew_leases, wait_in_place};
 pub use gateway::{Gateway, WsConnection};
 pub use json::Json;
 pub use presence::Presence;

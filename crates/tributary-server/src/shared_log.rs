@@ -199,11 +199,12 @@ fn removed_below(error: &StreamError, from: u64) -> Option<u64> {
 /// [`Reader`]s, which wait a moment when there is nothing) and fans it out. It runs again at
 /// once, or after [`FOLLOW_RETRY`] when it failed (logged).
 /// It stops when `stopping` is set (quietly, also when that cut its last step short) or its
-/// owner is gone; the owner is held only during a step.
-pub fn follow<T, F>(name: &str, owner: Weak<T>, stopping: Arc<AtomicBool>, mut step: F) -> std::io::Result<()>
+/// owner is gone; the owner is held only during a step. Joining the handle waits for that.
+pub fn follow<T, F, E>(name: &str, owner: Weak<T>, stopping: Arc<AtomicBool>, mut step: F) -> std::io::Result<std::thread::JoinHandle<()>>
 where
     T: Send + Sync + 'static,
-    F: FnMut(&T) -> Result<(), StreamError> + Send + 'static,
+    F: FnMut(&T) -> Result<(), E> + Send + 'static,
+    E: std::fmt::Display,
 {
     let thread = name.to_string();
     std::thread::Builder::new().name(name.into()).spawn(move || {
@@ -214,7 +215,7 @@ where
                 // Stopping: a read cut short by the closing connection is no failure.
                 Err(_) if stopping.load(Ordering::Acquire) => return,
                 Err(error) => {
-                    tracing::warn!(%error, thread, "reading a shared log failed; retrying");
+                    tracing::warn!(%error, thread, "a step of a shared log's reader failed; retrying");
                     Some(FOLLOW_RETRY)
                 }
             };
@@ -223,8 +224,7 @@ where
                 std::thread::sleep(pause);
             }
         }
-    })?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]

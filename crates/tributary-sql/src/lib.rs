@@ -120,6 +120,34 @@ fn quoted_schema(schema: &str) -> Result<String> {
     Ok(format!("\"{schema}\""))
 }
 
+/// Rows one SQL statement writes or names at most: its parameters stay far below SQLite's and
+/// PostgreSQL's limits.
+pub const SQL_ROWS_PER_STATEMENT: usize = 200;
+
+/// `$first, $first+1, …` for `count` parameters, comma-separated.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `($1, …, $width), (…), …` for `rows` rows of `width` parameters.
+pub fn value_rows(rows: usize, width: usize) -> String {
+    (0..rows).map(|row| format!("({})", placeholders(row * width + 1, width))).collect::<Vec<_>>().join(", ")
+}
+
+/// The rows of `select … WHERE column` (the text ends with the column) whose column is one of
+/// `keys`, one statement per [`SQL_ROWS_PER_STATEMENT`] keys.
+pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::result::Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let mut rows = Vec::new();
+    for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len()))));
+        for key in chunk {
+            query = query.bind(key.clone());
+        }
+        rows.extend(query.fetch_all(pool).await?);
+    }
+    Ok(rows)
+}
+
 /// The database: a pool on the primary and, optionally, one on a replica. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -292,6 +320,12 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_number_parameters_row_by_row() {
+        assert_eq!(placeholders(3, 2), "$3, $4");
+        assert_eq!(value_rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
 
     #[test]
     fn urls_name_their_dialect_and_passwords_stay_out_of_messages() {

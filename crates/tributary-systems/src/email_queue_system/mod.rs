@@ -134,7 +134,7 @@ use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::{Rate, TokenBucket};
 use tributary_server::{ApiError, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, Migration, Read, Schema};
+use tributary_sql::{Db, Migration, Read, SQL_ROWS_PER_STATEMENT, Schema, value_rows};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
@@ -178,9 +178,6 @@ pub const SUPPRESSIONS_MAX: usize = 10_000_000;
 pub const CONFIG_REFRESH: Duration = Duration::from_secs(1);
 /// How often the status rows of emails whose events retention removed are deleted.
 pub const STATUS_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
-/// Rows one SQL statement writes or names at most (its parameters stay far below SQLite's and
-/// PostgreSQL's limits).
-const SQL_ROWS_PER_STATEMENT: usize = 200;
 
 const CONFIG_KEY: &str = "config";
 /// Where deployments from before the status DB kept the configuration ([`EmailSystem::carry_over`]).
@@ -276,16 +273,6 @@ fn queue_config() -> QueueConfig {
 
 fn now_ms() -> u64 {
     tributary_core::now_ms().max(0) as u64
-}
-
-/// `$first, $first+1, …` for `count` parameters, comma-separated.
-fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
-}
-
-/// `($1, …, $width), (…), …` for `rows` rows of `width` parameters.
-fn value_rows(rows: usize, width: usize) -> String {
-    (0..rows).map(|row| format!("({})", placeholders(row * width + 1, width))).collect::<Vec<_>>().join(", ")
 }
 
 /// A text column holding JSON, read back.
@@ -597,18 +584,9 @@ impl EmailSystem {
     // -----------------------------------------------------------------------------------------
     // Status
 
-    /// The rows of `select … WHERE column` whose column is one of `keys`, one statement per
-    /// `SQL_ROWS_PER_STATEMENT` keys.
+    /// The rows of `select … WHERE column` whose column is one of `keys`.
     async fn rows_in(&self, select: &str, keys: &[String]) -> Result<Vec<sqlx::any::AnyRow>, ApiError> {
-        let mut rows = Vec::new();
-        for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len()))));
-            for key in chunk {
-                query = query.bind(key.clone());
-            }
-            rows.extend(query.fetch_all(self.db.primary()).await?);
-        }
-        Ok(rows)
+        Ok(tributary_sql::rows_in(self.db.primary(), select, keys).await?)
     }
 
     /// The latest event of each email of `ids` that has a status row, with its offset.
@@ -1252,27 +1230,12 @@ async fn run_sender(system: Arc<EmailSystem>, class: Class, n: usize) {
         let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
         let worked = tokio::select! {
             worked = system.work(class, deliveries, &config, &relay) => worked,
-            never = renew_leases(&system, class, receipts) => match never {},
+            never = tributary_server::renew_leases(&system.queues, class.queue(), SENDER_GROUP, receipts, system.leases[class as usize]) => match never {},
         };
         if let Err(error) = worked {
             system.metrics.error();
             tracing::warn!("email worker {consumer}: {}", error.message);
             system.pause(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// Keep the leases of a batch while it is worked: extended by the queue's lease every third of
-/// it, until the caller drops this (the batch is settled). A node that dies stops renewing, and
-/// its batch is leased again within one lease.
-async fn renew_leases(system: &EmailSystem, class: Class, receipts: Vec<Receipt>) -> std::convert::Infallible {
-    let lease_ms = system.leases[class as usize];
-    loop {
-        tokio::time::sleep(Duration::from_millis(lease_ms / 3)).await;
-        let (queues, receipts) = (system.queues.clone(), receipts.clone());
-        let extended = on_backend(queues.blocking(), async move { queues.extend(class.queue(), SENDER_GROUP, receipts, lease_ms).await }).await;
-        if let Err(error) = extended {
-            tracing::warn!("email {} batch: renewing its leases: {error}", class.as_str());
         }
     }
 }

@@ -341,7 +341,7 @@ impl SimplePubsub {
                     registry_read = std::time::Instant::now();
                     system.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
                 }
-                Ok(())
+                Ok::<(), StreamError>(())
             })?;
         }
         Ok(system)

@@ -851,7 +851,7 @@ impl StockPriceUpdates {
                         next = last.offset + 1;
                         shared.follow(p, &records);
                     }
-                    Ok(())
+                    Ok::<(), StreamError>(())
                 };
                 shared_log::follow(&format!("stock-follow-p{p}"), Arc::downgrade(&shared), shared.following.clone(), step)?;
             }
