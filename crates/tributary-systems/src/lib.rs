@@ -127,7 +127,7 @@ pub fn entries() -> Vec<Entry> {
         Entry { id: realtime_chat_messages::ID, topology: realtime_chat_messages::topology::declared, start: realtime_chat_messages::start, distributed: true, needs_db: false },
         Entry { id: email_queue_system::ID, topology: email_queue_system::topology::declared, start: email_queue_system::start, distributed: true, needs_db: true },
         Entry { id: stock_price_updates::ID, topology: stock_price_updates::topology::declared, start: stock_price_updates::start, distributed: true, needs_db: false },
-        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start, distributed: false, needs_db: false },
+        Entry { id: notification_fanout::ID, topology: notification_fanout::topology::declared, start: notification_fanout::start, distributed: true, needs_db: true },
     ]
 }
 

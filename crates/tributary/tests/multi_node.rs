@@ -16,6 +16,9 @@
 //!
 //! - stock-price-updates, behind the balancer under tick load with sequence numbers: the
 //!   survivor's log holds every tick a node acknowledged, each seq once.
+//! - notification-fanout, with `--db` on PostgreSQL, behind the balancer under trigger load:
+//!   every recipient of every notification a node accepted (202) is sent its push, and the
+//!   survivor expands every partition.
 //!
 //! Needs NATS with JetStream on 127.0.0.1:4222 (or `TRIBUTARY_TEST_NATS_URL`), Redis on
 //! 127.0.0.1:6379 (or `TRIBUTARY_TEST_REDIS_URL`) and PostgreSQL with a database `test` on
@@ -615,4 +618,93 @@ async fn stock_ticks_a_killed_node_acknowledged_are_in_the_others_log_once() {
 
     stop_the_survivor(balancer, &mut nodes[1]);
     NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+}
+
+/// A push provider of the test's own: answers 200 and notes each delivery id it was sent.
+async fn push_provider() -> (String, Arc<Mutex<Vec<String>>>) {
+    let taken: Arc<Mutex<Vec<String>>> = Arc::default();
+    let noted = taken.clone();
+    let app = axum::Router::new().route(
+        "/push",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let noted = noted.clone();
+            async move {
+                noted.lock().push(body["delivery_id"].as_str().unwrap_or_default().to_string());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, taken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_notifications_a_killed_node_acknowledged_reach_every_recipient() {
+    const SENDERS: u64 = 3;
+    const TRIGGERS_PER_SENDER: u64 = 30;
+    const RECIPIENTS: usize = 40;
+    let namespace = namespace("multinode-f");
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--db", &postgres_url()]).await;
+    let (base, balancer, client) = behind_a_balancer(ports).await;
+    let (provider, taken) = push_provider().await;
+    let config = json!({"providers": {"push": [{"name": "push", "url": provider}]}, "provider_timeout_ms": 1_000, "retry": {"attempts": 20, "base_ms": 100, "max_ms": 1_000}});
+    let response = client.put(format!("{base}/v1/fanout/config")).json(&config).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let users: Vec<String> = (0..RECIPIENTS).map(|i| format!("u{i:02}")).collect();
+    for user in &users {
+        let response = client.put(format!("{base}/v1/fanout/subscribers/{user}")).json(&json!({"push_tokens": [format!("device-{user}")]})).send().await.unwrap();
+        assert!(response.status().is_success());
+    }
+    let response = client.put(format!("{base}/v1/fanout/topics/all/members")).json(&json!({"add": users})).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Senders trigger one notification per request to the topic, each with an idempotency key,
+    // retried until a node answers 202.
+    let accepted: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let mut senders = Vec::new();
+    for sender in 0..SENDERS {
+        let (client, base, accepted) = (client.clone(), base.clone(), accepted.clone());
+        senders.push(tokio::spawn(async move {
+            for n in 0..TRIGGERS_PER_SENDER {
+                let key = format!("s{sender}-{n}");
+                let body = json!({"notifications": [{"category": "news", "topics": ["all"], "channels": ["push"], "title": key, "idempotency_key": key}]});
+                let answer = post_until(&client, &format!("{base}/v1/fanout/notifications"), &body, reqwest::StatusCode::ACCEPTED, Duration::from_secs(60)).await;
+                accepted.lock().insert(key, answer["notifications"][0]["id"].as_str().unwrap().to_string());
+            }
+        }));
+    }
+    let total = (SENDERS * TRIGGERS_PER_SENDER) as usize;
+    let (killed_at, accepted) = kill_at_a_third(&accepted, total, &mut nodes[0], senders).await;
+    assert_eq!(accepted.len(), total);
+
+    // Every recipient of every accepted notification is sent its push, by the survivor for what
+    // the killed node held (its expanders' leases and its workers' batches run out).
+    let survivor = format!("http://127.0.0.1:{}", ports[1]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let wanted: BTreeSet<String> = accepted.values().flat_map(|id| users.iter().map(move |user| format!("{id}.push.{user}"))).collect();
+    loop {
+        let got: BTreeSet<String> = taken.lock().iter().cloned().collect();
+        let missing = wanted.difference(&got).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{missing} of {} deliveries of accepted notifications never reached the provider", wanted.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in accepted.values().take(5) {
+        let view: Value = client.get(format!("{survivor}/v1/fanout/notifications/{id}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!((view["expanded"].as_bool(), view["counts"]["delivered"].as_u64()), (Some(true), Some(RECIPIENTS as u64)), "{view}");
+    }
+    let overview: Value = client.get(format!("{survivor}/v1/fanout")).send().await.unwrap().json().await.unwrap();
+    assert!(overview["expanders"].as_array().unwrap().iter().all(|e| e["this_node"] == true), "the survivor expands every partition: {overview}");
+    let sent = taken.lock().len();
+    println!("{total} notifications accepted ({killed_at} before the kill), {} deliveries, all sent ({sent} sends); {} triggers retried", wanted.len(), RETRIED.load(Ordering::Relaxed));
+
+    stop_the_survivor(balancer, &mut nodes[1]);
+    NatsQueues::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
+    let db = tributary_sql::Db::connect(&tributary_sql::DbConfig::new(postgres_url()).in_schema(namespace.as_str())).await.unwrap();
+    db.drop_schema().await.unwrap();
 }

@@ -1,5 +1,5 @@
-//! The routes of notification-fanout: each handler checks its request with `process`, runs the
-//! engine work off the async workers (`blocking`), counts errors, and answers JSON. Expansion
+//! The routes of notification-fanout: each handler checks its request with `process`, calls the
+//! system (the database and the stream interface), counts errors, and answers JSON. Expansion
 //! and sending happen in the workers of `mod.rs`, never in a request.
 //!
 //! A live inbox connection (`/v1/fanout/inbox/{user}/ws`, or SSE at `…/events`) first gets
@@ -22,10 +22,10 @@ use tokio::sync::{broadcast, mpsc};
 use tributary_server::utoipa::{self, IntoParams};
 use tributary_server::utoipa_axum::router::OpenApiRouter;
 use tributary_server::utoipa_axum::routes;
-use tributary_server::{ApiError, Json, blocking};
+use tributary_server::{ApiError, Json};
 
 use super::process::{self, DeliveryState, FanoutConfig, MembersRequest, NotificationView, ReadRequest, Subscriber, TriggerRequest, TriggerResponse};
-use super::{Fanout, ID, INBOX_PAGE_MAX, System};
+use super::{Fanout, ID, INBOX_PAGE_MAX};
 
 type Shared = State<Arc<Fanout>>;
 
@@ -64,8 +64,7 @@ fn counted<T>(system: &Fanout, result: Result<T, ApiError>) -> Result<T, ApiErro
 /// Queue depths and counters.
 #[utoipa::path(get, path = "/v1/fanout", tag = ID, responses((status = 200, description = "the system's figures")))]
 async fn overview(State(system): Shared) -> axum::Json<Value> {
-    let shown = system.clone();
-    axum::Json(blocking(move || Ok::<_, ApiError>(shown.status())).await.unwrap_or_else(|e| json!({"error": e.message})))
+    axum::Json(system.overview().await)
 }
 
 /// The configuration (secrets shown as `***`).
@@ -80,8 +79,7 @@ async fn get_config(State(system): Shared) -> axum::Json<FanoutConfig> {
 async fn put_config(State(system): Shared, body: Result<Json<FanoutConfig>, ApiError>) -> Result<axum::Json<FanoutConfig>, ApiError> {
     let result = async {
         let config = body?.0.validated()?;
-        let writer = system.clone();
-        blocking(move || writer.set_config(config)).await?;
+        system.set_config(config).await?;
         Ok(axum::Json(system.config().redacted()))
     }
     .await;
@@ -92,7 +90,11 @@ async fn put_config(State(system): Shared, body: Result<Json<FanoutConfig>, ApiE
 #[utoipa::path(get, path = "/v1/fanout/subscribers/{id}", tag = ID, params(("id" = String, Path)),
     responses((status = 200, body = Subscriber), (status = 404, description = "no such subscriber")))]
 async fn get_subscriber(State(system): Shared, Path(id): Path<String>) -> Result<axum::Json<Subscriber>, ApiError> {
-    let result = system.subscriber(&id).map(|s| axum::Json((*s).clone())).ok_or_else(|| ApiError::not_found(format!("no subscriber {id:?}")));
+    let result = match system.subscriber(&id).await {
+        Ok(Some(subscriber)) => Ok(axum::Json(subscriber)),
+        Ok(None) => Err(ApiError::not_found(format!("no subscriber {id:?}"))),
+        Err(error) => Err(error),
+    };
     counted(&system, result)
 }
 
@@ -102,9 +104,7 @@ async fn get_subscriber(State(system): Shared, Path(id): Path<String>) -> Result
 async fn put_subscriber(State(system): Shared, Path(id): Path<String>, body: Result<Json<Subscriber>, ApiError>) -> Result<(StatusCode, axum::Json<Subscriber>), ApiError> {
     let result = async {
         let subscriber = process::check_subscriber(&id, body?.0)?;
-        let writer = system.clone();
-        let written = subscriber.clone();
-        let new = blocking(move || writer.put_subscriber(written)).await?;
+        let new = system.put_subscriber(subscriber.clone()).await?;
         Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(subscriber)))
     }
     .await;
@@ -115,12 +115,7 @@ async fn put_subscriber(State(system): Shared, Path(id): Path<String>, body: Res
 #[utoipa::path(delete, path = "/v1/fanout/subscribers/{id}", tag = ID, params(("id" = String, Path)),
     responses((status = 204, description = "deleted"), (status = 404, description = "no such subscriber")))]
 async fn delete_subscriber(State(system): Shared, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    let result = async {
-        let writer = system.clone();
-        let key = id.clone();
-        if blocking(move || writer.delete_subscriber(&key)).await? { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::not_found(format!("no subscriber {id:?}"))) }
-    }
-    .await;
+    let result = async { if system.delete_subscriber(&id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::not_found(format!("no subscriber {id:?}"))) } }.await;
     counted(&system, result)
 }
 
@@ -150,7 +145,8 @@ async fn get_topic(State(system): Shared, Path(topic): Path<String>, query: Resu
         process::check_name("topic", &topic)?;
         let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let limit = page_limit(query.limit, MEMBERS_PAGE_MAX, "MEMBERS_PAGE_MAX")?;
-        let (size, members) = system.members_page(&topic, query.after.as_deref(), limit);
+        let size = system.topic_size(&topic).await?;
+        let members = system.members_after(&topic, query.after.as_deref(), limit).await?;
         Ok(axum::Json(json!({"topic": topic, "size": size, "members": members})))
     }
     .await;
@@ -171,9 +167,7 @@ async fn change_members(State(system): Shared, Path(topic): Path<String>, body: 
         for user in request.add.iter().chain(&request.remove) {
             process::check_name("member", user)?;
         }
-        let writer = system.clone();
-        let name = topic.clone();
-        let size = blocking(move || writer.change_members(&name, request.add, request.remove)).await?;
+        let size = system.change_members(&topic, request.add, request.remove).await?;
         Ok(axum::Json(json!({"topic": topic, "size": size})))
     }
     .await;
@@ -183,7 +177,7 @@ async fn change_members(State(system): Shared, Path(topic): Path<String>, body: 
 /// Trigger notifications; answered 202 once each is durable. Expansion into deliveries follows.
 #[utoipa::path(post, path = "/v1/fanout/notifications", tag = ID, request_body = TriggerRequest,
     responses((status = 202, body = TriggerResponse), (status = 400, description = "bad input, naming the field"), (status = 413, description = "over a named limit"),
-        (status = 503, description = "the delivery index is full")))]
+        (status = 503, description = "the log or the database is unavailable")))]
 async fn trigger(State(system): Shared, body: Result<Json<TriggerRequest>, ApiError>) -> Result<(StatusCode, axum::Json<TriggerResponse>), ApiError> {
     let result = async { Ok((StatusCode::ACCEPTED, axum::Json(system.trigger(body?.0).await?))) }.await;
     counted(&system, result)
@@ -205,9 +199,7 @@ async fn notification_status(State(system): Shared, Path(id): Path<String>, quer
         check_id("notification", &id)?;
         let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let limit = page_limit(query.limit, DELIVERIES_PAGE_MAX, "DELIVERIES_PAGE_MAX")?;
-        let reader = system.clone();
-        let wanted = id.clone();
-        match blocking(move || reader.notification_view(&wanted, query.after.as_deref(), limit)).await? {
+        match system.notification_view(&id, query.after.as_deref(), limit).await? {
             Some(view) => Ok(axum::Json(view)),
             None => Err(ApiError::not_found(format!("notification {id:?} not found (unknown, or older than retention)"))),
         }
@@ -222,9 +214,7 @@ async fn notification_status(State(system): Shared, Path(id): Path<String>, quer
 async fn delivery_status(State(system): Shared, Path(id): Path<String>) -> Result<axum::Json<DeliveryState>, ApiError> {
     let result = async {
         check_id("delivery", &id)?;
-        let reader = system.clone();
-        let wanted = id.clone();
-        match blocking(move || reader.delivery(&wanted)).await? {
+        match system.delivery(&id).await? {
             Some(state) => Ok(axum::Json(state)),
             None => Err(ApiError::not_found(format!("delivery {id:?} not found"))),
         }
@@ -248,7 +238,7 @@ async fn inbox(State(system): Shared, Path(user): Path<String>, query: Result<Qu
         process::check_name("user", &user)?;
         let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
         let limit = page_limit(query.limit, INBOX_PAGE_MAX, "INBOX_PAGE_MAX")?;
-        let (items, unread) = system.inbox_page(&user, limit);
+        let (items, unread) = system.inbox_page(&user, limit).await?;
         Ok(axum::Json(json!({"items": items, "unread": unread})))
     }
     .await;
@@ -268,8 +258,7 @@ async fn mark_read(State(system): Shared, Path(user): Path<String>, body: Result
         if request.ids.is_empty() && !request.all {
             return Err(ApiError::bad_request("name ids to mark read, or all: true"));
         }
-        let writer = system.clone();
-        let (marked, unread) = blocking(move || writer.mark_read(&user, &request.ids, request.all)).await?;
+        let (marked, unread) = system.mark_read(&user, &request.ids, request.all).await?;
         Ok(axum::Json(json!({"marked": marked, "unread": unread})))
     }
     .await;
@@ -294,14 +283,23 @@ async fn inbox_ws(State(system): Shared, Path(user): Path<String>, upgrade: Resu
     let upgrade = upgrade.map_err(|e| ApiError::bad_request(format!("not a WebSocket upgrade: {}", e.body_text())))?;
     let gateway = system.gateway().clone();
     Ok(gateway.websocket(ID, upgrade, None, move |mut connection| async move {
-        let (mut receiver, snapshot) = system.watch_inbox(&user);
+        let (mut receiver, snapshot) = match system.watch_inbox(&user).await {
+            Ok(watched) => watched,
+            Err(error) => {
+                let _ = connection.send(&json!({"error": {"code": error.code, "message": error.message}})).await;
+                return;
+            }
+        };
         if connection.send_text(snapshot).await.is_ok() {
             loop {
                 tokio::select! {
                     message = receiver.recv() => {
                         let text = match message {
                             Ok(text) => text,
-                            Err(broadcast::error::RecvError::Lagged(_)) => system.inbox_snapshot(&user),
+                            Err(broadcast::error::RecvError::Lagged(_)) => match system.inbox_snapshot(&user).await {
+                                Ok(snapshot) => snapshot,
+                                Err(_) => break,
+                            },
                             Err(broadcast::error::RecvError::Closed) => break,
                         };
                         if connection.send_text(text).await.is_err() {
@@ -312,9 +310,7 @@ async fn inbox_ws(State(system): Shared, Path(user): Path<String>, upgrade: Resu
                         let Some(frame) = frame else { break };
                         match read_frame(&frame) {
                             Some((ids, all)) => {
-                                let writer = system.clone();
-                                let reader = user.clone();
-                                if let Err(error) = blocking(move || writer.mark_read(&reader, &ids, all)).await {
+                                if let Err(error) = system.mark_read(&user, &ids, all).await {
                                     let _ = connection.send(&json!({"error": {"code": error.code, "message": error.message}})).await;
                                 }
                             }
@@ -338,7 +334,7 @@ async fn inbox_events(State(system): Shared, Path(user): Path<String>) -> Result
     process::check_name("user", &user)?;
     let (tx, rx) = mpsc::channel::<Event>(SSE_EVENTS_MAX);
     let gateway = system.gateway().clone();
-    let (mut receiver, snapshot) = system.watch_inbox(&user);
+    let (mut receiver, snapshot) = system.watch_inbox(&user).await?;
     tokio::spawn(async move {
         let event = |text: String| {
             let kind = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["type"].as_str().map(str::to_string)).unwrap_or_else(|| "inbox".into());
@@ -349,7 +345,10 @@ async fn inbox_events(State(system): Shared, Path(user): Path<String>) -> Result
                 let text = tokio::select! {
                     message = receiver.recv() => match message {
                         Ok(text) => text,
-                        Err(broadcast::error::RecvError::Lagged(_)) => system.inbox_snapshot(&user),
+                        Err(broadcast::error::RecvError::Lagged(_)) => match system.inbox_snapshot(&user).await {
+                            Ok(snapshot) => snapshot,
+                            Err(_) => break,
+                        },
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
                     _ = tx.closed() => break,

@@ -3,28 +3,40 @@
 //! of users) and the content; it is durable before the answer (202). Expander workers turn it into
 //! one delivery per recipient and channel (email, push, SMS, in-app), applying each subscriber's
 //! preferences (per channel, per category, a `critical` override) and quiet hours, batching
-//! deliveries of one category into digests, and put each on its channel's own engine queue.
-//! Channel workers send: push and SMS to HTTP providers (several per channel, in priority order,
-//! with failover, per-channel and per-provider token buckets, retries with backoff and a circuit
-//! breaker), email through the email-queue-system's HTTP API, in-app into a durable inbox per
-//! user with live push over WebSocket or SSE. Every delivery's state is an event on a log:
+//! deliveries of one category into digests, and put each on its channel's queue. Channel workers
+//! send: push and SMS to HTTP providers (several per channel, in priority order, with failover,
+//! per-channel and per-provider token buckets, retries with backoff and a circuit breaker), email
+//! through the email-queue-system's HTTP API, in-app into a durable inbox per user with live push
+//! over WebSocket or SSE. Every delivery's state is an event on a log and a row in the database:
 //! queryable per notification and per recipient, with the history of its attempts.
 //!
 //! ```text
-//!  Apps ──POST /v1/fanout/notifications──▶ Trigger API ──append (fsync)──▶ fanout-notifications (4 partitions)
-//!        (202 once durable; idempotency key)                                        │ one expander per partition,
-//!                                                                                   │ chunks of EXPANSION_CHUNK recipients
-//!  subscribers, topics (compacted logs, in memory) ──▶ preferences · quiet hours · digests
-//!                                                                                   │
-//!                         fanout-events ◀── queued / deferred / batched / skipped ──┤
-//!                         (delivery states) ◀──── retrying / delivered / failed ──┐ │
-//!                               │                                                  │ ▼
+//!  Apps ──POST /v1/fanout/notifications──▶ Trigger API ──append──▶ fanout-notifications (4 partitions)
+//!        (202 once durable; idempotency key)                              │ one expander per partition, on the
+//!                                                                         │ node holding its lease; chunks of
+//!                                                                         │ EXPANSION_CHUNK recipients
+//!  db: subscribers, topic members ─────────────▶ preferences · quiet hours · digests (db: open digests)
+//!                                                                         │
+//!      fanout-events (every state) + db: fanout_deliveries ◀── queued / deferred / batched / skipped
+//!                               ▲          ◀──── retrying / delivered / failed ──┐ │
+//!                               │                                                │ ▼
 //!   GET …/notifications/{id} ◀──┤        ┌─ queue fanout.push ──▶ push workers ─┬─▶ provider 1 ─(5xx/timeout)─▶ provider 2
 //!   GET …/deliveries/{id}    ◀──┘        ├─ queue fanout.sms  ──▶ sms workers  ─┘   (token buckets per channel and provider,
 //!                                        │                                           circuit breaker, backoff)
 //!                                        ├─ queue fanout.email ─▶ email workers ──POST /v1/email/messages──▶ email-queue-system
-//!                                        └─ queue fanout.in_app ▶ inbox workers ──▶ fanout-inbox (compacted) ──▶ WebSocket / SSE
+//!                                        └─ queue fanout.in_app ▶ inbox workers ──▶ db: fanout_inbox ──▶ WebSocket / SSE
+//!                                                                   (other nodes' connections: through fanout-live)
 //! ```
+//!
+//! # Where the state is
+//!
+//! Everything goes through the platform's interfaces, so several nodes serve one deployment
+//! behind a balancer (`distributed`): the notifications and the delivery events on the stream
+//! interface, the channel queues on the queue interface, and the rest in the database (SQLite in
+//! the data folder when embedded, the shared PostgreSQL with `--db`): subscribers, topic members,
+//! each delivery's latest state (the row points at its event; a row only moves to a later
+//! event), open digests, inboxes, the configuration, idempotency keys and the expanders' leases
+//! and offsets. The circuit breakers, token buckets and counters are each node's own.
 //!
 //! # Routes
 //!
@@ -41,27 +53,32 @@
 //! | `GET /v1/fanout` | queue depths and counters |
 //!
 //! **Trigger.** Each notification is appended to `fanout-notifications` (key = its id, spread over
-//! `EXPANDERS` partitions); the 202 follows the fsync. An idempotency key seen before answers the
-//! first notification's id with `duplicate: true` and sends nothing again (keys are held for the
-//! log's retention).
+//! `EXPANDERS` partitions); the 202 follows the append. A notification with an idempotency key
+//! gets an id made from the key ([`keyed_id`]): a key seen before answers that id with
+//! `duplicate: true` and sends nothing again, and two triggers with one key racing on two nodes
+//! both append the same id, whose deliveries are made once (below). Keys are held for
+//! `RETENTION_MS`.
 //!
-//! **Expansion.** One expander per partition reads the log from its committed offset. Recipients
-//! (the users named, then each topic's members in id order from a cursor) are taken in chunks of
+//! **Expansion.** One expander per partition reads the log from its committed offset, on the
+//! node that holds the partition's lease (`EXPANDER_LEASE_MS`, renewed while it works; a node
+//! that stops hands its leases back, one that dies loses them when they run out). Recipients (the
+//! users named, then each topic's members in id order from a cursor) are taken in chunks of
 //! `EXPANSION_CHUNK`, so a topic of a million members never sits in memory as one batch. For each
 //! recipient and channel, [`process::decide`] applies contacts, opt-outs and quiet hours; a
 //! category with a digest window batches deliveries (below). The chunk's delivery states are
-//! appended to `fanout-events` (fsync), then the jobs are published to the channel queues (with
-//! the delivery id as the queue's dedup id and, for quiet hours and digests, a delay); the offset
-//! is committed once the notification is fully expanded. A crash in between expands it again:
-//! deliveries already on the events log are not made twice, and those still `queued` are
-//! published again under the same dedup id.
+//! appended to `fanout-events` and written to their rows, then the jobs are published to the
+//! channel queues (with the delivery id as the queue's dedup id and, for quiet hours and
+//! digests, a delay); the offset is committed once the notification is fully expanded. A crash in
+//! between (or a lease taken over) expands it again: deliveries that have a row are not made
+//! twice, and those still `queued` are published again under the same dedup id.
 //!
 //! **Digests.** With `categories.<name>.digest_window_ms`, the first delivery of that category to
-//! a user on a channel opens a digest and waits in its queue until the window's end; the ones that
-//! follow within the window are `batched` into it (no queue message of their own), up to
-//! `DIGEST_ITEMS_MAX`. At the window's end one delivery carries every batched notification; each
-//! batched delivery then reads `delivered` (or `failed`) too. Critical notifications are never
-//! batched.
+//! a user on a channel opens a digest (a row: user, category, channel) and waits in its queue
+//! until the window's end; the ones that follow within the window are `batched` into it (no queue
+//! message of their own), up to `DIGEST_ITEMS_MAX`. At the window's end one delivery carries every
+//! batched notification; each batched delivery then reads `delivered` (or `failed`) too. A
+//! delivery batched into a digest that had already gone out (a join racing the send) is found by
+//! the upkeep and queued on its own. Critical notifications are never batched.
 //!
 //! **Sending.** Each channel's workers lease batches from its queue. A channel token bucket
 //! (`channel_rates`) parks what exceeds its rate in the queue until its reserved slot (not an
@@ -75,30 +92,32 @@
 //! `base_ms × 2^(attempt−1)` (capped at `max_ms`), `retry.attempts` times in all, then `failed`.
 //! Email: one POST per batch to `{email.base_url}/v1/email/messages` (the email system's public
 //! API; by default this node's, `EMAIL_BASE_URL_DEFAULT`); the email's id is kept in the delivery
-//! (follow it at `/v1/email/messages/{id}`). In-app: the item is appended to the user's inbox
-//! (compacted log `fanout-inbox`, key `user/delivery`), then sent to the user's live connections.
+//! (follow it at `/v1/email/messages/{id}`). In-app: the item is written to the user's inbox
+//! (`INBOX_ITEMS_MAX` newest kept), then sent to the user's live connections: on this node
+//! directly when embedded, through the `fanout-live` topic (which every node follows) on shared
+//! backends.
 //!
 //! # Delivery guarantee
 //!
 //! At least once per recipient and channel: an acknowledged trigger is expanded and every
-//! delivery is sent until taken, failed or out of attempts, also across crashes (every state is
-//! durable before the queue message is acked). A crash after a provider took a delivery but
-//! before its state was written sends it again. Deliveries are deduplicated by id (dedup id in
-//! the queues, and a worker drops a job whose delivery is already final), so a redelivery after a
-//! crash is the only duplicate.
+//! delivery is sent until taken, failed or out of attempts, also across crashes of any node
+//! (every state is durable before the queue message is acked). A crash after a provider took a
+//! delivery but before its state was written sends it again. Deliveries are deduplicated by id
+//! (dedup id in the queues, and a worker drops a job whose delivery is already final), so a
+//! redelivery after a crash is the only duplicate.
 //!
 //! # What it does not do
 //!
-//! - Subscribers, topic memberships and inboxes are held in memory (rebuilt from their compacted
-//!   logs at start): at most `SUBSCRIBERS_MAX` subscribers, not the seed's 500M users on one node.
-//!   The delivery status index is in memory as well (`DELIVERY_INDEX_ENTRIES_MAX`, then 503).
+//! - Joining a digest is one statement per delivery: a digest category sent to a large topic
+//!   expands at the database's pace for single-row updates, not in batches.
 //! - A topic's members are read chunk by chunk: a member added or removed during a long expansion
 //!   may or may not get that notification.
 //! - Quiet hours hold email, push and SMS, not in-app (the inbox is silent by nature).
 //! - Providers speak one generic JSON shape over `http://` (no FCM/APNs/Twilio adapters, no TLS
 //!   client in this build). No per-user rate limits, no delay or throttle steps of a workflow, no
 //!   templates (the trigger carries title, body and data).
-//! - The circuit breaker and token buckets are per node and in memory (full after a restart).
+//! - The circuit breaker and token buckets are per node and in memory (full after a restart): on
+//!   N nodes a channel's rate is N times its configured rate.
 //! - The email leg counts as delivered when the email system accepted the email; its own status
 //!   (delivered, bounced) is at its API under the stored email id.
 //! - Per-user signed tokens for the inbox connections are not implemented: behind API tokens, the
@@ -112,23 +131,27 @@ pub mod topology;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
+use sha2::Digest;
 use tokio::sync::broadcast;
-use tributary_core::Record;
-use tributary_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, MESSAGE_BYTES_MAX, QUEUE_DELAY_MS_MAX};
-use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, Queue, QueueConfig, QueueError, Receipt};
-use tributary_engine::stream::{Topic, TopicConfig};
-use tributary_engine::{Engine, StreamError};
+use tributary_core::limits::{BATCH_RECORDS_MAX, QUEUE_DELAY_MS_MAX};
+use tributary_core::{Record, StoredRecord};
+use tributary_engine::StreamError;
+use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueError, QueueStats, QueueStore, Receipt};
+use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::TokenBuckets;
+use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::webhook::WebhookError;
-use tributary_server::{ApiError, Gateway, SystemApi, blocking};
+use tributary_server::{ApiError, Gateway, SystemApi, on_backend};
+use tributary_sql::sqlx::{self, Row};
+use tributary_sql::{Db, Migration, SQL_ROWS_PER_STATEMENT, Schema, placeholders, value_rows};
 
 use crate::{Context, System};
 use process::{Attempt, Channel, Content, DeliveryState, FanoutConfig, InboxItem, Job, Notification, Status, Subscriber, Verdict};
@@ -138,29 +161,26 @@ pub const ID: &str = "notification-fanout";
 pub const NOTIFICATIONS_TOPIC: &str = "fanout-notifications";
 /// Every state of every delivery (key = delivery id, value = the whole state).
 pub const EVENTS_TOPIC: &str = "fanout-events";
-/// Subscribers (compacted, key = user id).
-pub const SUBSCRIBERS_TOPIC: &str = "fanout-subscribers";
-/// Topic memberships (compacted, key = `topic/user`).
-pub const MEMBERS_TOPIC: &str = "fanout-topic-members";
-/// In-app inboxes (compacted, key = `user/delivery id`).
-pub const INBOX_TOPIC: &str = "fanout-inbox";
-/// The configuration (compacted, one key).
-pub const CONFIG_TOPIC: &str = "fanout-config";
-/// The stream consumer group of the expanders.
-pub const EXPANDER_GROUP: &str = "fanout-expanders";
+/// What live inbox connections are sent (key = user, value = the message), on shared backends:
+/// every node follows it and passes each message to its own connections of that user.
+pub const LIVE_TOPIC: &str = "fanout-live";
 /// The queue group of each channel's workers.
 pub const SENDER_GROUP: &str = "senders";
 /// Partitions of the notifications log, one expander each.
 pub const EXPANDERS: u32 = 4;
+/// How long a node holds an expander's lease; renewed when half is left.
+pub const EXPANDER_LEASE_MS: u64 = 10_000;
+/// How often a node without an expander's lease tries to take it.
+pub const EXPANDER_LEASE_POLL: Duration = Duration::from_millis(500);
 /// Workers per channel queue.
 pub const WORKERS_PER_CHANNEL: usize = 4;
 /// Deliveries one worker leases at once.
 pub const WORKER_BATCH_MAX: usize = 100;
-/// A worker's batch is leased for this long plus the provider timeout for each provider of its
-/// channel and one more (the batch's calls run at once, the providers of one delivery one after
-/// the other): short, so that a batch held by a crashed node comes back soon.
-pub const WORKER_LEASE_MARGIN_MS: u64 = 5_000;
-/// How long one receive (or one read of the notifications log) waits.
+/// Lease of a worker's batch (the default lease of the queues this system creates). A worker
+/// renews it every third while it works the batch (providers slower than the lease keep their
+/// batch); short, so that a batch held by a node that died comes back soon.
+pub const WORKER_LEASE_MS: u64 = 5_000;
+/// How long one receive waits.
 pub const WORKER_WAIT: Duration = Duration::from_millis(250);
 /// Notifications an expander reads at once (committed together).
 pub const EXPANDER_READ_MAX: usize = 500;
@@ -170,8 +190,8 @@ pub const EXPANSION_CHUNK: usize = 1_000;
 pub const THROTTLE_HORIZON_MS: u64 = 60_000;
 /// How long notifications (and their idempotency keys) and delivery states are kept.
 pub const RETENTION_MS: u64 = 3 * 24 * 60 * 60 * 1_000;
-/// Deliveries the status index holds at most; past it, triggers are refused (503).
-pub const DELIVERY_INDEX_ENTRIES_MAX: usize = 20_000_000;
+/// How long the live topic keeps its messages (a node only reads it live).
+pub const LIVE_RETENTION_MS: u64 = 60 * 60 * 1_000;
 /// Items one user's inbox keeps (the oldest leave).
 pub const INBOX_ITEMS_MAX: usize = 500;
 /// Items one inbox page (and a live connection's first message) lists at most.
@@ -179,10 +199,53 @@ pub const INBOX_PAGE_MAX: usize = 100;
 /// Messages buffered towards one user's live connections; a connection that falls further behind
 /// gets the inbox again.
 pub const INBOX_LIVE_BUFFER: usize = 256;
+/// How often a node reads the configuration again (another node may have changed it).
+pub const CONFIG_REFRESH: Duration = Duration::from_secs(1);
+/// How often the upkeep looks for deliveries batched into a digest that went out without them.
+pub const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// A batched delivery whose digest's first delivery has no row yet is queued on its own once it
+/// is this old (the first delivery's expansion failed after the digest was opened).
+pub const ORPHAN_AGE_MS: u64 = 60_000;
+/// How often rows older than the retention are deleted.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 const CONFIG_KEY: &str = "config";
+/// Where deployments from before the database kept the subscribers, memberships, inboxes and
+/// configuration (compacted topics of the embedded engine), and the expanders' offsets (a
+/// consumer group); [`Fanout::carry_over`] moves them.
+const LEGACY_SUBSCRIBERS_TOPIC: &str = "fanout-subscribers";
+const LEGACY_MEMBERS_TOPIC: &str = "fanout-topic-members";
+const LEGACY_INBOX_TOPIC: &str = "fanout-inbox";
+const LEGACY_CONFIG_TOPIC: &str = "fanout-config";
+const LEGACY_EXPANDER_GROUP: &str = "fanout-expanders";
 
-/// Counters shown by `GET /v1/fanout` and the dashboard.
+/// The tables: the same SQL on SQLite and PostgreSQL.
+const TABLES_V1: &str = "
+CREATE TABLE fanout_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, version BIGINT NOT NULL);
+CREATE TABLE fanout_counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO fanout_counters (name, value) VALUES ('subscribers', 0);
+INSERT INTO fanout_counters (name, value) VALUES ('topics', 0);
+CREATE TABLE fanout_subscribers (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE fanout_topics (topic TEXT PRIMARY KEY, members BIGINT NOT NULL);
+CREATE TABLE fanout_members (topic TEXT NOT NULL, user_id TEXT NOT NULL, PRIMARY KEY (topic, user_id));
+CREATE TABLE fanout_notifications (id TEXT PRIMARY KEY, idempotency_key TEXT, log_partition BIGINT NOT NULL, log_offset BIGINT NOT NULL, accepted_ms BIGINT NOT NULL);
+CREATE INDEX fanout_notifications_by_time ON fanout_notifications (accepted_ms);
+CREATE INDEX fanout_notifications_by_key ON fanout_notifications (idempotency_key);
+CREATE TABLE fanout_expanders (log_partition BIGINT PRIMARY KEY, holder TEXT, lease_until_ms BIGINT NOT NULL, next_offset BIGINT NOT NULL);
+CREATE TABLE fanout_deliveries (id TEXT PRIMARY KEY, notification TEXT NOT NULL, status TEXT NOT NULL, digest TEXT, event_offset BIGINT NOT NULL, updated_ms BIGINT NOT NULL, state TEXT NOT NULL);
+CREATE INDEX fanout_deliveries_by_notification ON fanout_deliveries (notification, id);
+CREATE INDEX fanout_deliveries_by_digest ON fanout_deliveries (digest);
+CREATE INDEX fanout_deliveries_by_offset ON fanout_deliveries (event_offset);
+CREATE TABLE fanout_digests (user_id TEXT NOT NULL, category TEXT NOT NULL, channel TEXT NOT NULL, head TEXT NOT NULL, until_ms BIGINT NOT NULL, members BIGINT NOT NULL, PRIMARY KEY (user_id, category, channel));
+CREATE INDEX fanout_digests_by_head ON fanout_digests (head);
+CREATE TABLE fanout_inbox (user_id TEXT NOT NULL, id TEXT NOT NULL, created_ms BIGINT NOT NULL, is_read BIGINT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (user_id, id));
+CREATE INDEX fanout_inbox_by_time ON fanout_inbox (user_id, created_ms, id);
+";
+
+/// The database's migrations.
+pub const SCHEMA: Schema = Schema { owner: "fanout", migrations: &[Migration { version: 1, description: "subscribers, topics, deliveries, digests, inboxes, settings and the expanders' leases", sqlite: TABLES_V1, postgres: TABLES_V1 }] };
+
+/// Counters shown by `GET /v1/fanout` and the dashboard (this node's).
 #[derive(Default)]
 struct Counts {
     triggered: AtomicU64,
@@ -197,13 +260,7 @@ struct Counts {
     throttled: AtomicU64,
     failovers: AtomicU64,
     circuit_opened: AtomicU64,
-}
-
-/// Where a delivery's latest state is, and what it says.
-#[derive(Debug, Clone, Copy)]
-struct IndexEntry {
-    offset: u64,
-    status: Status,
+    orphans_queued: AtomicU64,
 }
 
 /// A provider's circuit breaker.
@@ -213,51 +270,35 @@ struct Circuit {
     open_until_ms: u64,
 }
 
-/// Open digests: (user, category, channel) → (first delivery's id, window end), and the
-/// deliveries batched into each digest.
-#[derive(Default)]
-struct Digests {
-    open: HashMap<(String, String, Channel), (String, u64)>,
-    members: HashMap<String, Vec<String>>,
-}
-
 /// The running system.
 pub struct Fanout {
-    engine: Arc<Engine>,
     gateway: Gateway,
     metrics: SystemMetrics,
-    notifications: Arc<Topic>,
-    events: Arc<Topic>,
-    subscribers_topic: Arc<Topic>,
-    members_topic: Arc<Topic>,
-    inbox_topic: Arc<Topic>,
-    config_topic: Arc<Topic>,
-    queues: Vec<Arc<Queue>>,
-    subscribers: RwLock<HashMap<String, Arc<Subscriber>>>,
-    groups: RwLock<HashMap<String, BTreeSet<String>>>,
-    /// Notification id → (partition, offset).
-    notices: Mutex<HashMap<String, (u32, u64)>>,
-    idempotency: Mutex<HashMap<String, String>>,
-    /// Delivery id → its latest state's offset and status. Ordered, so a notification's
-    /// deliveries are one range.
-    index: Mutex<BTreeMap<String, IndexEntry>>,
-    digests: Mutex<Digests>,
-    inbox: Mutex<HashMap<String, VecDeque<InboxItem>>>,
+    queues: Arc<dyn QueueStore>,
+    streams: Arc<dyn StreamStore>,
+    /// The stream interface as the expanders' and the live follower's threads call it.
+    log: SharedLog,
+    db: Db,
+    /// The configuration and its version in the database.
+    config: RwLock<(i64, Arc<FanoutConfig>)>,
+    /// Serializes this node's configuration writes, so its version only grows.
+    config_write: tokio::sync::Mutex<()>,
+    /// This node's live inbox connections, by user.
     live: Mutex<HashMap<String, broadcast::Sender<String>>>,
-    config: RwLock<Arc<FanoutConfig>>,
-    /// Serializes writes of the configuration, subscribers, memberships and inboxes, so the
-    /// log's order is the memory's order.
-    write_lock: Mutex<()>,
     channel_buckets: TokenBuckets<Channel>,
     provider_buckets: TokenBuckets<String>,
     /// Delivery id → the instant its reserved channel token becomes usable.
     reserved: Mutex<HashMap<String, u64>>,
     circuits: Mutex<HashMap<String, Circuit>>,
-    id_prefix: String,
+    /// This node: the prefix of the ids it gives and its name as an expander lease's holder.
+    node: String,
+    /// Each channel's queue lease, in milliseconds (as the queue was created).
+    leases: [u64; 4],
     next_id: AtomicU64,
     counts: Counts,
-    stopping: AtomicBool,
+    stopping: Arc<AtomicBool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     http: reqwest::Client,
 }
 
@@ -268,54 +309,32 @@ pub fn start(context: &Context) -> anyhow::Result<Arc<dyn System>> {
 fn queue_config() -> QueueConfig {
     // Throttled deliveries are parked with a nack, which counts as a delivery of the queue
     // message: the workers count attempts themselves, in the delivery states.
-    QueueConfig { deliveries_max: QUEUE_DELIVERIES_MAX_MAX, lease_ms_default: WORKER_LEASE_MARGIN_MS, dedup_window_ms: QUEUE_DEDUP_WINDOW_MS_MAX, ..QueueConfig::default() }
-}
-
-fn open_queue(engine: &Engine, name: &str) -> anyhow::Result<Arc<Queue>> {
-    let queue = match engine.queues.get(name) {
-        Ok(queue) => queue,
-        Err(_) => match engine.queues.create(name, queue_config()) {
-            Ok(queue) => queue,
-            Err(QueueError::AlreadyExists { .. }) => engine.queues.get(name)?,
-            Err(error) => return Err(error.into()),
-        },
-    };
-    match queue.create_group(SENDER_GROUP) {
-        Ok(()) | Err(QueueError::AlreadyExists { .. }) => Ok(queue),
-        Err(error) => Err(error.into()),
-    }
+    QueueConfig { deliveries_max: QUEUE_DELIVERIES_MAX_MAX, lease_ms_default: WORKER_LEASE_MS, dedup_window_ms: QUEUE_DEDUP_WINDOW_MS_MAX, ..QueueConfig::default() }
 }
 
 fn now_ms() -> u64 {
     tributary_core::now_ms().max(0) as u64
 }
 
-/// Read a whole topic from its start, every partition.
-fn for_each_record(topic: &Topic, mut f: impl FnMut(u32, &tributary_core::StoredRecord) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    for partition in 0..topic.partition_count() {
-        let (mut offset, end) = topic.offsets(partition)?;
-        while offset < end {
-            let records = topic.fetch(partition, offset, BATCH_RECORDS_MAX, BATCH_BYTES_MAX)?;
-            let Some(last) = records.last() else { break };
-            offset = last.offset + 1;
-            for record in &records {
-                f(partition, record)?;
-            }
-        }
-    }
-    Ok(())
+/// The id of a notification triggered with idempotency key `key`: the same on every node, so a
+/// retried trigger names the deliveries it made before.
+pub fn keyed_id(key: &str) -> String {
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("k{hex}")
 }
 
-fn member_key(topic: &str, user: &str) -> String {
-    format!("{topic}/{user}")
+/// A text column holding JSON, read back.
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, ApiError> {
+    serde_json::from_str(text).map_err(|e| ApiError::internal(format!("the database holds an unreadable {what}: {e}")))
 }
 
-fn inbox_key(user: &str, id: &str) -> String {
-    format!("{user}/{id}")
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("a value of the system serializes")
 }
 
 /// The messages a live inbox connection gets.
-fn inbox_message(kind: &str, items: &[InboxItem], ids: &[String], unread: usize) -> String {
+fn inbox_message(kind: &str, items: &[InboxItem], ids: &[String], unread: u64) -> String {
     match kind {
         "read" => json!({"type": "read", "ids": ids, "unread": unread}).to_string(),
         "item" => json!({"type": "item", "item": items.first(), "unread": unread}).to_string(),
@@ -333,6 +352,7 @@ struct Ready {
     content: Content,
     /// A digest: the batched deliveries and their content.
     members: Vec<(DeliveryState, Content)>,
+    subscriber: Option<Arc<Subscriber>>,
 }
 
 /// What one send came to.
@@ -349,6 +369,9 @@ struct Expansion {
     ids: HashSet<String>,
     states: Vec<DeliveryState>,
     jobs: [Vec<NewMessage>; 4],
+    /// An expander's batch: its partition and when it last renewed the partition's lease (a long
+    /// expansion renews it as it goes, and stops if another node took it).
+    lease: Option<(u32, u64)>,
 }
 
 impl Expansion {
@@ -363,188 +386,123 @@ fn job_message(state: &DeliveryState, content: &Content, now: u64) -> NewMessage
     NewMessage::new(serde_json::to_vec(&job).expect("a job serializes")).dedup_id(state.id.clone()).delay_ms(delay)
 }
 
+/// One expander's place: the partition, its reader, until when this node holds the partition's
+/// lease (0: not held) and the next offset to expand.
+struct ExpanderState {
+    partition: u32,
+    reader: Reader,
+    held_until_ms: u64,
+    next: u64,
+}
+
 impl Fanout {
-    /// Open the queues and topics, load subscribers, topics, inboxes, the configuration and the
-    /// status index from their logs, and start the workers (on the current tokio runtime).
+    /// Create the queues and topics when missing, migrate the database, carry over what an
+    /// older deployment kept elsewhere, load the configuration, and start the expanders, the
+    /// channel workers, the live follower (shared backends) and the upkeep (on the current tokio
+    /// runtime, a worker of a multi-thread one).
     pub fn open(context: &Context) -> anyhow::Result<Arc<Fanout>> {
-        let engine = context.engine.clone();
-        let queues = Channel::ALL.iter().map(|c| open_queue(&engine, c.queue())).collect::<anyhow::Result<Vec<_>>>()?;
-        let retained = |partitions| TopicConfig { partitions, retention_ms: Some(RETENTION_MS), ..TopicConfig::default() };
-        let compacted = TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() };
-        let notifications = engine.topics.create(NOTIFICATIONS_TOPIC, retained(EXPANDERS))?;
-        let events = engine.topics.create(EVENTS_TOPIC, retained(1))?;
-        let subscribers_topic = engine.topics.create(SUBSCRIBERS_TOPIC, compacted.clone())?;
-        let members_topic = engine.topics.create(MEMBERS_TOPIC, compacted.clone())?;
-        let inbox_topic = engine.topics.create(INBOX_TOPIC, compacted.clone())?;
-        let config_topic = engine.topics.create(CONFIG_TOPIC, compacted)?;
+        let (queues, streams, db) = (context.queues.clone(), context.streams.clone(), context.db()?);
+        let setup = async {
+            let mut leases = [0; 4];
+            for (lease, channel) in leases.iter_mut().zip(Channel::ALL) {
+                // A queue made before (another lease, say) is kept as it is.
+                match queues.create_queue(channel.queue(), queue_config()).await {
+                    Ok(()) | Err(QueueError::AlreadyExists { .. }) => {}
+                    Err(error) => return Err(anyhow::Error::from(error)),
+                }
+                *lease = queues.queue_config(channel.queue()).await?.lease_ms_default;
+            }
+            let retained = |partitions, retention_ms| TopicConfig { partitions, retention_ms: Some(retention_ms), ..TopicConfig::default() };
+            streams.create_topic(NOTIFICATIONS_TOPIC, retained(EXPANDERS, RETENTION_MS)).await?;
+            streams.create_topic(EVENTS_TOPIC, retained(1, RETENTION_MS)).await?;
+            streams.create_topic(LIVE_TOPIC, retained(1, LIVE_RETENTION_MS)).await?;
+            db.migrate(&SCHEMA).await?;
+            for partition in 0..EXPANDERS {
+                sqlx::query("INSERT INTO fanout_expanders (log_partition, holder, lease_until_ms, next_offset) VALUES ($1, NULL, 0, 0) ON CONFLICT (log_partition) DO NOTHING").bind(i64::from(partition)).execute(db.primary()).await?;
+            }
+            anyhow::Ok((leases, streams.offsets(LIVE_TOPIC, 0).await?.1))
+        };
+        let (leases, live_end) = tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
         let system = Arc::new(Fanout {
-            engine,
             gateway: context.gateway.clone(),
             metrics: SystemMetrics::new(ID),
-            notifications,
-            events,
-            subscribers_topic,
-            members_topic,
-            inbox_topic,
-            config_topic,
+            log: SharedLog::current(streams.clone()),
             queues,
-            subscribers: RwLock::new(HashMap::new()),
-            groups: RwLock::new(HashMap::new()),
-            notices: Mutex::new(HashMap::new()),
-            idempotency: Mutex::new(HashMap::new()),
-            index: Mutex::new(BTreeMap::new()),
-            digests: Mutex::new(Digests::default()),
-            inbox: Mutex::new(HashMap::new()),
+            streams,
+            db,
+            config: RwLock::new((0, Arc::new(FanoutConfig::default()))),
+            config_write: tokio::sync::Mutex::new(()),
             live: Mutex::new(HashMap::new()),
-            config: RwLock::new(Arc::new(FanoutConfig::default())),
-            write_lock: Mutex::new(()),
             channel_buckets: TokenBuckets::new(),
             provider_buckets: TokenBuckets::new(),
             reserved: Mutex::new(HashMap::new()),
             circuits: Mutex::new(HashMap::new()),
-            id_prefix: format!("{:x}", now_ms()),
+            node: format!("{:x}", tributary_core::unique_u64()),
+            leases,
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
-            stopping: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
             tasks: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
         });
-        system.load()?;
-        let mut tasks = Vec::new();
+        let loaded = async {
+            system.carry_over().await?;
+            system.refresh_config().await
+        };
+        tributary_server::wait_in_place(false, loaded).expect("on the runtime the setup ran on").map_err(|e| anyhow::anyhow!("loading {ID}'s database: {}", e.message))?;
+        let mut threads = Vec::new();
         for partition in 0..EXPANDERS {
-            tasks.push(tokio::spawn(run_expander(system.clone(), partition)));
+            let mut state = ExpanderState { partition, reader: Reader::new(&system.log, NOTIFICATIONS_TOPIC, partition), held_until_ms: 0, next: 0 };
+            threads.push(shared_log::follow(&format!("fanout-expander-{partition}"), Arc::downgrade(&system), system.stopping.clone(), move |system: &Fanout| system.expander_step(&mut state))?);
         }
+        if system.log.shared() {
+            let mut reader = Reader::new(&system.log, LIVE_TOPIC, 0);
+            let mut next = live_end;
+            threads.push(shared_log::follow("fanout-live", Arc::downgrade(&system), system.stopping.clone(), move |system: &Fanout| {
+                let records = reader.read(next, BATCH_RECORDS_MAX)?;
+                for record in &records {
+                    next = record.offset + 1;
+                    if let (Some(user), Some(text)) = (&record.key, &record.value) {
+                        system.send_live(&String::from_utf8_lossy(user), String::from_utf8_lossy(text).into_owned());
+                    }
+                }
+                Ok::<(), StreamError>(())
+            })?);
+        }
+        *system.threads.lock() = threads;
+        let mut tasks = Vec::new();
         for channel in Channel::ALL {
             for n in 0..WORKERS_PER_CHANNEL {
                 tasks.push(tokio::spawn(run_sender(system.clone(), channel, n)));
             }
         }
+        tasks.push(tokio::spawn(run_upkeep(system.clone())));
         *system.tasks.lock() = tasks;
         Ok(system)
     }
 
-    /// Read the configuration, subscribers, memberships, inboxes, notifications and delivery
-    /// states into memory.
-    fn load(&self) -> anyhow::Result<()> {
-        for_each_record(&self.config_topic, |_, record| {
-            if record.key.as_deref() == Some(CONFIG_KEY.as_bytes())
-                && let Some(value) = &record.value
-            {
-                *self.config.write() = Arc::new(serde_json::from_slice(value)?);
+    pub fn config(&self) -> Arc<FanoutConfig> {
+        self.config.read().1.clone()
+    }
+
+    /// Take the configuration from the database when it is newer than this node's.
+    async fn refresh_config(&self) -> Result<(), ApiError> {
+        let row = sqlx::query("SELECT value, version FROM fanout_settings WHERE name = $1").bind(CONFIG_KEY).fetch_optional(self.db.primary()).await?;
+        let Some(row) = row else { return Ok(()) };
+        let version: i64 = row.try_get("version")?;
+        if version > self.config.read().0 {
+            let config: FanoutConfig = from_json("configuration", &row.try_get::<String, _>("value")?)?;
+            let mut current = self.config.write();
+            if version > current.0 {
+                *current = (version, Arc::new(config));
             }
-            Ok(())
-        })?;
-        {
-            let mut subscribers = self.subscribers.write();
-            for_each_record(&self.subscribers_topic, |_, record| {
-                let Some(key) = record.key.as_deref() else { return Ok(()) };
-                let id = String::from_utf8_lossy(key).into_owned();
-                match &record.value {
-                    Some(value) => subscribers.insert(id, Arc::new(serde_json::from_slice(value)?)),
-                    None => subscribers.remove(&id),
-                };
-                Ok(())
-            })?;
-        }
-        {
-            let mut groups = self.groups.write();
-            for_each_record(&self.members_topic, |_, record| {
-                let Some(key) = record.key.as_deref() else { return Ok(()) };
-                let key = String::from_utf8_lossy(key);
-                let Some((topic, user)) = key.split_once('/') else { return Ok(()) };
-                if record.value.is_some() {
-                    groups.entry(topic.to_string()).or_default().insert(user.to_string());
-                } else if let Some(members) = groups.get_mut(topic) {
-                    members.remove(user);
-                    if members.is_empty() {
-                        groups.remove(topic);
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        {
-            let mut items: HashMap<String, BTreeMap<String, InboxItem>> = HashMap::new();
-            for_each_record(&self.inbox_topic, |_, record| {
-                let Some(key) = record.key.as_deref() else { return Ok(()) };
-                let key = String::from_utf8_lossy(key);
-                let Some((user, id)) = key.split_once('/') else { return Ok(()) };
-                match &record.value {
-                    Some(value) => {
-                        items.entry(user.to_string()).or_default().insert(id.to_string(), serde_json::from_slice(value)?);
-                    }
-                    None => {
-                        if let Some(user_items) = items.get_mut(user) {
-                            user_items.remove(id);
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-            let mut inbox = self.inbox.lock();
-            for (user, user_items) in items {
-                let mut list: Vec<InboxItem> = user_items.into_values().collect();
-                list.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-                inbox.insert(user, list.into());
-            }
-        }
-        {
-            let mut notices = self.notices.lock();
-            let mut idempotency = self.idempotency.lock();
-            for_each_record(&self.notifications, |partition, record| {
-                let Some(value) = &record.value else { return Ok(()) };
-                let notification: Notification = serde_json::from_slice(value)?;
-                if let Some(key) = &notification.idempotency_key {
-                    idempotency.entry(key.clone()).or_insert_with(|| notification.id.clone());
-                }
-                notices.insert(notification.id, (partition, record.offset));
-                Ok(())
-            })?;
-        }
-        let mut index = self.index.lock();
-        let mut batched: HashMap<String, String> = HashMap::new();
-        let mut heads: HashMap<String, ((String, String, Channel), u64)> = HashMap::new();
-        for_each_record(&self.events, |_, record| {
-            let Some(value) = &record.value else { return Ok(()) };
-            let state: DeliveryState = serde_json::from_slice(value)?;
-            match (state.status, &state.digest, state.digest_until_ms) {
-                (Status::Batched, Some(head), _) => {
-                    batched.insert(state.id.clone(), head.clone());
-                }
-                (Status::Queued | Status::Deferred | Status::Retrying, None, Some(until)) => {
-                    heads.insert(state.id.clone(), ((state.user.clone(), state.category.clone(), state.channel), until));
-                    batched.remove(&state.id);
-                }
-                _ => {
-                    batched.remove(&state.id);
-                    heads.remove(&state.id);
-                }
-            }
-            index.insert(state.id, IndexEntry { offset: record.offset, status: state.status });
-            Ok(())
-        })?;
-        let mut digests = self.digests.lock();
-        for (id, (key, until)) in heads {
-            digests.members.entry(id.clone()).or_default();
-            let open = digests.open.entry(key).or_insert_with(|| (id.clone(), until));
-            if open.1 < until {
-                *open = (id, until);
-            }
-        }
-        let mut members: Vec<(String, String)> = batched.into_iter().map(|(id, head)| (head, id)).collect();
-        members.sort();
-        for (head, id) in members {
-            digests.members.entry(head).or_default().push(id);
         }
         Ok(())
     }
 
-    pub fn config(&self) -> Arc<FanoutConfig> {
-        self.config.read().clone()
-    }
-
     fn new_id(&self) -> String {
-        format!("{}-{:x}", self.id_prefix, self.next_id.fetch_add(1, Ordering::Relaxed))
+        format!("{}-{:x}", self.node, self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
     fn stopping(&self) -> bool {
@@ -555,88 +513,331 @@ impl Fanout {
         &self.gateway
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Configuration, subscribers, topics
+    /// Sleep up to `duration`, less when the system stops.
+    async fn pause(&self, duration: Duration) {
+        let until = tokio::time::Instant::now() + duration;
+        while tokio::time::Instant::now() < until && !self.stopping() {
+            tokio::time::sleep(Duration::from_millis(50).min(duration)).await;
+        }
+    }
 
-    /// Replace the configuration (durably).
-    pub fn set_config(&self, config: FanoutConfig) -> Result<(), ApiError> {
-        let _write = self.write_lock.lock();
-        let value = serde_json::to_vec(&config).expect("a configuration serializes");
-        self.config_topic.produce_to(0, &[Record::keyed(CONFIG_KEY, value)])?;
-        *self.config.write() = Arc::new(config);
+    // -----------------------------------------------------------------------------------------
+    // The interfaces, called from async code (the embedded engine off the async workers)
+
+    async fn produce(&self, topic: &'static str, records: Vec<Record>) -> Result<Vec<tributary_engine::stream::Produced>, StreamError> {
+        let streams = self.streams.clone();
+        on_backend(streams.blocking(), async move { streams.produce(topic, records).await }).await
+    }
+
+    async fn fetch(&self, topic: &'static str, partition: u32, from: u64, max: usize) -> Result<Vec<StoredRecord>, StreamError> {
+        let streams = self.streams.clone();
+        on_backend(streams.blocking(), async move { streams.fetch(topic, partition, from, max).await }).await
+    }
+
+    async fn offsets(&self, topic: &'static str, partition: u32) -> Result<(u64, u64), StreamError> {
+        let streams = self.streams.clone();
+        on_backend(streams.blocking(), async move { streams.offsets(topic, partition).await }).await
+    }
+
+    async fn publish(&self, channel: Channel, messages: Vec<NewMessage>) -> Result<(), ApiError> {
+        let queues = self.queues.clone();
+        on_backend(queues.blocking(), async move { queues.publish(channel.queue(), messages).await }).await?;
         Ok(())
     }
 
-    /// Create or replace a subscriber (durably). `true` if it was new.
-    pub fn put_subscriber(&self, subscriber: Subscriber) -> Result<bool, ApiError> {
-        let _write = self.write_lock.lock();
-        let new = !self.subscribers.read().contains_key(&subscriber.id);
-        if new && self.subscribers.read().len() >= process::SUBSCRIBERS_MAX {
-            return Err(ApiError::too_large(format!("there are SUBSCRIBERS_MAX ({}) subscribers", process::SUBSCRIBERS_MAX)));
-        }
-        let value = serde_json::to_vec(&subscriber).expect("a subscriber serializes");
-        self.subscribers_topic.produce_to(0, &[Record::keyed(subscriber.id.clone(), value)])?;
-        self.subscribers.write().insert(subscriber.id.clone(), Arc::new(subscriber));
-        Ok(new)
+    async fn settle_receipts(&self, channel: Channel, receipts: Vec<Receipt>, nack_delay_ms: Option<u64>) -> Result<(), ApiError> {
+        let queues = self.queues.clone();
+        on_backend(queues.blocking(), async move {
+            match nack_delay_ms {
+                None => queues.ack(channel.queue(), SENDER_GROUP, receipts).await,
+                Some(delay) => queues.nack(channel.queue(), SENDER_GROUP, receipts, Some(delay)).await,
+            }
+        })
+        .await?;
+        Ok(())
     }
 
-    pub fn subscriber(&self, id: &str) -> Option<Arc<Subscriber>> {
-        self.subscribers.read().get(id).cloned()
+    async fn queue_stats(&self, channel: Channel) -> Result<QueueStats, ApiError> {
+        let queues = self.queues.clone();
+        Ok(on_backend(queues.blocking(), async move { queues.stats(channel.queue()).await }).await?)
+    }
+
+    /// Every record of `topic` (every partition) in offset order; none when there is no such
+    /// topic.
+    async fn read_all(&self, topic: &'static str, mut each: impl FnMut(u32, StoredRecord) -> Result<(), ApiError>) -> Result<(), ApiError> {
+        let streams = self.streams.clone();
+        let partitions = match on_backend(streams.blocking(), async move { streams.partitions(topic).await }).await {
+            Ok(partitions) => partitions,
+            Err(StreamError::TopicNotFound(_)) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        for partition in 0..partitions {
+            let (mut offset, end) = self.offsets(topic, partition).await?;
+            while offset < end {
+                let records = self.fetch(topic, partition, offset, BATCH_RECORDS_MAX).await?;
+                let Some(last) = records.last() else { break };
+                offset = last.offset + 1;
+                for record in records {
+                    each(partition, record)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deployments from before the database kept the configuration, subscribers, memberships
+    /// and inboxes in compacted topics of the embedded engine (rebuilt in memory at each start),
+    /// the expanders' offsets in a consumer group, and rebuilt the delivery index, the open
+    /// digests and the idempotency keys from the logs. The first start with the database carries
+    /// all of it over (the old topics are left as they are), then notes that it did.
+    async fn carry_over(&self) -> Result<(), ApiError> {
+        let done = sqlx::query("SELECT value FROM fanout_counters WHERE name = 'carried_over'").fetch_optional(self.db.primary()).await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        // Those deployments ran on the embedded engine only.
+        if self.streams.blocking() {
+            self.carry_over_embedded().await?;
+        }
+        sqlx::query("INSERT INTO fanout_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await?;
+        Ok(())
+    }
+
+    async fn carry_over_embedded(&self) -> Result<(), ApiError> {
+        let mut config = None;
+        self.read_all(LEGACY_CONFIG_TOPIC, |_, record| {
+            if record.key.as_deref() == Some(CONFIG_KEY.as_bytes()) {
+                config = record.value.map(|value| String::from_utf8_lossy(&value).into_owned());
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(value) = config {
+            from_json::<FanoutConfig>("configuration of fanout-config", &value)?;
+            sqlx::query("INSERT INTO fanout_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await?;
+        }
+        let mut subscribers: BTreeMap<String, Option<Subscriber>> = BTreeMap::new();
+        self.read_all(LEGACY_SUBSCRIBERS_TOPIC, |_, record| {
+            let Some(key) = record.key.as_deref() else { return Ok(()) };
+            let value = record.value.as_deref().map(|value| from_json("subscriber of fanout-subscribers", &String::from_utf8_lossy(value))).transpose()?;
+            subscribers.insert(String::from_utf8_lossy(key).into_owned(), value);
+            Ok(())
+        })
+        .await?;
+        for subscriber in subscribers.into_values().flatten() {
+            self.put_subscriber(subscriber).await?;
+        }
+        let mut members: BTreeMap<(String, String), bool> = BTreeMap::new();
+        self.read_all(LEGACY_MEMBERS_TOPIC, |_, record| {
+            let Some(key) = record.key.as_deref() else { return Ok(()) };
+            if let Some((topic, user)) = String::from_utf8_lossy(key).split_once('/') {
+                members.insert((topic.to_string(), user.to_string()), record.value.is_some());
+            }
+            Ok(())
+        })
+        .await?;
+        let mut by_topic: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ((topic, user), present) in members {
+            if present {
+                by_topic.entry(topic).or_default().push(user);
+            }
+        }
+        for (topic, users) in by_topic {
+            for chunk in users.chunks(process::MEMBERS_PER_REQUEST_MAX) {
+                self.change_members(&topic, chunk.to_vec(), Vec::new()).await?;
+            }
+        }
+        let mut inbox: BTreeMap<(String, String), Option<InboxItem>> = BTreeMap::new();
+        self.read_all(LEGACY_INBOX_TOPIC, |_, record| {
+            let Some(key) = record.key.as_deref() else { return Ok(()) };
+            if let Some((user, id)) = String::from_utf8_lossy(key).split_once('/') {
+                let item = record.value.as_deref().map(|value| from_json("item of fanout-inbox", &String::from_utf8_lossy(value))).transpose()?;
+                inbox.insert((user.to_string(), id.to_string()), item);
+            }
+            Ok(())
+        })
+        .await?;
+        let items: Vec<(String, InboxItem)> = inbox.into_iter().filter_map(|((user, _), item)| item.map(|item| (user, item))).collect();
+        for chunk in items.chunks(SQL_ROWS_PER_STATEMENT) {
+            self.insert_inbox(self.db.primary(), chunk).await?;
+        }
+        let mut notices = Vec::new();
+        self.read_all(NOTIFICATIONS_TOPIC, |partition, record| {
+            if let Some(Ok(notification)) = record.value.as_deref().map(serde_json::from_slice::<Notification>) {
+                notices.push((partition, record.offset, notification));
+            }
+            Ok(())
+        })
+        .await?;
+        for chunk in notices.chunks(SQL_ROWS_PER_STATEMENT) {
+            self.note_notifications(chunk).await?;
+        }
+        let mut latest: HashMap<String, (u64, DeliveryState)> = HashMap::new();
+        self.read_all(EVENTS_TOPIC, |_, record| {
+            if let Some(Ok(state)) = record.value.as_deref().map(serde_json::from_slice::<DeliveryState>) {
+                latest.insert(state.id.clone(), (record.offset, state));
+            }
+            Ok(())
+        })
+        .await?;
+        let (offsets, states): (Vec<u64>, Vec<DeliveryState>) = latest.into_values().unzip();
+        for (offsets, states) in offsets.chunks(BATCH_RECORDS_MAX).zip(states.chunks(BATCH_RECORDS_MAX)) {
+            self.write_rows(states, offsets).await?;
+        }
+        let mut members: HashMap<&str, i64> = HashMap::new();
+        for state in states.iter().filter(|s| s.status == Status::Batched) {
+            if let Some(head) = &state.digest {
+                *members.entry(head.as_str()).or_default() += 1;
+            }
+        }
+        for state in &states {
+            if let (Status::Queued | Status::Deferred | Status::Retrying, Some(until)) = (state.status, state.digest_until_ms) {
+                self.open_digest(state, until, members.get(state.id.as_str()).copied().unwrap_or(0)).await?;
+            }
+        }
+        for partition in 0..EXPANDERS {
+            let streams = self.streams.clone();
+            let committed = on_backend(streams.blocking(), async move { streams.committed(NOTIFICATIONS_TOPIC, LEGACY_EXPANDER_GROUP, partition).await }).await?;
+            if let Some(committed) = committed {
+                sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND next_offset < $1").bind(committed as i64).bind(i64::from(partition)).execute(self.db.primary()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Configuration, subscribers, topics
+
+    /// Replace the configuration (durably, for every node).
+    pub async fn set_config(&self, config: FanoutConfig) -> Result<(), ApiError> {
+        let _write = self.config_write.lock().await;
+        let value = to_json(&config);
+        let mut transaction = self.db.primary().begin().await?;
+        sqlx::query("INSERT INTO fanout_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = fanout_settings.version + 1")
+            .bind(CONFIG_KEY)
+            .bind(value)
+            .execute(&mut *transaction)
+            .await?;
+        let version: i64 = sqlx::query("SELECT version FROM fanout_settings WHERE name = $1").bind(CONFIG_KEY).fetch_one(&mut *transaction).await?.try_get(0)?;
+        transaction.commit().await?;
+        let mut current = self.config.write();
+        if version > current.0 {
+            *current = (version, Arc::new(config));
+        }
+        Ok(())
+    }
+
+    /// Add `delta` to counter `name` in `transaction`; its value after.
+    async fn count(transaction: &mut sqlx::Transaction<'_, sqlx::Any>, name: &str, delta: i64) -> Result<u64, ApiError> {
+        let value: i64 = sqlx::query("UPDATE fanout_counters SET value = value + $1 WHERE name = $2 RETURNING value").bind(delta).bind(name).fetch_one(&mut **transaction).await?.try_get(0)?;
+        Ok(value.max(0) as u64)
+    }
+
+    /// Create or replace a subscriber (durably). `true` if it was new.
+    pub async fn put_subscriber(&self, subscriber: Subscriber) -> Result<bool, ApiError> {
+        let body = to_json(&subscriber);
+        let mut transaction = self.db.primary().begin().await?;
+        let inserted = sqlx::query("INSERT INTO fanout_subscribers (id, body) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING").bind(subscriber.id.clone()).bind(body.clone()).execute(&mut *transaction).await?.rows_affected() == 1;
+        if inserted {
+            let total = Self::count(&mut transaction, "subscribers", 1).await?;
+            if total > process::SUBSCRIBERS_MAX as u64 {
+                return Err(ApiError::too_large(format!("there are SUBSCRIBERS_MAX ({}) subscribers", process::SUBSCRIBERS_MAX)));
+            }
+        } else {
+            sqlx::query("UPDATE fanout_subscribers SET body = $1 WHERE id = $2").bind(body).bind(subscriber.id).execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
+        Ok(inserted)
+    }
+
+    pub async fn subscriber(&self, id: &str) -> Result<Option<Subscriber>, ApiError> {
+        let row = sqlx::query("SELECT body FROM fanout_subscribers WHERE id = $1").bind(id.to_string()).fetch_optional(self.db.primary()).await?;
+        row.map(|row| from_json("subscriber", &row.try_get::<String, _>("body")?)).transpose()
+    }
+
+    /// The subscribers among `ids`.
+    async fn subscribers_of(&self, ids: &[String]) -> Result<HashMap<String, Arc<Subscriber>>, ApiError> {
+        let mut unique: Vec<String> = ids.to_vec();
+        unique.sort();
+        unique.dedup();
+        let rows = tributary_sql::rows_in(self.db.primary(), "SELECT id, body FROM fanout_subscribers WHERE id", &unique).await?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            found.insert(row.try_get("id")?, Arc::new(from_json("subscriber", &row.try_get::<String, _>("body")?)?));
+        }
+        Ok(found)
     }
 
     /// Delete a subscriber; `false` if there was none.
-    pub fn delete_subscriber(&self, id: &str) -> Result<bool, ApiError> {
-        let _write = self.write_lock.lock();
-        if !self.subscribers.read().contains_key(id) {
-            return Ok(false);
+    pub async fn delete_subscriber(&self, id: &str) -> Result<bool, ApiError> {
+        let mut transaction = self.db.primary().begin().await?;
+        let deleted = sqlx::query("DELETE FROM fanout_subscribers WHERE id = $1").bind(id.to_string()).execute(&mut *transaction).await?.rows_affected() == 1;
+        if deleted {
+            Self::count(&mut transaction, "subscribers", -1).await?;
         }
-        self.subscribers_topic.produce_to(0, &[Record::tombstone(id.to_string())])?;
-        self.subscribers.write().remove(id);
-        Ok(true)
+        transaction.commit().await?;
+        Ok(deleted)
     }
 
-    /// Add and remove members of a topic (durably); its size after.
-    pub fn change_members(&self, topic: &str, add: Vec<String>, remove: Vec<String>) -> Result<usize, ApiError> {
-        let _write = self.write_lock.lock();
-        let (size, exists, topics) = {
-            let groups = self.groups.read();
-            let members = groups.get(topic);
-            let added = add.iter().filter(|u| !members.is_some_and(|m| m.contains(*u))).collect::<HashSet<_>>().len();
-            (members.map_or(0, BTreeSet::len) + added, members.is_some(), groups.len())
+    /// Add and remove members of a topic (durably, in one transaction); its size after.
+    pub async fn change_members(&self, topic: &str, add: Vec<String>, remove: Vec<String>) -> Result<usize, ApiError> {
+        let mut transaction = self.db.primary().begin().await?;
+        let mut added = 0;
+        let mut added_users: Vec<&String> = add.iter().collect();
+        added_users.sort();
+        added_users.dedup();
+        for chunk in added_users.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("INSERT INTO fanout_members (topic, user_id) VALUES {} ON CONFLICT (topic, user_id) DO NOTHING", value_rows(chunk.len(), 2));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for user in chunk {
+                query = query.bind(topic.to_string()).bind((*user).clone());
+            }
+            added += query.execute(&mut *transaction).await?.rows_affected() as i64;
+        }
+        let mut removed = 0;
+        for chunk in remove.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("DELETE FROM fanout_members WHERE topic = $1 AND user_id IN ({})", placeholders(2, chunk.len()));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(topic.to_string());
+            for user in chunk {
+                query = query.bind(user.clone());
+            }
+            removed += query.execute(&mut *transaction).await?.rows_affected() as i64;
+        }
+        if added > 0 {
+            let created = sqlx::query("INSERT INTO fanout_topics (topic, members) VALUES ($1, 0) ON CONFLICT (topic) DO NOTHING").bind(topic.to_string()).execute(&mut *transaction).await?.rows_affected() == 1;
+            if created && Self::count(&mut transaction, "topics", 1).await? > process::TOPICS_MAX as u64 {
+                return Err(ApiError::too_large(format!("there are TOPICS_MAX ({}) topics", process::TOPICS_MAX)));
+            }
+        }
+        let size = match sqlx::query("UPDATE fanout_topics SET members = members + $1 WHERE topic = $2 RETURNING members").bind(added - removed).bind(topic.to_string()).fetch_optional(&mut *transaction).await? {
+            Some(row) => row.try_get::<i64, _>(0)?.max(0) as usize,
+            None => 0,
         };
         if size > process::TOPIC_MEMBERS_MAX {
             return Err(ApiError::too_large(format!("topic {topic:?} would hold {size} members; TOPIC_MEMBERS_MAX is {}", process::TOPIC_MEMBERS_MAX)));
         }
-        if !exists && !add.is_empty() && topics >= process::TOPICS_MAX {
-            return Err(ApiError::too_large(format!("there are TOPICS_MAX ({}) topics", process::TOPICS_MAX)));
+        if size == 0 && sqlx::query("DELETE FROM fanout_topics WHERE topic = $1").bind(topic.to_string()).execute(&mut *transaction).await?.rows_affected() == 1 {
+            Self::count(&mut transaction, "topics", -1).await?;
         }
-        let mut records: Vec<Record> = add.iter().map(|user| Record::keyed(member_key(topic, user), &b"1"[..])).collect();
-        records.extend(remove.iter().map(|user| Record::tombstone(member_key(topic, user))));
-        for chunk in records.chunks(BATCH_RECORDS_MAX) {
-            self.members_topic.produce_to(0, chunk)?;
-        }
-        let mut groups = self.groups.write();
-        let members = groups.entry(topic.to_string()).or_default();
-        members.extend(add);
-        for user in &remove {
-            members.remove(user);
-        }
-        let size = members.len();
-        if size == 0 {
-            groups.remove(topic);
-        }
+        transaction.commit().await?;
         Ok(size)
     }
 
-    /// A topic's size and a page of its members after `after`.
-    pub fn members_page(&self, topic: &str, after: Option<&str>, limit: usize) -> (usize, Vec<String>) {
-        let groups = self.groups.read();
-        let Some(members) = groups.get(topic) else { return (0, Vec::new()) };
-        let page = match after {
-            Some(after) => members.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)).take(limit).cloned().collect(),
-            None => members.iter().take(limit).cloned().collect(),
-        };
-        (members.len(), page)
+    /// A topic's size.
+    pub async fn topic_size(&self, topic: &str) -> Result<usize, ApiError> {
+        let row = sqlx::query("SELECT members FROM fanout_topics WHERE topic = $1").bind(topic.to_string()).fetch_optional(self.db.primary()).await?;
+        Ok(row.map(|row| row.try_get::<i64, _>(0)).transpose()?.unwrap_or(0).max(0) as usize)
+    }
+
+    /// A page of a topic's members after `after`, by id.
+    pub async fn members_after(&self, topic: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, ApiError> {
+        let rows = sqlx::query("SELECT user_id FROM fanout_members WHERE topic = $1 AND user_id > $2 ORDER BY user_id LIMIT $3")
+            .bind(topic.to_string())
+            .bind(after.unwrap_or("").to_string())
+            .bind(limit as i64)
+            .fetch_all(self.db.primary())
+            .await?;
+        Ok(rows.iter().map(|row| row.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -654,56 +855,46 @@ impl Fanout {
                 process::NOTIFICATIONS_PER_REQUEST_MAX
             )));
         }
-        if self.index.lock().len() >= DELIVERY_INDEX_ENTRIES_MAX {
-            self.prune_index();
-            if self.index.lock().len() >= DELIVERY_INDEX_ENTRIES_MAX {
-                return Err(ApiError::overloaded(format!("the delivery index holds DELIVERY_INDEX_ENTRIES_MAX ({DELIVERY_INDEX_ENTRIES_MAX}) deliveries; older ones leave with retention"), 60));
-            }
-        }
         let now = now_ms();
-        let accepted = request.notifications.into_iter().enumerate().map(|(i, n)| process::accept(i, n, self.new_id(), now)).collect::<Result<Vec<_>, _>>()?;
-        // Idempotency keys: a key seen before answers its notification; new keys are reserved
-        // now (so a concurrent trigger with the same key gets the same id) and released if the
-        // append fails.
+        let accepted = request
+            .notifications
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| {
+                let id = new.idempotency_key.as_deref().map_or_else(|| self.new_id(), keyed_id);
+                process::accept(i, new, id, now)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // A key seen before (in the database, or earlier in this request) answers its
+        // notification's id.
+        let keys: Vec<String> = accepted.iter().filter_map(|n| n.idempotency_key.clone()).collect();
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for row in tributary_sql::rows_in(self.db.primary(), "SELECT id, idempotency_key FROM fanout_notifications WHERE idempotency_key", &keys).await? {
+            seen.insert(row.try_get("idempotency_key")?, row.try_get("id")?);
+        }
         let mut answers = Vec::with_capacity(accepted.len());
         let mut fresh = Vec::new();
-        let mut reserved = Vec::new();
-        {
-            let mut keys = self.idempotency.lock();
-            for notification in accepted {
-                match notification.idempotency_key.as_ref().and_then(|k| keys.get(k)) {
-                    Some(id) => answers.push(process::Triggered { id: id.clone(), duplicate: true }),
-                    None => {
-                        if let Some(key) = &notification.idempotency_key {
-                            keys.insert(key.clone(), notification.id.clone());
-                            reserved.push(key.clone());
-                        }
-                        answers.push(process::Triggered { id: notification.id.clone(), duplicate: false });
-                        fresh.push(notification);
-                    }
+        for notification in accepted {
+            if let Some(key) = &notification.idempotency_key {
+                if let Some(id) = seen.get(key) {
+                    answers.push(process::Triggered { id: id.clone(), duplicate: true });
+                    continue;
                 }
+                seen.insert(key.clone(), notification.id.clone());
             }
+            answers.push(process::Triggered { id: notification.id.clone(), duplicate: false });
+            fresh.push(notification);
         }
         let duplicates = answers.iter().filter(|a| a.duplicate).count() as u64;
         if !fresh.is_empty() {
-            let system = self.clone();
             let count = fresh.len() as u64;
-            let appended = blocking(move || -> Result<(), ApiError> {
-                let records: Vec<Record> = fresh.iter().map(|n| Record::keyed(n.id.clone(), serde_json::to_vec(n).expect("a notification serializes"))).collect();
-                let produced = system.notifications.produce(&records)?;
-                let mut notices = system.notices.lock();
-                for (notification, at) in fresh.iter().zip(produced) {
-                    notices.insert(notification.id.clone(), (at.partition, at.offset));
-                }
-                Ok(())
-            })
-            .await;
-            if let Err(error) = appended {
-                let mut keys = self.idempotency.lock();
-                for key in reserved {
-                    keys.remove(&key);
-                }
-                return Err(error);
+            let records: Vec<Record> = fresh.iter().map(|n| Record::keyed(n.id.clone(), serde_json::to_vec(n).expect("a notification serializes"))).collect();
+            let produced = self.produce(NOTIFICATIONS_TOPIC, records).await?;
+            // Durable from here: its expander notes it too, so a failure to note it now only
+            // delays what `GET` and a retried key see.
+            let notes: Vec<(u32, u64, Notification)> = fresh.into_iter().zip(produced).map(|(n, at)| (at.partition, at.offset, n)).collect();
+            if let Err(error) = self.note_notifications(&notes).await {
+                tracing::warn!("{ID}: noting triggered notifications: {}", error.message);
             }
             self.counts.triggered.fetch_add(count, Ordering::Relaxed);
             self.metrics.messages_in(count);
@@ -712,59 +903,129 @@ impl Fanout {
         Ok(process::TriggerResponse { notifications: answers })
     }
 
-    /// Forget index entries whose states retention has removed.
-    fn prune_index(&self) {
-        let Ok((start, _)) = self.events.offsets(0) else { return };
-        self.index.lock().retain(|_, entry| entry.offset >= start);
+    /// Note where notifications are on the log (once per id).
+    async fn note_notifications(&self, notes: &[(u32, u64, Notification)]) -> Result<(), ApiError> {
+        for chunk in notes.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("INSERT INTO fanout_notifications (id, idempotency_key, log_partition, log_offset, accepted_ms) VALUES {} ON CONFLICT (id) DO NOTHING", value_rows(chunk.len(), 5));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (partition, offset, notification) in chunk {
+                query = query.bind(notification.id.clone()).bind(notification.idempotency_key.clone()).bind(i64::from(*partition)).bind(*offset as i64).bind(notification.accepted_at_ms as i64);
+            }
+            query.execute(self.db.primary()).await?;
+        }
+        Ok(())
+    }
+
+    /// Notification `id`, read from the log where it was noted.
+    async fn notification(&self, id: &str) -> Result<Option<(Notification, u32, u64)>, ApiError> {
+        let row = sqlx::query("SELECT log_partition, log_offset FROM fanout_notifications WHERE id = $1").bind(id.to_string()).fetch_optional(self.db.primary()).await?;
+        let Some(row) = row else { return Ok(None) };
+        let (partition, offset) = (row.try_get::<i64, _>("log_partition")? as u32, row.try_get::<i64, _>("log_offset")? as u64);
+        let records = match self.fetch(NOTIFICATIONS_TOPIC, partition, offset, 1).await {
+            Ok(records) => records,
+            // Retention removed it.
+            Err(StreamError::Partition { .. } | StreamError::Log(_)) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let notification = records.into_iter().find(|r| r.offset == offset).and_then(|r| r.value).and_then(|value| serde_json::from_slice(&value).ok());
+        Ok(notification.map(|n| (n, partition, offset)))
     }
 
     // -----------------------------------------------------------------------------------------
     // Expansion
 
-    /// Expand what the notifications log holds from the committed offset of `partition`
-    /// (blocking): every notification read is expanded whole, then the offset is committed.
-    fn expand_next(&self, partition: u32) -> Result<(), ApiError> {
-        let (start, _) = self.notifications.offsets(partition)?;
-        let from = self.engine.topics.committed(NOTIFICATIONS_TOPIC, EXPANDER_GROUP, partition).unwrap_or(0).max(start);
-        self.notifications.log(partition)?.wait_for_data(from, WORKER_WAIT);
-        let records = self.notifications.fetch(partition, from, EXPANDER_READ_MAX, BATCH_BYTES_MAX)?;
-        let Some(last) = records.last().map(|r| r.offset) else { return Ok(()) };
-        let config = self.config();
-        let mut batch = Expansion::default();
-        for record in &records {
-            let Some(notification) = record.value.as_deref().and_then(|v| serde_json::from_slice::<Notification>(v).ok()) else {
-                tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it");
-                continue;
-            };
-            self.expand(&notification, &config, &mut batch)?;
+    /// One step of an expander (on its thread): hold the partition's lease, read what follows
+    /// its offset, expand it whole, commit. Without the lease it waits and tries again.
+    fn expander_step(&self, state: &mut ExpanderState) -> Result<(), ApiError> {
+        let now = now_ms();
+        if state.held_until_ms < now + EXPANDER_LEASE_MS / 2 {
+            match self.log.wait(self.take_lease(state.partition, now))? {
+                Some(next) => {
+                    if state.held_until_ms < now {
+                        state.next = next;
+                    }
+                    state.held_until_ms = now + EXPANDER_LEASE_MS;
+                }
+                None => {
+                    state.held_until_ms = 0;
+                    let until = std::time::Instant::now() + EXPANDER_LEASE_POLL;
+                    while std::time::Instant::now() < until && !self.stopping() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    return Ok(());
+                }
+            }
         }
-        self.flush(&mut batch)?;
-        self.engine.topics.commit(NOTIFICATIONS_TOPIC, EXPANDER_GROUP, None, &[(partition, last + 1)])?;
+        let records = state.reader.read(state.next, EXPANDER_READ_MAX)?;
+        let Some(last) = records.last().map(|r| r.offset) else { return Ok(()) };
+        if let Err(error) = self.log.wait(self.expand_records(state.partition, records)) {
+            // Take the lease again (if still this node's) and expand from the committed offset.
+            state.held_until_ms = 0;
+            return Err(error);
+        }
+        if self.log.wait(self.commit_expanded(state.partition, last + 1))? {
+            state.next = last + 1;
+        } else {
+            // Another node took the lease: it expands from the committed offset.
+            state.held_until_ms = 0;
+        }
         Ok(())
     }
 
+    /// Take or renew the lease of `partition`'s expander; the offset to expand from if held.
+    async fn take_lease(&self, partition: u32, now: u64) -> Result<Option<u64>, ApiError> {
+        let row = sqlx::query("UPDATE fanout_expanders SET holder = $1, lease_until_ms = $2 WHERE log_partition = $3 AND (holder = $1 OR holder IS NULL OR lease_until_ms < $4) RETURNING next_offset")
+            .bind(self.node.clone())
+            .bind((now + EXPANDER_LEASE_MS) as i64)
+            .bind(i64::from(partition))
+            .bind(now as i64)
+            .fetch_optional(self.db.primary())
+            .await?;
+        Ok(row.map(|row| row.try_get::<i64, _>(0)).transpose()?.map(|next| next.max(0) as u64))
+    }
+
+    /// Commit `partition`'s offset while this node holds its lease; false if it no longer does.
+    async fn commit_expanded(&self, partition: u32, next: u64) -> Result<bool, ApiError> {
+        let updated = sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND holder = $3").bind(next as i64).bind(i64::from(partition)).bind(self.node.clone()).execute(self.db.primary()).await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Expand notifications read from `partition`.
+    async fn expand_records(&self, partition: u32, records: Vec<StoredRecord>) -> Result<(), ApiError> {
+        let mut notes = Vec::with_capacity(records.len());
+        for record in records {
+            match record.value.as_deref().map(serde_json::from_slice::<Notification>) {
+                Some(Ok(notification)) => notes.push((partition, record.offset, notification)),
+                _ => tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it"),
+            }
+        }
+        self.note_notifications(&notes).await?;
+        let config = self.config();
+        let mut batch = Expansion { lease: Some((partition, now_ms())), ..Expansion::default() };
+        for (_, _, notification) in &notes {
+            self.expand(notification, &config, &mut batch).await?;
+        }
+        self.flush(&mut batch).await
+    }
+
     /// Expand one notification into `batch`, flushing it every `EXPANSION_CHUNK` deliveries.
-    fn expand(&self, notification: &Notification, config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
+    async fn expand(&self, notification: &Notification, config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
         let channels = notification.channels(config);
         let content = notification.content();
         for users in notification.users.chunks(EXPANSION_CHUNK) {
-            for user in users {
-                self.expand_user(notification, &content, &channels, user, config, batch)?;
-            }
+            self.expand_users(notification, &content, &channels, users, config, batch).await?;
             if batch.len() >= EXPANSION_CHUNK {
-                self.flush(batch)?;
+                self.flush(batch).await?;
             }
         }
         for topic in &notification.topics {
             let mut cursor: Option<String> = None;
             loop {
-                let (_, chunk) = self.members_page(topic, cursor.as_deref(), EXPANSION_CHUNK);
+                let chunk = self.members_after(topic, cursor.as_deref(), EXPANSION_CHUNK).await?;
                 let Some(last) = chunk.last().cloned() else { break };
-                for user in &chunk {
-                    self.expand_user(notification, &content, &channels, user, config, batch)?;
-                }
+                self.expand_users(notification, &content, &channels, &chunk, config, batch).await?;
                 if batch.len() >= EXPANSION_CHUNK {
-                    self.flush(batch)?;
+                    self.flush(batch).await?;
                 }
                 cursor = Some(last);
             }
@@ -772,107 +1033,141 @@ impl Fanout {
         Ok(())
     }
 
-    /// The deliveries of one recipient.
-    fn expand_user(&self, notification: &Notification, content: &Content, channels: &[Channel], user: &str, config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
+    /// The deliveries of some recipients.
+    async fn expand_users(&self, notification: &Notification, content: &Content, channels: &[Channel], users: &[String], config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
         let now = now_ms();
-        let subscriber = self.subscriber(user);
-        for &channel in channels {
-            let id = process::delivery_id(&notification.id, channel, user);
-            if batch.ids.contains(&id) {
-                continue;
-            }
-            let known = self.index.lock().get(&id).copied();
-            if let Some(entry) = known {
-                // Expanded before a crash: queue again what may not have reached its queue (the
-                // queue's dedup id drops it if it did).
-                if matches!(entry.status, Status::Queued | Status::Deferred)
-                    && let Some(state) = self.read_state(entry.offset)?
-                {
-                    batch.ids.insert(id);
-                    batch.jobs[channel.index()].push(job_message(&state, content, now));
-                }
-                continue;
-            }
-            let mut state = DeliveryState {
-                id: id.clone(),
-                notification: notification.id.clone(),
-                user: user.to_string(),
-                channel,
-                category: notification.category.clone(),
-                critical: notification.critical,
-                status: Status::Queued,
-                accepted_at_ms: notification.accepted_at_ms,
-                updated_at_ms: now,
-                attempts: 0,
-                not_before_ms: None,
-                next_attempt_at_ms: None,
-                provider: None,
-                email_id: None,
-                digest: None,
-                digest_until_ms: None,
-                digest_items: None,
-                reason: None,
-                history: Vec::new(),
-            };
-            let decision = match &subscriber {
-                None => process::Decision::Skip(format!("no subscriber {user:?}")),
-                Some(subscriber) => process::decide(subscriber, channel, &notification.category, notification.critical, now),
-            };
-            batch.ids.insert(id.clone());
-            match decision {
-                process::Decision::Skip(reason) => {
-                    state.status = Status::Skipped;
-                    state.reason = Some(reason);
-                    self.counts.skipped.fetch_add(1, Ordering::Relaxed);
-                    batch.states.push(state);
+        let subscribers = self.subscribers_of(users).await?;
+        let ids: Vec<String> = users.iter().flat_map(|user| channels.iter().map(move |&channel| process::delivery_id(&notification.id, channel, user))).filter(|id| !batch.ids.contains(id)).collect();
+        let known = self.states_of(&ids).await?;
+        for user in users {
+            for &channel in channels {
+                let id = process::delivery_id(&notification.id, channel, user);
+                if batch.ids.contains(&id) {
                     continue;
                 }
-                process::Decision::Send { not_before_ms } => {
-                    if let Some(at) = not_before_ms {
-                        state.status = Status::Deferred;
-                        state.not_before_ms = Some(at);
-                        state.reason = Some("quiet hours".into());
-                        self.counts.deferred.fetch_add(1, Ordering::Relaxed);
+                if let Some(state) = known.get(&id) {
+                    // Expanded before a crash (or by another node): queue again what may not have
+                    // reached its queue (the queue's dedup id drops it if it did).
+                    if matches!(state.status, Status::Queued | Status::Deferred) {
+                        batch.ids.insert(id);
+                        batch.jobs[channel.index()].push(job_message(state, content, now));
                     }
-                    if let Some(window) = config.digest_window_ms(&notification.category).filter(|_| !notification.critical) {
-                        let key = (user.to_string(), notification.category.clone(), channel);
-                        let mut digests = self.digests.lock();
-                        let joinable = digests.open.get(&key).filter(|(_, until)| *until > now).map(|(head, _)| head.clone());
-                        if let Some(head) = joinable
-                            && digests.members.get(&head).map_or(0, Vec::len) + 1 < process::DIGEST_ITEMS_MAX
-                        {
-                            digests.members.entry(head.clone()).or_default().push(id.clone());
-                            state.status = Status::Batched;
-                            state.digest = Some(head);
-                            state.not_before_ms = None;
-                            state.reason = None;
-                            self.counts.batched.fetch_add(1, Ordering::Relaxed);
-                            batch.states.push(state);
-                            continue;
+                    continue;
+                }
+                let mut state = DeliveryState {
+                    id: id.clone(),
+                    notification: notification.id.clone(),
+                    user: user.to_string(),
+                    channel,
+                    category: notification.category.clone(),
+                    critical: notification.critical,
+                    status: Status::Queued,
+                    accepted_at_ms: notification.accepted_at_ms,
+                    updated_at_ms: now,
+                    attempts: 0,
+                    not_before_ms: None,
+                    next_attempt_at_ms: None,
+                    provider: None,
+                    email_id: None,
+                    digest: None,
+                    digest_until_ms: None,
+                    digest_items: None,
+                    reason: None,
+                    history: Vec::new(),
+                };
+                let decision = match subscribers.get(user) {
+                    None => process::Decision::Skip(format!("no subscriber {user:?}")),
+                    Some(subscriber) => process::decide(subscriber, channel, &notification.category, notification.critical, now),
+                };
+                batch.ids.insert(id.clone());
+                match decision {
+                    process::Decision::Skip(reason) => {
+                        state.status = Status::Skipped;
+                        state.reason = Some(reason);
+                        self.counts.skipped.fetch_add(1, Ordering::Relaxed);
+                        batch.states.push(state);
+                    }
+                    process::Decision::Send { not_before_ms } => {
+                        if let Some(at) = not_before_ms {
+                            state.status = Status::Deferred;
+                            state.not_before_ms = Some(at);
+                            state.reason = Some("quiet hours".into());
+                            self.counts.deferred.fetch_add(1, Ordering::Relaxed);
                         }
-                        let until = not_before_ms.unwrap_or(now) + window;
-                        digests.open.insert(key, (id.clone(), until));
-                        digests.members.insert(id.clone(), Vec::new());
-                        state.digest_until_ms = Some(until);
-                        state.not_before_ms = Some(until);
+                        if let Some(window) = config.digest_window_ms(&notification.category).filter(|_| !notification.critical) {
+                            if let Some(head) = self.join_digest(&state, now).await? {
+                                state.status = Status::Batched;
+                                state.digest = Some(head);
+                                state.not_before_ms = None;
+                                state.reason = None;
+                                self.counts.batched.fetch_add(1, Ordering::Relaxed);
+                                batch.states.push(state);
+                                continue;
+                            }
+                            let until = not_before_ms.unwrap_or(now) + window;
+                            self.open_digest(&state, until, 0).await?;
+                            state.digest_until_ms = Some(until);
+                            state.not_before_ms = Some(until);
+                        }
+                        batch.jobs[channel.index()].push(job_message(&state, content, now));
+                        batch.states.push(state);
                     }
-                    batch.jobs[channel.index()].push(job_message(&state, content, now));
-                    batch.states.push(state);
                 }
             }
         }
         Ok(())
     }
 
+    /// Join the open digest of `state`'s user, category and channel, if its window is still open
+    /// and it has room: the digest's first delivery.
+    async fn join_digest(&self, state: &DeliveryState, now: u64) -> Result<Option<String>, ApiError> {
+        let row = sqlx::query("UPDATE fanout_digests SET members = members + 1 WHERE user_id = $1 AND category = $2 AND channel = $3 AND until_ms > $4 AND members + 1 < $5 RETURNING head")
+            .bind(state.user.clone())
+            .bind(state.category.clone())
+            .bind(state.channel.as_str())
+            .bind(now as i64)
+            .bind(process::DIGEST_ITEMS_MAX as i64)
+            .fetch_optional(self.db.primary())
+            .await?;
+        Ok(row.map(|row| row.try_get::<String, _>(0)).transpose()?)
+    }
+
+    /// Open a digest whose first delivery is `head`, until `until`, holding `members` (replacing
+    /// a digest of the same user, category and channel, which keeps its members).
+    async fn open_digest(&self, head: &DeliveryState, until: u64, members: i64) -> Result<(), ApiError> {
+        sqlx::query(
+            "INSERT INTO fanout_digests (user_id, category, channel, head, until_ms, members) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (user_id, category, channel) DO UPDATE SET head = excluded.head, until_ms = excluded.until_ms, members = excluded.members",
+        )
+        .bind(head.user.clone())
+        .bind(head.category.clone())
+        .bind(head.channel.as_str())
+        .bind(head.id.clone())
+        .bind(until as i64)
+        .bind(members)
+        .execute(self.db.primary())
+        .await?;
+        Ok(())
+    }
+
     /// Write the batch's states (durably), then queue its jobs.
-    fn flush(&self, batch: &mut Expansion) -> Result<(), ApiError> {
+    async fn flush(&self, batch: &mut Expansion) -> Result<(), ApiError> {
+        if let Some((partition, renewed_at)) = batch.lease
+            && now_ms() >= renewed_at + EXPANDER_LEASE_MS / 3
+        {
+            let now = now_ms();
+            if self.take_lease(partition, now).await?.is_none() {
+                return Err(ApiError::internal(format!("another node took the lease of expander {partition} during a long expansion; it expands from the committed offset")));
+            }
+            batch.lease = Some((partition, now));
+        }
         let states = std::mem::take(&mut batch.states);
         let expanded = states.len() as u64;
-        self.append_states(&states)?;
+        self.append_states(&states).await?;
         for (channel, jobs) in Channel::ALL.into_iter().zip(batch.jobs.iter_mut()) {
             let jobs = std::mem::take(jobs);
             if !jobs.is_empty() {
-                self.queues[channel.index()].publish(&jobs)?;
+                self.publish(channel, jobs).await?;
             }
         }
         batch.ids.clear();
@@ -880,82 +1175,117 @@ impl Fanout {
         Ok(())
     }
 
-    /// Append delivery states (durably) and point the index at them.
-    fn append_states(&self, states: &[DeliveryState]) -> Result<(), ApiError> {
+    /// Append delivery states to the events log (durably), then point their rows at them.
+    async fn append_states(&self, states: &[DeliveryState]) -> Result<(), ApiError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut offsets = Vec::with_capacity(states.len());
         for chunk in states.chunks(BATCH_RECORDS_MAX) {
             let records: Vec<Record> = chunk.iter().map(|s| Record::keyed(s.id.clone(), serde_json::to_vec(s).expect("a state serializes"))).collect();
-            let appended = self.events.produce_to(0, &records)?;
-            let mut index = self.index.lock();
-            for (n, state) in chunk.iter().enumerate() {
-                let offset = appended.base_offset + n as u64;
-                let entry = index.entry(state.id.clone()).or_insert(IndexEntry { offset, status: state.status });
-                if entry.offset <= offset {
-                    *entry = IndexEntry { offset, status: state.status };
-                }
+            offsets.extend(self.produce(EVENTS_TOPIC, records).await?.iter().map(|p| p.offset));
+        }
+        self.write_rows(states, &offsets).await
+    }
+
+    /// Upsert the rows of `states` (stored at `offsets`): a row only moves to a later offset,
+    /// whoever writes last.
+    async fn write_rows(&self, states: &[DeliveryState], offsets: &[u64]) -> Result<(), ApiError> {
+        // One row per delivery per statement (PostgreSQL refuses to update a row twice in one).
+        let mut latest: HashMap<&str, (u64, &DeliveryState)> = HashMap::new();
+        for (state, &offset) in states.iter().zip(offsets) {
+            let entry = latest.entry(state.id.as_str()).or_insert((offset, state));
+            if offset > entry.0 {
+                *entry = (offset, state);
             }
         }
+        let rows: Vec<(u64, &DeliveryState)> = latest.into_values().collect();
+        let mut transaction = self.db.primary().begin().await?;
+        for chunk in rows.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO fanout_deliveries (id, notification, status, digest, event_offset, updated_ms, state) VALUES {} \
+                 ON CONFLICT (id) DO UPDATE SET notification = excluded.notification, status = excluded.status, digest = excluded.digest, \
+                 event_offset = excluded.event_offset, updated_ms = excluded.updated_ms, state = excluded.state \
+                 WHERE fanout_deliveries.event_offset < excluded.event_offset",
+                value_rows(chunk.len(), 7)
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (offset, state) in chunk {
+                let digest = state.digest.clone().filter(|_| state.status == Status::Batched);
+                query = query.bind(state.id.clone()).bind(state.notification.clone()).bind(state.status.as_str()).bind(digest).bind(*offset as i64).bind(state.updated_at_ms as i64).bind(to_json(*state));
+            }
+            query.execute(&mut *transaction).await?;
+        }
+        transaction.commit().await?;
         Ok(())
     }
 
-    fn read_state(&self, offset: u64) -> Result<Option<DeliveryState>, StreamError> {
-        let records = self.events.fetch(0, offset, 1, MESSAGE_BYTES_MAX)?;
-        Ok(records.into_iter().find(|r| r.offset == offset).and_then(|r| r.value).and_then(|value| serde_json::from_slice(&value).ok()))
-    }
-
-    /// The latest state of delivery `id` (blocking).
-    pub fn delivery(&self, id: &str) -> Result<Option<DeliveryState>, ApiError> {
-        let Some(entry) = self.index.lock().get(id).copied() else { return Ok(None) };
-        Ok(self.read_state(entry.offset)?)
-    }
-
-    fn notification(&self, id: &str) -> Result<Option<Notification>, StreamError> {
-        let Some((partition, offset)) = self.notices.lock().get(id).copied() else { return Ok(None) };
-        let records = self.notifications.fetch(partition, offset, 1, MESSAGE_BYTES_MAX)?;
-        Ok(records.into_iter().find(|r| r.offset == offset).and_then(|r| r.value).and_then(|value| serde_json::from_slice(&value).ok()))
-    }
-
-    /// A notification, its deliveries' counts and a page of them (blocking).
-    pub fn notification_view(&self, id: &str, after: Option<&str>, limit: usize) -> Result<Option<process::NotificationView>, ApiError> {
-        let Some(notification) = self.notification(id)? else { return Ok(None) };
-        let (partition, offset) = self.notices.lock().get(id).copied().expect("read just now");
-        let expanded = self.engine.topics.committed(NOTIFICATIONS_TOPIC, EXPANDER_GROUP, partition).is_some_and(|c| c > offset);
-        let prefix = format!("{id}.");
-        let end = format!("{id}/");
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-        let mut deliveries = Vec::new();
-        let mut next_after = None;
-        let index = self.index.lock();
-        for (delivery, entry) in index.range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Excluded(end.as_str()))) {
-            *counts.entry(entry.status.as_str().to_string()).or_default() += 1;
-            if after.is_none_or(|a| delivery.as_str() > a) {
-                if deliveries.len() < limit {
-                    deliveries.push(process::DeliverySummary { id: delivery.clone(), status: entry.status });
-                } else if next_after.is_none() {
-                    next_after = deliveries.last().map(|d: &process::DeliverySummary| d.id.clone());
-                }
-            }
+    /// The latest states of the deliveries among `ids` that have one.
+    async fn states_of(&self, ids: &[String]) -> Result<HashMap<String, DeliveryState>, ApiError> {
+        let rows = tributary_sql::rows_in(self.db.primary(), "SELECT state FROM fanout_deliveries WHERE id", ids).await?;
+        let mut found = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let state: DeliveryState = from_json("delivery state", &row.try_get::<String, _>("state")?)?;
+            found.insert(state.id.clone(), state);
         }
+        Ok(found)
+    }
+
+    /// The latest state of delivery `id`.
+    pub async fn delivery(&self, id: &str) -> Result<Option<DeliveryState>, ApiError> {
+        Ok(self.states_of(&[id.to_string()]).await?.remove(id))
+    }
+
+    /// A notification, its deliveries' counts and a page of them.
+    pub async fn notification_view(&self, id: &str, after: Option<&str>, limit: usize) -> Result<Option<process::NotificationView>, ApiError> {
+        let Some((notification, partition, offset)) = self.notification(id).await? else { return Ok(None) };
+        let next: i64 = sqlx::query("SELECT next_offset FROM fanout_expanders WHERE log_partition = $1").bind(i64::from(partition)).fetch_one(self.db.primary()).await?.try_get(0)?;
+        let expanded = next.max(0) as u64 > offset;
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM fanout_deliveries WHERE notification = $1 GROUP BY status").bind(id.to_string()).fetch_all(self.db.primary()).await?;
+        for row in rows {
+            counts.insert(row.try_get("status")?, row.try_get::<i64, _>("n")?.max(0) as u64);
+        }
+        let rows = sqlx::query("SELECT id, state FROM fanout_deliveries WHERE notification = $1 AND id > $2 ORDER BY id LIMIT $3")
+            .bind(id.to_string())
+            .bind(after.unwrap_or("").to_string())
+            .bind(limit as i64 + 1)
+            .fetch_all(self.db.primary())
+            .await?;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows.iter().take(limit) {
+            let state: DeliveryState = from_json("delivery state", &row.try_get::<String, _>("state")?)?;
+            deliveries.push(process::DeliverySummary { id: state.id, status: state.status });
+        }
+        let next_after = if rows.len() > limit { deliveries.last().map(|d| d.id.clone()) } else { None };
         Ok(Some(process::NotificationView { notification, expanded, counts, deliveries, next_after }))
     }
 
     // -----------------------------------------------------------------------------------------
     // Sending
 
-    /// Sort a leased batch (blocking): duplicates of finished deliveries are acked, throttled
-    /// ones parked, the rest made ready with their current state and digest members.
-    fn prepare(&self, channel: Channel, deliveries: Vec<Delivery>, config: &FanoutConfig) -> Result<(Vec<Ready>, Vec<Parked>), ApiError> {
+    /// Sort a leased batch: duplicates of finished deliveries are acked, throttled ones parked,
+    /// the rest made ready with their current state, subscriber and digest members.
+    async fn prepare(&self, channel: Channel, deliveries: Vec<Delivery>, config: &FanoutConfig) -> Result<(Vec<Ready>, Vec<Parked>), ApiError> {
         let now = now_ms();
-        let mut ready = Vec::new();
         let mut parked = Vec::new();
         let mut finished = Vec::new();
+        let mut jobs = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            let Ok(job) = serde_json::from_slice::<Job>(&delivery.body) else {
-                tracing::error!(id = %delivery.id, "a job in queue {} is not readable; dropping it", channel.queue());
-                finished.push(delivery.receipt);
-                continue;
-            };
-            let entry = self.index.lock().get(&job.state.id).copied();
-            if entry.is_some_and(|e| e.status.is_final()) {
+            match serde_json::from_slice::<Job>(&delivery.body) {
+                Ok(job) => jobs.push((delivery, job)),
+                Err(_) => {
+                    tracing::error!(id = %delivery.id, "a job in queue {} is not readable; dropping it", channel.queue());
+                    finished.push(delivery.receipt);
+                }
+            }
+        }
+        let ids: Vec<String> = jobs.iter().map(|(_, job)| job.state.id.clone()).collect();
+        let latest = self.states_of(&ids).await?;
+        let mut sendable = Vec::with_capacity(jobs.len());
+        for (delivery, job) in jobs {
+            let current = latest.get(&job.state.id);
+            if current.is_some_and(|s| s.status.is_final()) {
                 finished.push(delivery.receipt);
                 continue;
             }
@@ -979,62 +1309,56 @@ impl Fanout {
                 parked.push((delivery.receipt, wait));
                 continue;
             }
-            // The job holds the state as queued; after an attempt the log holds the newer one.
-            let state = match entry {
-                Some(entry) if delivery.delivery_count > 1 => self.read_state(entry.offset)?.unwrap_or(job.state),
+            // The job holds the state as queued; after an attempt the row holds the newer one.
+            let state = match current {
+                Some(current) if delivery.delivery_count > 1 => current.clone(),
                 _ => job.state,
             };
-            let members = if state.digest_until_ms.is_some() { self.take_members(&state.id)? } else { Vec::new() };
-            ready.push(Ready { receipt: delivery.receipt, state, content: job.content, members });
+            sendable.push((delivery.receipt, state, job.content));
+        }
+        let users: Vec<String> = if channel == Channel::InApp { Vec::new() } else { sendable.iter().map(|(_, state, _)| state.user.clone()).collect() };
+        let subscribers = self.subscribers_of(&users).await?;
+        let mut ready = Vec::with_capacity(sendable.len());
+        for (receipt, state, content) in sendable {
+            let members = if state.digest_until_ms.is_some() { self.take_members(&state.id).await? } else { Vec::new() };
+            let subscriber = subscribers.get(&state.user).cloned();
+            ready.push(Ready { receipt, state, content, members, subscriber });
         }
         if !finished.is_empty() {
-            self.queues[channel.index()].ack(SENDER_GROUP, &finished)?;
+            self.settle_receipts(channel, finished, None).await?;
         }
         Ok((ready, parked))
     }
 
-    /// The deliveries batched into digest `head`, with their content; the digest is closed.
-    fn take_members(&self, head: &str) -> Result<Vec<(DeliveryState, Content)>, ApiError> {
-        let ids = {
-            let mut digests = self.digests.lock();
-            digests.open.retain(|_, (open, _)| open != head);
-            digests.members.remove(head).unwrap_or_default()
-        };
-        let mut members = Vec::with_capacity(ids.len());
-        for id in ids {
-            let Some(state) = self.delivery(&id)? else { continue };
-            if state.status != Status::Batched {
-                continue;
-            }
-            let content = match self.notification(&state.notification)? {
-                Some(notification) => notification.content(),
-                None => Content { notification: state.notification.clone(), title: None, body: None, data: None },
+    /// Close digest `head` to new members, and its members (batched deliveries) with their
+    /// content. They stay batched until the digest's send is final, so a retry finds them again.
+    async fn take_members(&self, head: &str) -> Result<Vec<(DeliveryState, Content)>, ApiError> {
+        sqlx::query("DELETE FROM fanout_digests WHERE head = $1").bind(head.to_string()).execute(self.db.primary()).await?;
+        let rows = sqlx::query("SELECT state FROM fanout_deliveries WHERE digest = $1 AND status = 'batched' ORDER BY id").bind(head.to_string()).fetch_all(self.db.primary()).await?;
+        let mut contents: HashMap<String, Content> = HashMap::new();
+        let mut members = Vec::with_capacity(rows.len());
+        for row in rows {
+            let state: DeliveryState = from_json("delivery state", &row.try_get::<String, _>("state")?)?;
+            let content = match contents.get(&state.notification) {
+                Some(content) => content.clone(),
+                None => {
+                    let content = match self.notification(&state.notification).await? {
+                        Some((notification, _, _)) => notification.content(),
+                        None => Content { notification: state.notification.clone(), title: None, body: None, data: None },
+                    };
+                    contents.insert(state.notification.clone(), content.clone());
+                    content
+                }
             };
             members.push((state, content));
         }
         Ok(members)
     }
 
-    /// Put a digest's members back (its send is retried or parked).
-    fn restore_members(&self, head: &str, members: &[(DeliveryState, Content)]) {
-        if members.is_empty() {
-            return;
-        }
-        let mut digests = self.digests.lock();
-        let list = digests.members.entry(head.to_string()).or_default();
-        for (state, _) in members {
-            if !list.contains(&state.id) {
-                list.push(state.id.clone());
-            }
-        }
-    }
-
     /// Work one leased batch of `channel`: prepare, send, settle.
     async fn work(self: &Arc<Self>, channel: Channel, deliveries: Vec<Delivery>) -> Result<(), ApiError> {
         let config = self.config();
-        let system = self.clone();
-        let prepared_config = config.clone();
-        let (ready, parked) = blocking(move || system.prepare(channel, deliveries, &prepared_config)).await?;
+        let (ready, parked) = self.prepare(channel, deliveries, &config).await?;
         let outcomes: Vec<(Ready, Outcome)> = match channel {
             Channel::Push | Channel::Sms => {
                 futures_util::future::join_all(ready.into_iter().map(|item| {
@@ -1047,13 +1371,9 @@ impl Fanout {
                 .await
             }
             Channel::Email => self.send_emails(ready, &config).await,
-            Channel::InApp => {
-                let system = self.clone();
-                blocking(move || system.write_inbox(ready)).await?
-            }
+            Channel::InApp => self.write_inbox(ready).await?,
         };
-        let system = self.clone();
-        blocking(move || system.settle(channel, outcomes, parked, &config)).await
+        self.settle(channel, outcomes, parked, &config).await
     }
 
     /// Whether `key`'s circuit is open at `now`.
@@ -1105,11 +1425,10 @@ impl Fanout {
     /// Push or SMS: the channel's providers in priority order, with failover.
     async fn send_to_providers(&self, channel: Channel, item: &Ready, config: &FanoutConfig) -> Outcome {
         let providers = config.providers.of(channel);
-        let subscriber = self.subscriber(&item.state.user);
-        if subscriber.is_none() {
+        if item.subscriber.is_none() {
             return Outcome::Rejected { attempts: Vec::new(), reason: format!("no subscriber {:?}", item.state.user) };
         }
-        let body = Self::provider_body(item, subscriber.as_deref());
+        let body = Self::provider_body(item, item.subscriber.as_deref());
         let timeout = Duration::from_millis(config.provider_timeout_ms);
         let mut attempts = Vec::new();
         let mut wait_ms: Option<u64> = None;
@@ -1201,7 +1520,7 @@ impl Fanout {
     }
 
     fn email_message(&self, item: &Ready, config: &FanoutConfig) -> serde_json::Value {
-        let address = self.subscriber(&item.state.user).and_then(|s| s.email.clone()).unwrap_or_default();
+        let address = item.subscriber.as_ref().and_then(|s| s.email.clone()).unwrap_or_default();
         let subject = item.content.title.clone().unwrap_or_else(|| item.state.category.clone());
         let mut text = item.content.body.clone().or_else(|| item.content.data.as_ref().map(|d| d.to_string())).unwrap_or_else(|| subject.clone());
         if !item.members.is_empty() {
@@ -1258,18 +1577,13 @@ impl Fanout {
         }
     }
 
-    /// In-app: append the items to their users' inboxes (durably), then send them live
-    /// (blocking).
-    fn write_inbox(&self, ready: Vec<Ready>) -> Result<Vec<(Ready, Outcome)>, ApiError> {
+    /// In-app: write the items to their users' inboxes (durably, the oldest past
+    /// `INBOX_ITEMS_MAX` leaving), then send them live.
+    async fn write_inbox(&self, ready: Vec<Ready>) -> Result<Vec<(Ready, Outcome)>, ApiError> {
         let now = now_ms();
-        let _write = self.write_lock.lock();
-        let mut records = Vec::with_capacity(ready.len());
-        let mut items = Vec::with_capacity(ready.len());
-        {
-            let inbox = self.inbox.lock();
-            // Per user: items added by this batch, and old items evicted for them.
-            let mut counted: HashMap<&str, (usize, usize)> = HashMap::new();
-            for item in &ready {
+        let items: Vec<(String, InboxItem)> = ready
+            .iter()
+            .map(|item| {
                 let inbox_item = InboxItem {
                     id: item.state.id.clone(),
                     category: item.state.category.clone(),
@@ -1281,48 +1595,86 @@ impl Fanout {
                     created_at_ms: now,
                     read: false,
                 };
-                records.push(Record::keyed(inbox_key(&item.state.user, &item.state.id), serde_json::to_vec(&inbox_item).expect("an item serializes")));
-                let user = item.state.user.as_str();
-                let held = inbox.get(user).map_or(0, VecDeque::len);
-                let (added, evicted) = counted.entry(user).or_default();
-                *added += 1;
-                if held + *added > INBOX_ITEMS_MAX + *evicted
-                    && let Some(oldest) = inbox.get(user).and_then(|list| list.get(*evicted))
-                {
-                    records.push(Record::tombstone(inbox_key(user, &oldest.id)));
-                    *evicted += 1;
-                }
-                items.push(inbox_item);
-            }
+                (item.state.user.clone(), inbox_item)
+            })
+            .collect();
+        let mut users: Vec<String> = items.iter().map(|(user, _)| user.clone()).collect();
+        users.sort();
+        users.dedup();
+        let mut transaction = self.db.primary().begin().await?;
+        for chunk in items.chunks(SQL_ROWS_PER_STATEMENT) {
+            self.insert_inbox(&mut *transaction, chunk).await?;
         }
-        for chunk in records.chunks(BATCH_RECORDS_MAX) {
-            self.inbox_topic.produce_to(0, chunk)?;
+        for user in &users {
+            sqlx::query("DELETE FROM fanout_inbox WHERE user_id = $1 AND id IN (SELECT id FROM fanout_inbox WHERE user_id = $1 ORDER BY created_ms DESC, id DESC LIMIT $2 OFFSET $3)")
+                .bind(user.clone())
+                .bind(i64::MAX)
+                .bind(INBOX_ITEMS_MAX as i64)
+                .execute(&mut *transaction)
+                .await?;
         }
-        let mut inbox = self.inbox.lock();
-        let live = self.live.lock();
-        for (item, inbox_item) in ready.iter().zip(&items) {
-            let list = inbox.entry(item.state.user.clone()).or_default();
-            list.retain(|i| i.id != inbox_item.id);
-            list.push_back(inbox_item.clone());
-            while list.len() > INBOX_ITEMS_MAX {
-                list.pop_front();
-            }
-            if let Some(sender) = live.get(&item.state.user) {
-                let unread = list.iter().filter(|i| !i.read).count();
-                let _ = sender.send(inbox_message("item", std::slice::from_ref(inbox_item), &[], unread));
-            }
+        transaction.commit().await?;
+        let unread = self.unread_of(&users).await?;
+        for (user, item) in &items {
+            let message = inbox_message("item", std::slice::from_ref(item), &[], unread.get(user).copied().unwrap_or(0));
+            self.announce(user, message).await;
         }
-        drop(live);
-        drop(inbox);
         Ok(ready
             .into_iter()
             .map(|item| (item, Outcome::Delivered { provider: "inbox".into(), attempts: vec![Attempt { at_ms: now, provider: "inbox".into(), result: "delivered".into(), status_code: None, detail: None }], email_id: None }))
             .collect())
     }
 
-    /// Write the states of a worked batch, then ack what is done and nack what waits
-    /// (blocking).
-    fn settle(&self, channel: Channel, outcomes: Vec<(Ready, Outcome)>, parked: Vec<Parked>, config: &FanoutConfig) -> Result<(), ApiError> {
+    /// Insert inbox items (an item already there, written before a crash, is kept as it is).
+    async fn insert_inbox<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(&self, executor: E, items: &[(String, InboxItem)]) -> Result<(), ApiError> {
+        let sql = format!("INSERT INTO fanout_inbox (user_id, id, created_ms, is_read, item) VALUES {} ON CONFLICT (user_id, id) DO NOTHING", value_rows(items.len(), 5));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (user, item) in items {
+            query = query.bind(user.clone()).bind(item.id.clone()).bind(item.created_at_ms as i64).bind(i64::from(item.read)).bind(to_json(item));
+        }
+        query.execute(executor).await?;
+        Ok(())
+    }
+
+    /// The unread counts of `users` (those with none are missing).
+    async fn unread_of(&self, users: &[String]) -> Result<HashMap<String, u64>, ApiError> {
+        let mut unread = HashMap::with_capacity(users.len());
+        for chunk in users.chunks(SQL_ROWS_PER_STATEMENT) {
+            let sql = format!("SELECT user_id, COUNT(*) AS n FROM fanout_inbox WHERE is_read = 0 AND user_id IN ({}) GROUP BY user_id", placeholders(1, chunk.len()));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for user in chunk {
+                query = query.bind(user.clone());
+            }
+            for row in query.fetch_all(self.db.primary()).await? {
+                unread.insert(row.try_get("user_id")?, row.try_get::<i64, _>("n")?.max(0) as u64);
+            }
+        }
+        Ok(unread)
+    }
+
+    /// Send `message` to `user`'s live connections on every node: through the live topic on
+    /// shared backends (every node's follower passes it on), directly when embedded. A message
+    /// that cannot be sent is lost to live connections only (logged): the inbox holds the item,
+    /// and a connection gets the whole inbox when it (re)connects.
+    async fn announce(&self, user: &str, message: String) {
+        if !self.log.shared() {
+            self.send_live(user, message);
+            return;
+        }
+        if let Err(error) = self.produce(LIVE_TOPIC, vec![Record::keyed(user.to_string(), message)]).await {
+            tracing::warn!(user, "{ID}: a live inbox message was not sent: {error}");
+        }
+    }
+
+    /// Pass `message` to this node's live connections of `user`.
+    fn send_live(&self, user: &str, message: String) {
+        if let Some(sender) = self.live.lock().get(user) {
+            let _ = sender.send(message);
+        }
+    }
+
+    /// Write the states of a worked batch, then ack what is done and nack what waits.
+    async fn settle(&self, channel: Channel, outcomes: Vec<(Ready, Outcome)>, parked: Vec<Parked>, config: &FanoutConfig) -> Result<(), ApiError> {
         let now = now_ms();
         let mut states = Vec::with_capacity(outcomes.len());
         let mut acks = Vec::new();
@@ -1335,7 +1687,6 @@ impl Fanout {
             let final_status = match outcome {
                 Outcome::Throttled { wait_ms } => {
                     self.counts.throttled.fetch_add(1, Ordering::Relaxed);
-                    self.restore_members(&state.id, &members);
                     waits.push((receipt, wait_ms));
                     continue;
                 }
@@ -1375,15 +1726,14 @@ impl Fanout {
                         state.reason = Some(reason);
                         state.next_attempt_at_ms = Some(now + delay);
                         self.counts.retried.fetch_add(1, Ordering::Relaxed);
-                        self.restore_members(&state.id, &members);
                         waits.push((receipt, delay));
                         states.push(state);
                         continue;
                     }
                 }
             };
-            // A digest's first delivery keeps its window while it is retried (so that a restart
-            // finds its members again); once final, it is closed.
+            // A digest's first delivery keeps its window while it is retried (so that the next
+            // attempt takes its members again); once final, it is closed.
             state.digest_until_ms = None;
             if !members.is_empty() {
                 state.digest_items = Some(members.len() as u32 + 1);
@@ -1399,17 +1749,16 @@ impl Fanout {
             }
             states.push(state);
         }
-        self.append_states(&states)?;
-        let queue = &self.queues[channel.index()];
+        self.append_states(&states).await?;
         if !acks.is_empty() {
-            queue.ack(SENDER_GROUP, &acks)?;
+            self.settle_receipts(channel, acks, None).await?;
         }
         let mut by_delay: BTreeMap<u64, Vec<Receipt>> = BTreeMap::new();
         for (receipt, delay) in waits {
             by_delay.entry(delay).or_default().push(receipt);
         }
         for (delay, receipts) in by_delay {
-            queue.nack(SENDER_GROUP, &receipts, Some(delay))?;
+            self.settle_receipts(channel, receipts, Some(delay)).await?;
         }
         let delivered = latencies.len() as u64;
         self.metrics.messages_out(delivered);
@@ -1420,53 +1769,113 @@ impl Fanout {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Upkeep
+
+    /// Queue on its own each delivery batched into a digest that will not carry it: the
+    /// digest's first delivery is final (the join raced its send), or has had no row for
+    /// `ORPHAN_AGE_MS` (its expansion failed after the digest was opened). Several nodes may do
+    /// it at once: the queue's dedup id keeps one job.
+    async fn queue_orphans(&self) -> Result<usize, ApiError> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT m.state AS state FROM fanout_deliveries m LEFT JOIN fanout_deliveries h ON h.id = m.digest \
+             WHERE m.digest IS NOT NULL AND m.status = 'batched' \
+             AND (h.status IN ('delivered', 'failed', 'skipped') OR (h.id IS NULL AND m.updated_ms < $1)) LIMIT $2",
+        )
+        .bind(now.saturating_sub(ORPHAN_AGE_MS) as i64)
+        .bind(EXPANSION_CHUNK as i64)
+        .fetch_all(self.db.primary())
+        .await?;
+        let mut batch = Expansion::default();
+        for row in &rows {
+            let mut state: DeliveryState = from_json("delivery state", &row.try_get::<String, _>("state")?)?;
+            let content = match self.notification(&state.notification).await? {
+                Some((notification, _, _)) => notification.content(),
+                None => Content { notification: state.notification.clone(), title: None, body: None, data: None },
+            };
+            state.status = Status::Queued;
+            state.digest = None;
+            state.updated_at_ms = now;
+            state.reason = Some("its digest went out without it; sent on its own".into());
+            batch.jobs[state.channel.index()].push(job_message(&state, &content, now));
+            batch.states.push(state);
+        }
+        let queued = batch.states.len();
+        self.flush(&mut batch).await?;
+        self.counts.orphans_queued.fetch_add(queued as u64, Ordering::Relaxed);
+        Ok(queued)
+    }
+
+    /// Delete the rows retention has left behind: deliveries whose event the log no longer
+    /// holds, notifications (and their keys) older than `RETENTION_MS`, expired digests that
+    /// nothing can join. The number of rows deleted.
+    async fn prune(&self) -> Result<u64, ApiError> {
+        let (start, _) = self.offsets(EVENTS_TOPIC, 0).await?;
+        let cutoff = now_ms().saturating_sub(RETENTION_MS) as i64;
+        let mut removed = sqlx::query("DELETE FROM fanout_deliveries WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await?.rows_affected();
+        removed += sqlx::query("DELETE FROM fanout_notifications WHERE accepted_ms < $1").bind(cutoff).execute(self.db.primary()).await?.rows_affected();
+        removed += sqlx::query("DELETE FROM fanout_digests WHERE until_ms < $1").bind(cutoff).execute(self.db.primary()).await?.rows_affected();
+        Ok(removed)
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Inbox
 
     /// The newest `limit` items of `user`'s inbox (newest first) and the unread count.
-    pub fn inbox_page(&self, user: &str, limit: usize) -> (Vec<InboxItem>, usize) {
-        let inbox = self.inbox.lock();
-        let Some(list) = inbox.get(user) else { return (Vec::new(), 0) };
-        (list.iter().rev().take(limit).cloned().collect(), list.iter().filter(|i| !i.read).count())
+    pub async fn inbox_page(&self, user: &str, limit: usize) -> Result<(Vec<InboxItem>, u64), ApiError> {
+        let rows = sqlx::query("SELECT item, is_read FROM fanout_inbox WHERE user_id = $1 ORDER BY created_ms DESC, id DESC LIMIT $2").bind(user.to_string()).bind(limit as i64).fetch_all(self.db.primary()).await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut item: InboxItem = from_json("inbox item", &row.try_get::<String, _>("item")?)?;
+            item.read = row.try_get::<i64, _>("is_read")? != 0;
+            items.push(item);
+        }
+        let unread = self.unread_of(&[user.to_string()]).await?.remove(user).unwrap_or(0);
+        Ok((items, unread))
     }
 
     /// Mark items read (all with `all`), durably; the ids marked now and the unread count.
-    pub fn mark_read(&self, user: &str, ids: &[String], all: bool) -> Result<(Vec<String>, usize), ApiError> {
-        let _write = self.write_lock.lock();
-        let changed: Vec<InboxItem> = {
-            let inbox = self.inbox.lock();
-            let Some(list) = inbox.get(user) else { return Ok((Vec::new(), 0)) };
-            list.iter().filter(|i| !i.read && (all || ids.contains(&i.id))).map(|i| InboxItem { read: true, ..i.clone() }).collect()
-        };
-        let records: Vec<Record> = changed.iter().map(|i| Record::keyed(inbox_key(user, &i.id), serde_json::to_vec(i).expect("an item serializes"))).collect();
-        for chunk in records.chunks(BATCH_RECORDS_MAX) {
-            self.inbox_topic.produce_to(0, chunk)?;
-        }
-        let marked: Vec<String> = changed.into_iter().map(|i| i.id).collect();
-        let mut inbox = self.inbox.lock();
-        let list = inbox.entry(user.to_string()).or_default();
-        for item in list.iter_mut() {
-            if marked.contains(&item.id) {
-                item.read = true;
+    pub async fn mark_read(&self, user: &str, ids: &[String], all: bool) -> Result<(Vec<String>, u64), ApiError> {
+        let mut marked = Vec::new();
+        if all {
+            for row in sqlx::query("UPDATE fanout_inbox SET is_read = 1 WHERE user_id = $1 AND is_read = 0 RETURNING id").bind(user.to_string()).fetch_all(self.db.primary()).await? {
+                marked.push(row.try_get::<String, _>(0)?);
+            }
+        } else {
+            for chunk in ids.chunks(SQL_ROWS_PER_STATEMENT) {
+                let sql = format!("UPDATE fanout_inbox SET is_read = 1 WHERE user_id = $1 AND is_read = 0 AND id IN ({}) RETURNING id", placeholders(2, chunk.len()));
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user.to_string());
+                for id in chunk {
+                    query = query.bind(id.clone());
+                }
+                for row in query.fetch_all(self.db.primary()).await? {
+                    marked.push(row.try_get::<String, _>(0)?);
+                }
             }
         }
-        let unread = list.iter().filter(|i| !i.read).count();
-        if !marked.is_empty()
-            && let Some(sender) = self.live.lock().get(user)
-        {
-            let _ = sender.send(inbox_message("read", &[], &marked, unread));
+        let unread = self.unread_of(&[user.to_string()]).await?.remove(user).unwrap_or(0);
+        if !marked.is_empty() {
+            self.announce(user, inbox_message("read", &[], &marked, unread)).await;
         }
         Ok((marked, unread))
     }
 
     /// Listen to `user`'s inbox: the receiver, then the current inbox as the first message.
-    pub fn watch_inbox(&self, user: &str) -> (broadcast::Receiver<String>, String) {
+    pub async fn watch_inbox(&self, user: &str) -> Result<(broadcast::Receiver<String>, String), ApiError> {
         let receiver = self.live.lock().entry(user.to_string()).or_insert_with(|| broadcast::channel(INBOX_LIVE_BUFFER).0).subscribe();
-        (receiver, self.inbox_snapshot(user))
+        match self.inbox_snapshot(user).await {
+            Ok(snapshot) => Ok((receiver, snapshot)),
+            Err(error) => {
+                drop(receiver);
+                self.unwatch_inbox(user);
+                Err(error)
+            }
+        }
     }
 
-    pub fn inbox_snapshot(&self, user: &str) -> String {
-        let (items, unread) = self.inbox_page(user, INBOX_PAGE_MAX);
-        inbox_message("inbox", &items, &[], unread)
+    pub async fn inbox_snapshot(&self, user: &str) -> Result<String, ApiError> {
+        let (items, unread) = self.inbox_page(user, INBOX_PAGE_MAX).await?;
+        Ok(inbox_message("inbox", &items, &[], unread))
     }
 
     /// Forget `user`'s live channel once nobody listens.
@@ -1476,54 +1885,122 @@ impl Fanout {
             live.remove(user);
         }
     }
-}
 
-/// One expander: expand the partition's notifications, in order, until the system stops.
-async fn run_expander(system: Arc<Fanout>, partition: u32) {
-    while !system.stopping() {
-        let worker = system.clone();
-        if let Err(error) = blocking(move || worker.expand_next(partition)).await {
-            system.metrics.error();
-            tracing::warn!("fan-out expander {partition}: {error}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    /// Queue depths, expansion lag and counters.
+    pub async fn overview(&self) -> serde_json::Value {
+        let c = &self.counts;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let mut queues = serde_json::Map::new();
+        let mut delivered = serde_json::Map::new();
+        let mut failed = serde_json::Map::new();
+        for channel in Channel::ALL {
+            let shown = match self.queue_stats(channel).await {
+                // Before any worker received, the senders' group does not exist yet: everything waits.
+                Ok(stats) => match stats.groups.iter().find(|g| g.name == SENDER_GROUP) {
+                    Some(g) => json!({"depth": g.depth, "delayed": g.delayed, "in_flight": g.in_flight}),
+                    None => json!({"depth": stats.published_total, "delayed": 0, "in_flight": 0}),
+                },
+                Err(error) => json!({"error": error.message}),
+            };
+            queues.insert(channel.as_str().into(), shown);
+            delivered.insert(channel.as_str().into(), json!(load(&c.delivered[channel.index()])));
+            failed.insert(channel.as_str().into(), json!(load(&c.failed[channel.index()])));
         }
+        let mut lag = 0;
+        let mut leases = Vec::new();
+        if let Ok(rows) = sqlx::query("SELECT log_partition, holder, next_offset FROM fanout_expanders ORDER BY log_partition").fetch_all(self.db.primary()).await {
+            for row in rows {
+                let partition = row.try_get::<i64, _>("log_partition").unwrap_or(0) as u32;
+                let next = row.try_get::<i64, _>("next_offset").unwrap_or(0).max(0) as u64;
+                let holder: Option<String> = row.try_get("holder").unwrap_or(None);
+                let (_, end) = self.offsets(NOTIFICATIONS_TOPIC, partition).await.unwrap_or((0, 0));
+                lag += end.saturating_sub(next);
+                leases.push(json!({"partition": partition, "holder": holder, "this_node": holder.as_deref() == Some(self.node.as_str())}));
+            }
+        }
+        let counter = |name: &'static str| async move { sqlx::query("SELECT value FROM fanout_counters WHERE name = $1").bind(name).fetch_one(self.db.primary()).await.and_then(|row| row.try_get::<i64, _>(0)).ok() };
+        let open_circuits: Vec<String> = {
+            let now = now_ms();
+            self.circuits.lock().iter().filter(|(_, c)| c.open_until_ms > now).map(|(k, _)| k.clone()).collect()
+        };
+        json!({
+            "queues": queues,
+            "expansion_lag": lag,
+            "expanders": leases,
+            "counts": {
+                "triggered": load(&c.triggered), "duplicates": load(&c.duplicates), "deliveries": load(&c.expanded),
+                "skipped": load(&c.skipped), "deferred": load(&c.deferred), "batched": load(&c.batched),
+                "delivered": delivered, "failed": failed, "retried": load(&c.retried), "throttled": load(&c.throttled),
+                "failovers": load(&c.failovers), "circuit_opened": load(&c.circuit_opened), "orphans_queued": load(&c.orphans_queued),
+            },
+            "open_circuits": open_circuits,
+            "subscribers": counter("subscribers").await,
+            "topics": counter("topics").await,
+            "backends": {"queues": self.queues.backend(), "streams": self.streams.backend(), "db": format!("{:?}", self.db.dialect()).to_lowercase()},
+        })
     }
-}
-
-/// How long a worker leases a batch of `channel` (see [`WORKER_LEASE_MARGIN_MS`]).
-fn lease_ms(config: &FanoutConfig, channel: Channel) -> u64 {
-    let calls = match channel {
-        Channel::Push | Channel::Sms => config.providers.of(channel).len() as u64 + 1,
-        // One POST of the batch, then (if refused) one per email, at once.
-        Channel::Email => 2,
-        Channel::InApp => 0,
-    };
-    WORKER_LEASE_MARGIN_MS + calls * config.provider_timeout_ms
 }
 
 /// One channel worker: lease, send, settle, repeat, until the system stops.
 async fn run_sender(system: Arc<Fanout>, channel: Channel, n: usize) {
-    let consumer = format!("{}-{n}", channel.as_str());
+    let consumer = format!("{}-{}-{n}", system.node, channel.as_str());
     while !system.stopping() {
-        let queue = system.queues[channel.index()].clone();
+        let queues = system.queues.clone();
         let name = consumer.clone();
-        let lease_ms = lease_ms(&system.config(), channel);
-        let received = blocking(move || -> Result<Vec<Delivery>, ApiError> { Ok(queue.receive(SENDER_GROUP, &name, WORKER_BATCH_MAX, Some(lease_ms), WORKER_WAIT)?) }).await;
+        let received = on_backend(queues.blocking(), async move { queues.receive(channel.queue(), SENDER_GROUP, &name, WORKER_BATCH_MAX, None, WORKER_WAIT).await }).await;
         let deliveries = match received {
             Ok(deliveries) => deliveries,
             Err(error) => {
-                tracing::warn!("fan-out worker {consumer}: receive: {error}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !system.stopping() {
+                    tracing::warn!("fan-out worker {consumer}: receive: {error}");
+                }
+                system.pause(Duration::from_secs(1)).await;
                 continue;
             }
         };
         if deliveries.is_empty() {
             continue;
         }
-        if let Err(error) = system.work(channel, deliveries).await {
+        let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
+        let worked = tokio::select! {
+            worked = system.work(channel, deliveries) => worked,
+            never = tributary_server::renew_leases(&system.queues, channel.queue(), SENDER_GROUP, receipts, system.leases[channel.index()]) => match never {},
+        };
+        if let Err(error) = worked {
             system.metrics.error();
-            tracing::warn!("fan-out worker {consumer}: {error}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tracing::warn!("fan-out worker {consumer}: {}", error.message);
+            system.pause(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The node's upkeep: the configuration other nodes wrote, orphaned digest members, retention.
+async fn run_upkeep(system: Arc<Fanout>) {
+    let mut swept_at = tokio::time::Instant::now();
+    let mut pruned_at = tokio::time::Instant::now();
+    while !system.stopping() {
+        system.pause(CONFIG_REFRESH).await;
+        if system.stopping() {
+            break;
+        }
+        if let Err(error) = system.refresh_config().await {
+            tracing::warn!("{ID}: reading the configuration: {}", error.message);
+        }
+        if swept_at.elapsed() >= ORPHAN_SWEEP_INTERVAL {
+            swept_at = tokio::time::Instant::now();
+            match system.queue_orphans().await {
+                Ok(0) => {}
+                Ok(queued) => tracing::info!("{ID}: queued {queued} deliveries on their own whose digest went out without them"),
+                Err(error) => tracing::warn!("{ID}: looking for orphaned digest members: {}", error.message),
+            }
+        }
+        if pruned_at.elapsed() >= PRUNE_INTERVAL {
+            pruned_at = tokio::time::Instant::now();
+            match system.prune().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!("{ID}: deleted {removed} rows older than the retention"),
+                Err(error) => tracing::warn!("{ID}: pruning rows: {}", error.message),
+            }
         }
     }
 }
@@ -1542,56 +2019,26 @@ impl System for Fanout {
     }
 
     fn status(&self) -> serde_json::Value {
-        let c = &self.counts;
-        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let mut queues = serde_json::Map::new();
-        let mut delivered = serde_json::Map::new();
-        let mut failed = serde_json::Map::new();
-        for channel in Channel::ALL {
-            let queue = &self.queues[channel.index()];
-            let shown = match queue.stats(Some(SENDER_GROUP)) {
-                Ok(stats) => json!({"depth": stats.depth, "delayed": stats.delayed, "in_flight": stats.in_flight}),
-                Err(error) => json!({"error": error.to_string()}),
-            };
-            queues.insert(channel.as_str().into(), shown);
-            delivered.insert(channel.as_str().into(), json!(load(&c.delivered[channel.index()])));
-            failed.insert(channel.as_str().into(), json!(load(&c.failed[channel.index()])));
-        }
-        let lag: u64 = (0..EXPANDERS)
-            .map(|p| {
-                let (_, end) = self.notifications.offsets(p).unwrap_or((0, 0));
-                end.saturating_sub(self.engine.topics.committed(NOTIFICATIONS_TOPIC, EXPANDER_GROUP, p).unwrap_or(0))
-            })
-            .sum();
-        let open_circuits: Vec<String> = {
-            let now = now_ms();
-            self.circuits.lock().iter().filter(|(_, c)| c.open_until_ms > now).map(|(k, _)| k.clone()).collect()
-        };
-        json!({
-            "queues": queues,
-            "expansion_lag": lag,
-            "counts": {
-                "triggered": load(&c.triggered), "duplicates": load(&c.duplicates), "deliveries": load(&c.expanded),
-                "skipped": load(&c.skipped), "deferred": load(&c.deferred), "batched": load(&c.batched),
-                "delivered": delivered, "failed": failed, "retried": load(&c.retried), "throttled": load(&c.throttled),
-                "failovers": load(&c.failovers), "circuit_opened": load(&c.circuit_opened),
-            },
-            "open_circuits": open_circuits,
-            "subscribers": self.subscribers.read().len(),
-            "topics": self.groups.read().len(),
-            "deliveries_indexed": self.index.lock().len(),
-        })
+        tributary_server::wait_in_place(false, self.overview()).unwrap_or_else(|| json!({"error": "the backends cannot be asked from here"}))
     }
 
+    /// Stop the expanders and workers: each finishes the step or batch it holds, then leaves.
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
     }
 
+    /// Every worker and expander has left; the expanders' leases are handed back, so another
+    /// node takes them at once.
     fn stopped(&self) -> tributary_engine::BoxFuture<'_, ()> {
         Box::pin(async move {
             let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
             for task in tasks {
                 let _ = task.await;
+            }
+            let threads: Vec<_> = std::mem::take(&mut *self.threads.lock());
+            let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|thread| drop(thread.join()))).await;
+            if let Err(error) = sqlx::query("UPDATE fanout_expanders SET holder = NULL, lease_until_ms = 0 WHERE holder = $1").bind(self.node.clone()).execute(self.db.primary()).await {
+                tracing::warn!("{ID}: handing back the expanders' leases: {error}");
             }
         })
     }

@@ -1,7 +1,8 @@
 //! Feature tests of notification-fanout through its HTTP API, with real HTTP providers started by
 //! each test (an axum server on a loopback port whose providers answer 200, 500, 4xx or slowly,
 //! and check signatures), the inbox over a real WebSocket and SSE, and the email leg through the
-//! email-queue-system's HTTP API to an aiosmtpd relay ([`crate::test_support::SmtpRelay`]).
+//! email-queue-system's HTTP API to an aiosmtpd relay ([`crate::test_support::SmtpRelay`]). Each
+//! runs on the embedded engine and on the machine's NATS JetStream with PostgreSQL ([`on_both!`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,11 +20,11 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tributary_engine::Engine;
-use tributary_server::{Gateway, ServerConfig};
+use tributary_server::ServerConfig;
 
 use super::Fanout;
-use crate::test_support::SmtpRelay;
-use crate::{Context, System};
+use crate::test_support::{Backend, SmtpRelay, on_both};
+use crate::System;
 
 const SECRET: &str = "provider-secret";
 
@@ -120,7 +121,7 @@ struct App {
 }
 
 impl App {
-    async fn start(dir: &Path, with_email: bool) -> App {
+    async fn start(dir: &Path, with_email: bool, backend: &Backend) -> App {
         // After a simulated crash, a worker's blocking call (a long poll) may still hold a queue
         // of the dropped engine until its wait ends; a crashed process would have no such thread.
         // So a folder still locked is tried again for a while.
@@ -135,7 +136,7 @@ impl App {
                 Err(error) => panic!("opening the engine: {error}"),
             }
         };
-        let context = Context::embedded(engine.clone(), Gateway::default());
+        let context = backend.context(engine.clone()).await;
         let system = Fanout::open(&context).unwrap();
         let email = with_email.then(|| {
             let entry = crate::entries().into_iter().find(|e| e.id == "email-queue-system").expect("email-queue-system is registered");
@@ -164,6 +165,9 @@ impl App {
             system.shutdown();
             system.stopped().await;
         } else {
+            // The expanders' threads end after the step they are in; the leases they held are
+            // not handed back (a new node waits for them to run out).
+            system.stopping.store(true, std::sync::atomic::Ordering::Release);
             for task in std::mem::take(&mut *system.tasks.lock()) {
                 task.abort();
             }
@@ -289,11 +293,11 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_notification_expands_to_every_user_and_topic_member_per_channel_with_status() {
+on_both!(a_notification_expands_to_every_user_and_topic_member_per_channel_with_status);
+async fn a_notification_expands_to_every_user_and_topic_member_per_channel_with_status(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("pushy", Mode::Ok), ("texty", Mode::Ok)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"providers": {"push": [providers.spec("pushy", None)], "sms": [providers.spec("texty", None)]}})).await;
     for user in ["ann", "bob", "cy"] {
         app.reachable(user).await;
@@ -343,10 +347,10 @@ async fn a_notification_expands_to_every_user_and_topic_member_per_channel_with_
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_input_is_refused_with_the_field_and_the_limit_named() {
+on_both!(bad_input_is_refused_with_the_field_and_the_limit_named);
+async fn bad_input_is_refused_with_the_field_and_the_limit_named(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     let cases = [
         (json!({"notifications": []}), "at least one"),
         (json!({"notifications": [{"category": "x"}]}), "recipient"),
@@ -375,11 +379,11 @@ async fn bad_input_is_refused_with_the_field_and_the_limit_named() {
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient() {
+on_both!(push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient);
+async fn push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("down", Mode::Fail), ("slow", Mode::Slow), ("picky", Mode::RejectBad)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({
         "providers": {"push": [providers.spec("down", None), providers.spec("slow", None), providers.spec("picky", None)]},
         "circuit": {"failures": 2, "cooldown_ms": 60_000},
@@ -416,11 +420,11 @@ async fn push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient(
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_sends_are_retried_with_backoff_then_fail_after_the_last_attempt() {
+on_both!(failed_sends_are_retried_with_backoff_then_fail_after_the_last_attempt);
+async fn failed_sends_are_retried_with_backoff_then_fail_after_the_last_attempt(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("flaky", Mode::Fail)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"providers": {"sms": [providers.spec("flaky", None)]}, "retry": {"attempts": 3, "base_ms": 200, "max_ms": 1_000}, "circuit": {"failures": 100, "cooldown_ms": 1_000}})).await;
     app.reachable("ann").await;
     app.reachable("bob").await;
@@ -444,11 +448,11 @@ async fn failed_sends_are_retried_with_backoff_then_fail_after_the_last_attempt(
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn token_buckets_limit_each_provider_and_each_channel() {
+on_both!(token_buckets_limit_each_provider_and_each_channel);
+async fn token_buckets_limit_each_provider_and_each_channel(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("cheap", Mode::Ok), ("spare", Mode::Ok), ("sms", Mode::Ok)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({
         "providers": {
             "push": [providers.spec("cheap", Some(json!({"rate_per_s": 0.01, "burst": 2}))), providers.spec("spare", None)],
@@ -479,11 +483,11 @@ async fn token_buckets_limit_each_provider_and_each_channel() {
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn preferences_and_quiet_hours_decide_and_critical_overrides_them() {
+on_both!(preferences_and_quiet_hours_decide_and_critical_overrides_them);
+async fn preferences_and_quiet_hours_decide_and_critical_overrides_them(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("pushy", Mode::Ok), ("texty", Mode::Ok)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"providers": {"push": [providers.spec("pushy", None)], "sms": [providers.spec("texty", None)]}, "categories": {"promo": {"channels": ["push", "sms"]}}})).await;
     // ann: no SMS at all, no promo push.
     app.subscriber("ann", json!({"phone": "+4915112345678", "push_tokens": ["t"], "preferences": {"channels": {"sms": false}, "categories": {"promo": {"channels": {"push": false}}}}})).await;
@@ -512,11 +516,11 @@ async fn preferences_and_quiet_hours_decide_and_critical_overrides_them() {
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_digest_batches_one_category_for_one_user_within_its_window() {
+on_both!(a_digest_batches_one_category_for_one_user_within_its_window);
+async fn a_digest_batches_one_category_for_one_user_within_its_window(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("pushy", Mode::Ok)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"providers": {"push": [providers.spec("pushy", None)]}, "categories": {"likes": {"channels": ["push"], "digest_window_ms": 3_000}}})).await;
     app.reachable("ann").await;
     app.reachable("bob").await;
@@ -589,10 +593,10 @@ async fn sse_events(response: &mut reqwest::Response, buffer: &mut String, wante
     events
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_inbox_is_durable_live_over_websocket_and_sse_and_marks_read() {
+on_both!(the_inbox_is_durable_live_over_websocket_and_sse_and_marks_read);
+async fn the_inbox_is_durable_live_over_websocket_and_sse_and_marks_read(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({})).await;
     app.subscriber("ann", json!({})).await;
     let ws_url = format!("{}/v1/fanout/inbox/ann/ws", app.base.replace("http://", "ws://"));
@@ -645,18 +649,18 @@ async fn the_inbox_is_durable_live_over_websocket_and_sse_and_marks_read() {
     app.stop(true).await;
 
     // The inbox is durable.
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     let (_, inbox) = app.get("/v1/fanout/inbox/ann").await;
     let titles: Vec<&str> = inbox["items"].as_array().unwrap().iter().map(|i| i["title"].as_str().unwrap()).collect();
     assert_eq!((titles, inbox["unread"].as_u64()), (vec!["Another", "New follower"], Some(0)));
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_email_leg_goes_through_the_email_system_to_smtp() {
+on_both!(the_email_leg_goes_through_the_email_system_to_smtp);
+async fn the_email_leg_goes_through_the_email_system_to_smtp(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let relay = SmtpRelay::start();
-    let app = App::start(dir.path(), true).await;
+    let app = App::start(dir.path(), true, &backend).await;
     let (status, body) = app.put("/v1/email/config", json!({"relay": {"host": "127.0.0.1", "port": relay.port, "pool_max": 2, "timeout_ms": 5_000}})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     app.configure(json!({"email": {"base_url": app.base, "from": "Alerts <alerts@example.com>"}})).await;
@@ -674,7 +678,7 @@ async fn the_email_leg_goes_through_the_email_system_to_smtp() {
     app.stop(true).await;
 
     // Without the email system at the configured address, the delivery is retried, then fails.
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"email": {"base_url": "http://127.0.0.1:9"}, "retry": {"attempts": 2, "base_ms": 50, "max_ms": 100}})).await;
     let id = app.trigger(json!({"category": "receipts", "users": ["ann"], "channels": ["email"], "title": "Again"})).await;
     let state = app.wait_for(&delivery(&id, "email", "ann"), "failed").await;
@@ -682,11 +686,11 @@ async fn the_email_leg_goes_through_the_email_system_to_smtp() {
     app.stop(true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn acknowledged_triggers_and_deliveries_survive_a_crash() {
+on_both!(acknowledged_triggers_and_deliveries_survive_a_crash);
+async fn acknowledged_triggers_and_deliveries_survive_a_crash(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("pushy", Mode::Fail)]).await;
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     app.configure(json!({"providers": {"push": [providers.spec("pushy", None)]}, "retry": {"attempts": 50, "base_ms": 100, "max_ms": 200}, "circuit": {"failures": 1000, "cooldown_ms": 1_000}})).await;
     let users: Vec<String> = (0..300).map(|i| format!("user{i}")).collect();
     for user in &users {
@@ -703,7 +707,7 @@ async fn acknowledged_triggers_and_deliveries_survive_a_crash() {
     // Reopened: every acknowledged notification is expanded and every delivery goes out once
     // the provider answers.
     providers.modes.lock().insert("pushy".into(), Mode::Ok);
-    let app = App::start(dir.path(), false).await;
+    let app = App::start(dir.path(), false, &backend).await;
     let (status, again) = app.post("/v1/fanout/notifications", json!({"notifications": [{"category": "news", "topics": ["everyone"], "idempotency_key": "k0"}]})).await;
     assert_eq!((status, again["notifications"][0]["id"].as_str()), (StatusCode::ACCEPTED, Some(ids[0].as_str())), "idempotency keys survive");
     for id in &ids {
@@ -715,5 +719,188 @@ async fn acknowledged_triggers_and_deliveries_survive_a_crash() {
     // Every push delivery was taken by the provider (once, unless a crash came in between).
     let taken: std::collections::HashSet<String> = providers.got.lock().iter().filter(|g| g.status == 200).map(|g| g.body["delivery_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(taken.len(), 1_500);
+    app.stop(true).await;
+}
+
+/// Two nodes on one namespace (NATS JetStream and PostgreSQL): what one writes the other
+/// reads, either node's trigger is expanded by the node holding the expanders' leases, the
+/// deliveries are shared by both nodes' workers and sent once each, an inbox item reaches a
+/// connection on either node, an idempotency key holds across nodes, and when the leaseholder
+/// stops the other node expands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_share_subscribers_topics_expansion_deliveries_and_the_live_inbox() {
+    let backend = Backend::nats();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let providers = Providers::start(&[("pushy", Mode::Ok)]).await;
+    let a = App::start(dir_a.path(), false, &backend).await;
+    let b = App::start(dir_b.path(), false, &backend).await;
+    a.configure(json!({"providers": {"push": [providers.spec("pushy", None)]}})).await;
+    let users: Vec<String> = (0..100).map(|i| format!("u{i:03}")).collect();
+    for user in &users {
+        a.reachable(user).await;
+    }
+    let (status, _) = b.put("/v1/fanout/topics/all/members", json!({"add": users})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, topic) = a.get("/v1/fanout/topics/all?limit=1").await;
+    assert_eq!((topic["size"].as_u64(), topic["members"][0].as_str()), (Some(100), Some("u000")), "{topic}");
+    let (status, subscriber) = b.get("/v1/fanout/subscribers/u007").await;
+    assert_eq!((status, subscriber["email"].as_str()), (StatusCode::OK, Some("u007@example.org")));
+    // Node B reads the configuration node A wrote within CONFIG_REFRESH.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, config) = b.get("/v1/fanout/config").await;
+        if config["providers"]["push"][0]["name"] == "pushy" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node B never read the configuration: {config}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // u007 watches the inbox on node B.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/v1/fanout/inbox/u007/ws", b.base.replace("http://", "ws://"))).await.unwrap();
+    let mut next = async || -> Value {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a frame in time").unwrap().unwrap();
+            if let WsMessage::Text(text) = frame {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    };
+    assert_eq!(next().await["type"], "inbox");
+
+    // Ten notifications to the topic, triggered through both nodes.
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let node = if n % 2 == 0 { &a } else { &b };
+        ids.push(node.trigger(json!({"category": "news", "topics": ["all"], "channels": ["push", "in_app"], "title": format!("n{n}")})).await);
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let node = if n % 2 == 0 { &b } else { &a };
+        let view = node.settled(id).await;
+        assert_eq!(view["counts"]["delivered"].as_u64(), Some(200), "{id}: {view:#}");
+    }
+    let pushed: Vec<String> = providers.got_by("pushy").iter().map(|g| g.body["delivery_id"].as_str().unwrap().to_string()).collect();
+    let once: std::collections::HashSet<&String> = pushed.iter().collect();
+    assert_eq!((pushed.len(), once.len()), (1_000, 1_000), "every push delivery sent once");
+    let mut titles = Vec::new();
+    while titles.len() < 10 {
+        let message = next().await;
+        assert_eq!(message["type"], "item", "{message}");
+        titles.push(message["item"]["title"].as_str().unwrap().to_string());
+    }
+    titles.sort();
+    assert_eq!(titles, (0..10).map(|n| format!("n{n}")).collect::<Vec<_>>(), "node B's connection got every item, whichever node wrote it");
+    let worked = |app: &App| app.system.counts.delivered.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>();
+    let (by_a, by_b) = (worked(&a), worked(&b));
+    println!("deliveries sent by node A: {by_a}, by node B: {by_b}");
+    assert_eq!(by_a + by_b, 2_000);
+
+    // An idempotency key used through A, then through B.
+    let (_, first) = a.post("/v1/fanout/notifications", json!({"notifications": [{"category": "news", "users": ["u001"], "channels": ["push"], "idempotency_key": "once"}]})).await;
+    let (_, again) = b.post("/v1/fanout/notifications", json!({"notifications": [{"category": "news", "users": ["u001"], "channels": ["push"], "idempotency_key": "once"}]})).await;
+    assert_eq!(again["notifications"][0]["id"], first["notifications"][0]["id"], "{again}");
+    assert_eq!(again["notifications"][0]["duplicate"], true, "{again}");
+
+    // Node A stops, handing its expanders' leases back: node B expands from then on.
+    drop(ws);
+    a.stop(true).await;
+    let id = b.trigger(json!({"category": "news", "users": ["u002"], "channels": ["push"], "title": "after"})).await;
+    let view = b.settled(&id).await;
+    assert_eq!(view["counts"]["delivered"].as_u64(), Some(1), "{view:#}");
+    let (_, overview) = b.get("/v1/fanout").await;
+    assert!(overview["expanders"].as_array().unwrap().iter().all(|e| e["this_node"] == true), "{overview:#}");
+    b.stop(true).await;
+    backend.forget().await;
+}
+
+/// A data folder from before the database: the configuration, subscribers, memberships and
+/// inboxes in compacted topics, the expanders' offsets in a consumer group, delivery states and
+/// idempotency keys only in the logs. The first start carries them over, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deployment_from_before_the_database_keeps_its_subscribers_topics_inboxes_and_deliveries() {
+    use super::process::{Channel, DeliveryState, InboxItem, Notification, Status};
+    use tributary_core::Record;
+    use tributary_engine::stream::TopicConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let notification = Notification {
+        id: "old-1".into(),
+        category: "news".into(),
+        users: vec!["ann".into()],
+        topics: Vec::new(),
+        title: Some("Old".into()),
+        body: None,
+        data: None,
+        channels: Some(vec![Channel::Push]),
+        critical: false,
+        idempotency_key: Some("k-old".into()),
+        accepted_at_ms: 1,
+    };
+    {
+        let engine = Engine::open(dir.path()).unwrap();
+        let compacted = TopicConfig { partitions: 1, compact: true, ..TopicConfig::default() };
+        let topic = |name: &str| engine.topics.create(name, compacted.clone()).unwrap();
+        let config = json!({"provider_timeout_ms": 1_234});
+        topic("fanout-config").produce_to(0, &[Record::keyed("config", serde_json::to_vec(&config).unwrap())]).unwrap();
+        let subscribers = topic("fanout-subscribers");
+        for id in ["ann", "bob", "gone"] {
+            subscribers.produce_to(0, &[Record::keyed(id, serde_json::to_vec(&json!({"id": id, "email": format!("{id}@example.org")})).unwrap())]).unwrap();
+        }
+        subscribers.produce_to(0, &[Record::tombstone("gone")]).unwrap();
+        let members = topic("fanout-topic-members");
+        for user in ["ann", "bob", "gone"] {
+            members.produce_to(0, &[Record::keyed(format!("team/{user}"), &b"1"[..])]).unwrap();
+        }
+        members.produce_to(0, &[Record::tombstone("team/gone")]).unwrap();
+        let item = InboxItem { id: "old-1.in_app.ann".into(), category: "news".into(), notification: "old-1".into(), title: Some("Old".into()), body: None, data: None, items: Vec::new(), created_at_ms: 1, read: false };
+        topic("fanout-inbox").produce_to(0, &[Record::keyed("ann/old-1.in_app.ann", serde_json::to_vec(&item).unwrap())]).unwrap();
+        let retained = |partitions| TopicConfig { partitions, retention_ms: Some(super::RETENTION_MS), ..TopicConfig::default() };
+        let notifications = engine.topics.create(super::NOTIFICATIONS_TOPIC, retained(super::EXPANDERS)).unwrap();
+        let at = notifications.produce(&[Record::keyed("old-1", serde_json::to_vec(&notification).unwrap())]).unwrap().remove(0);
+        engine.topics.commit(super::NOTIFICATIONS_TOPIC, "fanout-expanders", None, &[(at.partition, at.offset + 1)]).unwrap();
+        let state = DeliveryState {
+            id: "old-1.push.ann".into(),
+            notification: "old-1".into(),
+            user: "ann".into(),
+            channel: Channel::Push,
+            category: "news".into(),
+            critical: false,
+            status: Status::Delivered,
+            accepted_at_ms: 1,
+            updated_at_ms: 2,
+            attempts: 1,
+            not_before_ms: None,
+            next_attempt_at_ms: None,
+            provider: Some("pushy".into()),
+            email_id: None,
+            digest: None,
+            digest_until_ms: None,
+            digest_items: None,
+            reason: None,
+            history: Vec::new(),
+        };
+        engine.topics.create(super::EVENTS_TOPIC, retained(1)).unwrap().produce_to(0, &[Record::keyed("old-1.push.ann", serde_json::to_vec(&state).unwrap())]).unwrap();
+        engine.close().unwrap();
+    }
+    let app = App::start(dir.path(), false, &Backend::Embedded).await;
+    assert_eq!(app.get("/v1/fanout/config").await.1["provider_timeout_ms"], 1_234);
+    assert_eq!(app.get("/v1/fanout/subscribers/bob").await.1["email"], "bob@example.org");
+    assert_eq!(app.get("/v1/fanout/subscribers/gone").await.0, StatusCode::NOT_FOUND, "a tombstone is carried over as a removal");
+    let (_, team) = app.get("/v1/fanout/topics/team").await;
+    assert_eq!(team, json!({"topic": "team", "size": 2, "members": ["ann", "bob"]}));
+    let (_, inbox) = app.get("/v1/fanout/inbox/ann").await;
+    assert_eq!((inbox["items"][0]["title"].as_str(), inbox["unread"].as_u64()), (Some("Old"), Some(1)), "{inbox}");
+    let (_, delivery) = app.get("/v1/fanout/deliveries/old-1.push.ann").await;
+    assert_eq!((delivery["status"].as_str(), delivery["provider"].as_str()), (Some("delivered"), Some("pushy")), "{delivery}");
+    let (_, view) = app.get("/v1/fanout/notifications/old-1").await;
+    assert_eq!((view["expanded"].as_bool(), view["counts"]["delivered"].as_u64()), (Some(true), Some(1)), "{view}");
+    let (status, again) = app.post("/v1/fanout/notifications", json!({"notifications": [{"category": "news", "users": ["ann"], "idempotency_key": "k-old"}]})).await;
+    assert_eq!((status, &again["notifications"][0]), (StatusCode::ACCEPTED, &json!({"id": "old-1", "duplicate": true})), "an old key still names its notification");
+    app.stop(true).await;
+    // Carried over once: a subscriber deleted now does not come back at the next start.
+    let app = App::start(dir.path(), false, &Backend::Embedded).await;
+    assert_eq!(app.call(app.client.delete(format!("{}/v1/fanout/subscribers/bob", app.base))).await.0, StatusCode::NO_CONTENT);
+    app.stop(true).await;
+    let app = App::start(dir.path(), false, &Backend::Embedded).await;
+    assert_eq!(app.get("/v1/fanout/subscribers/bob").await.0, StatusCode::NOT_FOUND);
     app.stop(true).await;
 }
