@@ -206,6 +206,9 @@ pub const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// A batched delivery whose digest's first delivery has no row yet is queued on its own once it
 /// is this old (the first delivery's expansion failed after the digest was opened).
 pub const ORPHAN_AGE_MS: u64 = 60_000;
+/// How many times an expander tries to join or open a digest that other expanders keep
+/// changing before it gives up (the expansion is retried).
+const DIGEST_TURN_TRIES: usize = 8;
 /// How often rows older than the retention are deleted.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -1095,7 +1098,8 @@ impl Fanout {
                             self.counts.deferred.fetch_add(1, Ordering::Relaxed);
                         }
                         if let Some(window) = config.digest_window_ms(&notification.category).filter(|_| !notification.critical) {
-                            if let Some(head) = self.join_digest(&state, now).await? {
+                            let until = not_before_ms.unwrap_or(now) + window;
+                            if let Some(head) = self.join_or_open_digest(&state, until, now).await? {
                                 state.status = Status::Batched;
                                 state.digest = Some(head);
                                 state.not_before_ms = None;
@@ -1104,8 +1108,6 @@ impl Fanout {
                                 batch.states.push(state);
                                 continue;
                             }
-                            let until = not_before_ms.unwrap_or(now) + window;
-                            self.open_digest(&state, until, 0).await?;
                             state.digest_until_ms = Some(until);
                             state.not_before_ms = Some(until);
                         }
@@ -1118,22 +1120,51 @@ impl Fanout {
         Ok(())
     }
 
-    /// Join the open digest of `state`'s user, category and channel, if its window is still open
-    /// and it has room: the digest's first delivery.
-    async fn join_digest(&self, state: &DeliveryState, now: u64) -> Result<Option<String>, ApiError> {
-        let row = sqlx::query("UPDATE fanout_digests SET members = members + 1 WHERE user_id = $1 AND category = $2 AND channel = $3 AND until_ms > $4 AND members + 1 < $5 RETURNING head")
+    /// Join the open digest of `state`'s user, category and channel if its window is still open
+    /// and it has room: the digest's first delivery. Otherwise `state` opens the next digest,
+    /// until `until`: None. One statement decides, so expanders on several nodes agree.
+    async fn join_or_open_digest(&self, state: &DeliveryState, until: u64, now: u64) -> Result<Option<String>, ApiError> {
+        for _ in 0..DIGEST_TURN_TRIES {
+            let joined = sqlx::query(
+                "INSERT INTO fanout_digests (user_id, category, channel, head, until_ms, members) VALUES ($1, $2, $3, $4, $5, 0) \
+                 ON CONFLICT (user_id, category, channel) DO UPDATE SET members = fanout_digests.members + 1 \
+                 WHERE fanout_digests.until_ms > $6 AND fanout_digests.members + 1 < $7 RETURNING head",
+            )
             .bind(state.user.clone())
             .bind(state.category.clone())
             .bind(state.channel.as_str())
+            .bind(state.id.clone())
+            .bind(until as i64)
             .bind(now as i64)
             .bind(process::DIGEST_ITEMS_MAX as i64)
             .fetch_optional(self.db.primary())
             .await?;
-        Ok(row.map(|row| row.try_get::<String, _>(0)).transpose()?)
+            if let Some(row) = joined {
+                let head: String = row.try_get(0)?;
+                return Ok((head != state.id).then_some(head));
+            }
+            // The open digest's window has passed, or it is full: this delivery opens the next,
+            // unless another expander did in the meantime (then try to join that one).
+            let opened = sqlx::query("UPDATE fanout_digests SET head = $4, until_ms = $5, members = 0 WHERE user_id = $1 AND category = $2 AND channel = $3 AND NOT (until_ms > $6 AND members + 1 < $7)")
+                .bind(state.user.clone())
+                .bind(state.category.clone())
+                .bind(state.channel.as_str())
+                .bind(state.id.clone())
+                .bind(until as i64)
+                .bind(now as i64)
+                .bind(process::DIGEST_ITEMS_MAX as i64)
+                .execute(self.db.primary())
+                .await?;
+            if opened.rows_affected() == 1 {
+                return Ok(None);
+            }
+        }
+        Err(ApiError::internal(format!("the digest of {:?} for {:?} on {} changed under {DIGEST_TURN_TRIES} tries in a row", state.user, state.category, state.channel.as_str())))
     }
 
     /// Open a digest whose first delivery is `head`, until `until`, holding `members` (replacing
-    /// a digest of the same user, category and channel, which keeps its members).
+    /// a digest of the same user, category and channel, which keeps its members): a carried-over
+    /// deployment's open digests.
     async fn open_digest(&self, head: &DeliveryState, until: u64, members: i64) -> Result<(), ApiError> {
         sqlx::query(
             "INSERT INTO fanout_digests (user_id, category, channel, head, until_ms, members) VALUES ($1, $2, $3, $4, $5, $6) \

@@ -521,7 +521,7 @@ async fn a_digest_batches_one_category_for_one_user_within_its_window(backend: B
     let dir = tempfile::tempdir().unwrap();
     let providers = Providers::start(&[("pushy", Mode::Ok)]).await;
     let app = App::start(dir.path(), false, &backend).await;
-    app.configure(json!({"providers": {"push": [providers.spec("pushy", None)]}, "categories": {"likes": {"channels": ["push"], "digest_window_ms": 3_000}}})).await;
+    app.configure(json!({"providers": {"push": [providers.spec("pushy", None)]}, "categories": {"likes": {"channels": ["push"], "digest_window_ms": 5_000}}})).await;
     app.reachable("ann").await;
     app.reachable("bob").await;
     let (status, body) = app.post("/v1/fanout/notifications", json!({"notifications": (0..3).map(|n| json!({"category": "likes", "users": ["ann"], "title": format!("like {n}")})).collect::<Vec<_>>()})).await;
@@ -561,6 +561,23 @@ async fn a_digest_batches_one_category_for_one_user_within_its_window(backend: B
     let mut titles: Vec<&str> = digest.body["digest"].as_array().unwrap().iter().map(|c| c["title"].as_str().unwrap()).collect();
     titles.sort();
     assert_eq!(titles, ["like 0", "like 1", "like 2"]);
+
+    // A delivery that joined the digest after it went out (a join racing the send, here written
+    // straight into the state store) is found by the upkeep and sent on its own.
+    let late = delivery(&ids[0], "push", "bob");
+    let mut state: super::process::DeliveryState = serde_json::from_value(states[0].clone()).unwrap();
+    state.id = late.clone();
+    state.user = "bob".into();
+    state.status = super::process::Status::Batched;
+    state.digest = Some(head_id.to_string());
+    state.digest_items = None;
+    state.history.clear();
+    app.system.append_states(&[state]).await.unwrap();
+    let sent = app.wait_for(&late, "delivered").await;
+    assert!(sent["reason"].is_null() && sent["provider"] == "pushy", "{sent:#}");
+    assert!(providers.delivered_to("bob").iter().any(|g| g.body["delivery_id"] == late.as_str()), "the late member reached the provider");
+    let (_, overview) = app.get("/v1/fanout").await;
+    assert_eq!(overview["counts"]["orphans_queued"].as_u64(), Some(1), "{overview:#}");
     app.stop(true).await;
 }
 
