@@ -297,6 +297,9 @@ pub struct Fanout {
     node: String,
     /// Each channel's queue lease, in milliseconds (as the queue was created).
     leases: [u64; 4],
+    /// The queue interface delays a publish (`delay_ms`); else (NATS JetStream) a job held for
+    /// quiet hours or a digest window is published at once and parked by its worker.
+    delays: bool,
     next_id: AtomicU64,
     counts: Counts,
     stopping: Arc<AtomicBool>,
@@ -383,8 +386,10 @@ impl Expansion {
     }
 }
 
-fn job_message(state: &DeliveryState, content: &Content, now: u64) -> NewMessage {
-    let delay = state.not_before_ms.map_or(0, |at| at.saturating_sub(now)).min(QUEUE_DELAY_MS_MAX);
+/// A delivery's queue message: held by the queue until `not_before_ms` when the queue delays
+/// publishes (`delays`), else published at once and parked by the worker that leases it.
+fn job_message(state: &DeliveryState, content: &Content, now: u64, delays: bool) -> NewMessage {
+    let delay = if delays { state.not_before_ms.map_or(0, |at| at.saturating_sub(now)).min(QUEUE_DELAY_MS_MAX) } else { 0 };
     let job = Job { state: state.clone(), content: content.clone() };
     NewMessage::new(serde_json::to_vec(&job).expect("a job serializes")).dedup_id(state.id.clone()).delay_ms(delay)
 }
@@ -442,6 +447,7 @@ impl Fanout {
             circuits: Mutex::new(HashMap::new()),
             node: format!("{:x}", tributary_core::unique_u64()),
             leases,
+            delays: !context.queues.gaps().iter().any(|gap| gap.case == "delay"),
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -1053,7 +1059,7 @@ impl Fanout {
                     // reached its queue (the queue's dedup id drops it if it did).
                     if matches!(state.status, Status::Queued | Status::Deferred) {
                         batch.ids.insert(id);
-                        batch.jobs[channel.index()].push(job_message(state, content, now));
+                        batch.jobs[channel.index()].push(job_message(state, content, now, self.delays));
                     }
                     continue;
                 }
@@ -1111,7 +1117,7 @@ impl Fanout {
                             state.digest_until_ms = Some(until);
                             state.not_before_ms = Some(until);
                         }
-                        batch.jobs[channel.index()].push(job_message(&state, content, now));
+                        batch.jobs[channel.index()].push(job_message(&state, content, now, self.delays));
                         batch.states.push(state);
                     }
                 }
@@ -1318,6 +1324,11 @@ impl Fanout {
             let current = latest.get(&job.state.id);
             if current.is_some_and(|s| s.status.is_final()) {
                 finished.push(delivery.receipt);
+                continue;
+            }
+            // Held (quiet hours, a digest window) by a queue that does not delay publishes.
+            if let Some(at) = job.state.not_before_ms.filter(|at| *at > now + 5) {
+                parked.push((delivery.receipt, (at - now).min(QUEUE_DELAY_MS_MAX)));
                 continue;
             }
             let reserved = self.reserved.lock().remove(&job.state.id);
@@ -1828,7 +1839,7 @@ impl Fanout {
             state.digest = None;
             state.updated_at_ms = now;
             state.reason = Some("its digest went out without it; sent on its own".into());
-            batch.jobs[state.channel.index()].push(job_message(&state, &content, now));
+            batch.jobs[state.channel.index()].push(job_message(&state, &content, now, self.delays));
             batch.states.push(state);
         }
         let queued = batch.states.len();
