@@ -303,6 +303,9 @@ pub struct Fanout {
     next_id: AtomicU64,
     counts: Counts,
     stopping: Arc<AtomicBool>,
+    /// Triggers hand their notes to one task, which writes whatever waits in one transaction
+    /// (a commit per round, not per request).
+    noter: tokio::sync::mpsc::UnboundedSender<Noted>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     http: reqwest::Client,
@@ -369,10 +372,28 @@ enum Outcome {
     Throttled { wait_ms: u64 },
 }
 
+/// What an expansion read in advance for one read of the log: the subscribers and delivery
+/// states of the users the notifications name (one query each for the read, instead of two per
+/// notification). Topic members are looked up chunk by chunk instead.
+#[derive(Default)]
+struct Prefetched {
+    users: HashSet<String>,
+    subscribers: HashMap<String, Arc<Subscriber>>,
+    known: HashMap<String, DeliveryState>,
+}
+
+/// Deliveries of one read looked up in advance at most (beyond, each notification looks up its
+/// own).
+const PREFETCH_DELIVERIES_MAX: usize = 10 * EXPANSION_CHUNK;
+
 /// A batch of expanded deliveries, written and queued together.
 #[derive(Default)]
 struct Expansion {
+    /// Deliveries in this batch.
     ids: HashSet<String>,
+    /// Deliveries this expansion wrote and queued already (flushed).
+    made: HashSet<String>,
+    prefetched: Prefetched,
     states: Vec<DeliveryState>,
     jobs: [Vec<NewMessage>; 4],
     /// An expander's batch: its partition and when it last renewed the partition's lease (a long
@@ -393,6 +414,12 @@ fn job_message(state: &DeliveryState, content: &Content, now: u64, delays: bool)
     let job = Job { state: state.clone(), content: content.clone() };
     NewMessage::new(serde_json::to_vec(&job).expect("a job serializes")).dedup_id(state.id.clone()).delay_ms(delay)
 }
+
+/// A trigger's notes and where to answer once they are written.
+type Noted = (Vec<(u32, u64, Notification)>, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Notes written in one round of the noter at most.
+const NOTES_PER_ROUND_MAX: usize = 4 * SQL_ROWS_PER_STATEMENT;
 
 /// One expander's place: the partition, its reader, until when this node holds the partition's
 /// lease (0: not held) and the next offset to expand.
@@ -430,6 +457,7 @@ impl Fanout {
             }
             anyhow::Ok((leases, streams.offsets(LIVE_TOPIC, 0).await?.1))
         };
+        let (noter, notes) = tokio::sync::mpsc::unbounded_channel();
         let (leases, live_end) = tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
         let system = Arc::new(Fanout {
             gateway: context.gateway.clone(),
@@ -451,6 +479,7 @@ impl Fanout {
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
             stopping: Arc::new(AtomicBool::new(false)),
+            noter,
             tasks: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
@@ -487,6 +516,7 @@ impl Fanout {
             }
         }
         tasks.push(tokio::spawn(run_upkeep(system.clone())));
+        tasks.push(tokio::spawn(run_noter(system.clone(), notes)));
         *system.tasks.lock() = tasks;
         Ok(system)
     }
@@ -902,8 +932,15 @@ impl Fanout {
             // Durable from here: its expander notes it too, so a failure to note it now only
             // delays what `GET` and a retried key see.
             let notes: Vec<(u32, u64, Notification)> = fresh.into_iter().zip(produced).map(|(n, at)| (at.partition, at.offset, n)).collect();
-            if let Err(error) = self.note_notifications(&notes).await {
-                tracing::warn!("{ID}: noting triggered notifications: {}", error.message);
+            let (noted, written) = tokio::sync::oneshot::channel();
+            let sent = self.noter.send((notes, noted));
+            match sent {
+                Ok(()) => match written.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(message)) => tracing::warn!("{ID}: noting triggered notifications: {message}"),
+                    Err(_) => tracing::warn!("{ID}: noting triggered notifications: the noter stopped"),
+                },
+                Err(_) => tracing::warn!("{ID}: noting triggered notifications: the noter stopped"),
             }
             self.counts.triggered.fetch_add(count, Ordering::Relaxed);
             self.metrics.messages_in(count);
@@ -912,16 +949,18 @@ impl Fanout {
         Ok(process::TriggerResponse { notifications: answers })
     }
 
-    /// Note where notifications are on the log (once per id).
+    /// Note where notifications are on the log (once per id), in one transaction.
     async fn note_notifications(&self, notes: &[(u32, u64, Notification)]) -> Result<(), ApiError> {
+        let mut transaction = self.db.primary().begin().await?;
         for chunk in notes.chunks(SQL_ROWS_PER_STATEMENT) {
             let sql = format!("INSERT INTO fanout_notifications (id, idempotency_key, log_partition, log_offset, accepted_ms) VALUES {} ON CONFLICT (id) DO NOTHING", value_rows(chunk.len(), 5));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (partition, offset, notification) in chunk {
                 query = query.bind(notification.id.clone()).bind(notification.idempotency_key.clone()).bind(i64::from(*partition)).bind(*offset as i64).bind(notification.accepted_at_ms as i64);
             }
-            query.execute(self.db.primary()).await?;
+            query.execute(&mut *transaction).await?;
         }
+        transaction.commit().await?;
         Ok(())
     }
 
@@ -1011,6 +1050,18 @@ impl Fanout {
         self.note_notifications(&notes).await?;
         let config = self.config();
         let mut batch = Expansion { lease: Some((partition, now_ms())), ..Expansion::default() };
+        let mut users = Vec::new();
+        let mut ids = Vec::new();
+        for (_, _, notification) in &notes {
+            let channels = notification.channels(&config);
+            for user in &notification.users {
+                users.push(user.clone());
+                ids.extend(channels.iter().map(|&channel| process::delivery_id(&notification.id, channel, user)));
+            }
+        }
+        if !ids.is_empty() && ids.len() <= PREFETCH_DELIVERIES_MAX {
+            batch.prefetched = Prefetched { subscribers: self.subscribers_of(&users).await?, known: self.states_of(&ids).await?, users: users.into_iter().collect() };
+        }
         for (_, _, notification) in &notes {
             self.expand(notification, &config, &mut batch).await?;
         }
@@ -1019,10 +1070,11 @@ impl Fanout {
 
     /// Expand one notification into `batch`, flushing it every `EXPANSION_CHUNK` deliveries.
     async fn expand(&self, notification: &Notification, config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
-        let channels = notification.channels(config);
-        let content = notification.content();
+        // The users a notification names were looked up with the read's (when it was small
+        // enough); a topic's members are looked up chunk by chunk.
+        let prefetched = !batch.prefetched.users.is_empty();
         for users in notification.users.chunks(EXPANSION_CHUNK) {
-            self.expand_users(notification, &content, &channels, users, config, batch).await?;
+            self.expand_users(notification, users, config, prefetched, batch).await?;
             if batch.len() >= EXPANSION_CHUNK {
                 self.flush(batch).await?;
             }
@@ -1032,7 +1084,7 @@ impl Fanout {
             loop {
                 let chunk = self.members_after(topic, cursor.as_deref(), EXPANSION_CHUNK).await?;
                 let Some(last) = chunk.last().cloned() else { break };
-                self.expand_users(notification, &content, &channels, &chunk, config, batch).await?;
+                self.expand_users(notification, &chunk, config, false, batch).await?;
                 if batch.len() >= EXPANSION_CHUNK {
                     self.flush(batch).await?;
                 }
@@ -1043,15 +1095,24 @@ impl Fanout {
     }
 
     /// The deliveries of some recipients.
-    async fn expand_users(&self, notification: &Notification, content: &Content, channels: &[Channel], users: &[String], config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
+    async fn expand_users(&self, notification: &Notification, users: &[String], config: &FanoutConfig, prefetched: bool, batch: &mut Expansion) -> Result<(), ApiError> {
         let now = now_ms();
-        let subscribers = self.subscribers_of(users).await?;
-        let ids: Vec<String> = users.iter().flat_map(|user| channels.iter().map(move |&channel| process::delivery_id(&notification.id, channel, user))).filter(|id| !batch.ids.contains(id)).collect();
-        let known = self.states_of(&ids).await?;
+        let (channels, content) = (notification.channels(config), notification.content());
+        let (channels, content) = (channels.as_slice(), &content);
+        let ids: Vec<String> = users.iter().flat_map(|user| channels.iter().map(move |&channel| process::delivery_id(&notification.id, channel, user))).filter(|id| !batch.ids.contains(id) && !batch.made.contains(id)).collect();
+        let (subscribers, known) = if prefetched {
+            let prefetched = &batch.prefetched;
+            (
+                users.iter().filter_map(|user| prefetched.subscribers.get(user).map(|s| (user.clone(), s.clone()))).collect::<HashMap<_, _>>(),
+                ids.iter().filter_map(|id| prefetched.known.get(id).map(|s| (id.clone(), s.clone()))).collect::<HashMap<_, _>>(),
+            )
+        } else {
+            (self.subscribers_of(users).await?, self.states_of(&ids).await?)
+        };
         for user in users {
             for &channel in channels {
                 let id = process::delivery_id(&notification.id, channel, user);
-                if batch.ids.contains(&id) {
+                if batch.ids.contains(&id) || batch.made.contains(&id) {
                     continue;
                 }
                 if let Some(state) = known.get(&id) {
@@ -1063,27 +1124,7 @@ impl Fanout {
                     }
                     continue;
                 }
-                let mut state = DeliveryState {
-                    id: id.clone(),
-                    notification: notification.id.clone(),
-                    user: user.to_string(),
-                    channel,
-                    category: notification.category.clone(),
-                    critical: notification.critical,
-                    status: Status::Queued,
-                    accepted_at_ms: notification.accepted_at_ms,
-                    updated_at_ms: now,
-                    attempts: 0,
-                    not_before_ms: None,
-                    next_attempt_at_ms: None,
-                    provider: None,
-                    email_id: None,
-                    digest: None,
-                    digest_until_ms: None,
-                    digest_items: None,
-                    reason: None,
-                    history: Vec::new(),
-                };
+                let mut state = DeliveryState::queued(notification, channel, user, now);
                 let decision = match subscribers.get(user) {
                     None => process::Decision::Skip(format!("no subscriber {user:?}")),
                     Some(subscriber) => process::decide(subscriber, channel, &notification.category, notification.critical, now),
@@ -1130,19 +1171,24 @@ impl Fanout {
     /// and it has room: the digest's first delivery. Otherwise `state` opens the next digest,
     /// until `until`: None. One statement decides, so expanders on several nodes agree.
     async fn join_or_open_digest(&self, state: &DeliveryState, until: u64, now: u64) -> Result<Option<String>, ApiError> {
+        // Both statements: $1..$3 the digest's key, $4 and $5 this delivery as its first and
+        // the window's end, $6 now, $7 the digest's room.
+        let statement = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(state.user.clone())
+                .bind(state.category.clone())
+                .bind(state.channel.as_str())
+                .bind(state.id.clone())
+                .bind(until as i64)
+                .bind(now as i64)
+                .bind(process::DIGEST_ITEMS_MAX as i64)
+        };
         for _ in 0..DIGEST_TURN_TRIES {
-            let joined = sqlx::query(
+            let joined = statement(
                 "INSERT INTO fanout_digests (user_id, category, channel, head, until_ms, members) VALUES ($1, $2, $3, $4, $5, 0) \
                  ON CONFLICT (user_id, category, channel) DO UPDATE SET members = fanout_digests.members + 1 \
                  WHERE fanout_digests.until_ms > $6 AND fanout_digests.members + 1 < $7 RETURNING head",
             )
-            .bind(state.user.clone())
-            .bind(state.category.clone())
-            .bind(state.channel.as_str())
-            .bind(state.id.clone())
-            .bind(until as i64)
-            .bind(now as i64)
-            .bind(process::DIGEST_ITEMS_MAX as i64)
             .fetch_optional(self.db.primary())
             .await?;
             if let Some(row) = joined {
@@ -1151,16 +1197,7 @@ impl Fanout {
             }
             // The open digest's window has passed, or it is full: this delivery opens the next,
             // unless another expander did in the meantime (then try to join that one).
-            let opened = sqlx::query("UPDATE fanout_digests SET head = $4, until_ms = $5, members = 0 WHERE user_id = $1 AND category = $2 AND channel = $3 AND NOT (until_ms > $6 AND members + 1 < $7)")
-                .bind(state.user.clone())
-                .bind(state.category.clone())
-                .bind(state.channel.as_str())
-                .bind(state.id.clone())
-                .bind(until as i64)
-                .bind(now as i64)
-                .bind(process::DIGEST_ITEMS_MAX as i64)
-                .execute(self.db.primary())
-                .await?;
+            let opened = statement("UPDATE fanout_digests SET head = $4, until_ms = $5, members = 0 WHERE user_id = $1 AND category = $2 AND channel = $3 AND NOT (until_ms > $6 AND members + 1 < $7)").execute(self.db.primary()).await?;
             if opened.rows_affected() == 1 {
                 return Ok(None);
             }
@@ -1207,7 +1244,13 @@ impl Fanout {
                 self.publish(channel, jobs).await?;
             }
         }
-        batch.ids.clear();
+        // A later notification of the same read naming these deliveries (the same id appended
+        // twice) finds them made. Topic expansions remember nothing: their chunks are large.
+        if batch.prefetched.users.is_empty() {
+            batch.ids.clear();
+        } else {
+            batch.made.extend(batch.ids.drain());
+        }
         self.counts.expanded.fetch_add(expanded, Ordering::Relaxed);
         Ok(())
     }
@@ -2012,6 +2055,31 @@ async fn run_sender(system: Arc<Fanout>, channel: Channel, n: usize) {
             system.metrics.error();
             tracing::warn!("fan-out worker {consumer}: {}", error.message);
             system.pause(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The noter: writes the notes of every trigger waiting, in one transaction per round.
+async fn run_noter(system: Arc<Fanout>, mut notes: tokio::sync::mpsc::UnboundedReceiver<Noted>) {
+    while !system.stopping() {
+        let first = tokio::select! {
+            first = notes.recv() => first,
+            () = tokio::time::sleep(WORKER_WAIT) => continue,
+        };
+        let Some(first) = first else { return };
+        let mut round = vec![first];
+        let mut count = round[0].0.len();
+        while count < NOTES_PER_ROUND_MAX
+            && let Ok(more) = notes.try_recv()
+        {
+            count += more.0.len();
+            round.push(more);
+        }
+        let (written, answers): (Vec<_>, Vec<_>) = round.into_iter().unzip();
+        let written: Vec<(u32, u64, Notification)> = written.into_iter().flatten().collect();
+        let result = system.note_notifications(&written).await.map_err(|error| error.message);
+        for answer in answers {
+            let _ = answer.send(result.clone());
         }
     }
 }

@@ -615,6 +615,31 @@ pub struct DeliveryState {
 }
 
 impl DeliveryState {
+    /// The delivery of `notification` to `user` on `channel`, as expanded at `now`: queued.
+    pub fn queued(notification: &Notification, channel: Channel, user: &str, now_ms: u64) -> DeliveryState {
+        DeliveryState {
+            id: delivery_id(&notification.id, channel, user),
+            notification: notification.id.clone(),
+            user: user.to_string(),
+            channel,
+            category: notification.category.clone(),
+            critical: notification.critical,
+            status: Status::Queued,
+            accepted_at_ms: notification.accepted_at_ms,
+            updated_at_ms: now_ms,
+            attempts: 0,
+            not_before_ms: None,
+            next_attempt_at_ms: None,
+            provider: None,
+            email_id: None,
+            digest: None,
+            digest_until_ms: None,
+            digest_items: None,
+            reason: None,
+            history: Vec::new(),
+        }
+    }
+
     pub fn push_attempt(&mut self, attempt: Attempt) {
         if self.history.len() == ATTEMPTS_LISTED_MAX {
             self.history.remove(0);

@@ -874,27 +874,8 @@ async fn a_deployment_from_before_the_database_keeps_its_subscribers_topics_inbo
         let notifications = engine.topics.create(super::NOTIFICATIONS_TOPIC, retained(super::EXPANDERS)).unwrap();
         let at = notifications.produce(&[Record::keyed("old-1", serde_json::to_vec(&notification).unwrap())]).unwrap().remove(0);
         engine.topics.commit(super::NOTIFICATIONS_TOPIC, "fanout-expanders", None, &[(at.partition, at.offset + 1)]).unwrap();
-        let state = DeliveryState {
-            id: "old-1.push.ann".into(),
-            notification: "old-1".into(),
-            user: "ann".into(),
-            channel: Channel::Push,
-            category: "news".into(),
-            critical: false,
-            status: Status::Delivered,
-            accepted_at_ms: 1,
-            updated_at_ms: 2,
-            attempts: 1,
-            not_before_ms: None,
-            next_attempt_at_ms: None,
-            provider: Some("pushy".into()),
-            email_id: None,
-            digest: None,
-            digest_until_ms: None,
-            digest_items: None,
-            reason: None,
-            history: Vec::new(),
-        };
+        let mut state = DeliveryState::queued(&notification, Channel::Push, "ann", 2);
+        (state.status, state.attempts, state.provider) = (Status::Delivered, 1, Some("pushy".into()));
         engine.topics.create(super::EVENTS_TOPIC, retained(1)).unwrap().produce_to(0, &[Record::keyed("old-1.push.ann", serde_json::to_vec(&state).unwrap())]).unwrap();
         engine.close().unwrap();
     }
