@@ -375,9 +375,7 @@ enum Outcome {
 /// What an expansion read in advance for one read of the log: the subscribers and delivery
 /// states of the users the notifications name (one query each for the read, instead of two per
 /// notification). Topic members are looked up chunk by chunk instead.
-#[derive(Default)]
 struct Prefetched {
-    users: HashSet<String>,
     subscribers: HashMap<String, Arc<Subscriber>>,
     known: HashMap<String, DeliveryState>,
 }
@@ -393,7 +391,7 @@ struct Expansion {
     ids: HashSet<String>,
     /// Deliveries this expansion wrote and queued already (flushed).
     made: HashSet<String>,
-    prefetched: Prefetched,
+    prefetched: Option<Prefetched>,
     states: Vec<DeliveryState>,
     jobs: [Vec<NewMessage>; 4],
     /// An expander's batch: its partition and when it last renewed the partition's lease (a long
@@ -933,14 +931,12 @@ impl Fanout {
             // delays what `GET` and a retried key see.
             let notes: Vec<(u32, u64, Notification)> = fresh.into_iter().zip(produced).map(|(n, at)| (at.partition, at.offset, n)).collect();
             let (noted, written) = tokio::sync::oneshot::channel();
-            let sent = self.noter.send((notes, noted));
-            match sent {
-                Ok(()) => match written.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(message)) => tracing::warn!("{ID}: noting triggered notifications: {message}"),
-                    Err(_) => tracing::warn!("{ID}: noting triggered notifications: the noter stopped"),
-                },
-                Err(_) => tracing::warn!("{ID}: noting triggered notifications: the noter stopped"),
+            let written = match self.noter.send((notes, noted)) {
+                Ok(()) => written.await.unwrap_or_else(|_| Err("the noter stopped".into())),
+                Err(_) => Err("the noter stopped".into()),
+            };
+            if let Err(message) = written {
+                tracing::warn!("{ID}: noting triggered notifications: {message}");
             }
             self.counts.triggered.fetch_add(count, Ordering::Relaxed);
             self.metrics.messages_in(count);
@@ -1060,7 +1056,7 @@ impl Fanout {
             }
         }
         if !ids.is_empty() && ids.len() <= PREFETCH_DELIVERIES_MAX {
-            batch.prefetched = Prefetched { subscribers: self.subscribers_of(&users).await?, known: self.states_of(&ids).await?, users: users.into_iter().collect() };
+            batch.prefetched = Some(Prefetched { subscribers: self.subscribers_of(&users).await?, known: self.states_of(&ids).await? });
         }
         for (_, _, notification) in &notes {
             self.expand(notification, &config, &mut batch).await?;
@@ -1072,7 +1068,7 @@ impl Fanout {
     async fn expand(&self, notification: &Notification, config: &FanoutConfig, batch: &mut Expansion) -> Result<(), ApiError> {
         // The users a notification names were looked up with the read's (when it was small
         // enough); a topic's members are looked up chunk by chunk.
-        let prefetched = !batch.prefetched.users.is_empty();
+        let prefetched = batch.prefetched.is_some();
         for users in notification.users.chunks(EXPANSION_CHUNK) {
             self.expand_users(notification, users, config, prefetched, batch).await?;
             if batch.len() >= EXPANSION_CHUNK {
@@ -1100,8 +1096,7 @@ impl Fanout {
         let (channels, content) = (notification.channels(config), notification.content());
         let (channels, content) = (channels.as_slice(), &content);
         let ids: Vec<String> = users.iter().flat_map(|user| channels.iter().map(move |&channel| process::delivery_id(&notification.id, channel, user))).filter(|id| !batch.ids.contains(id) && !batch.made.contains(id)).collect();
-        let (subscribers, known) = if prefetched {
-            let prefetched = &batch.prefetched;
+        let (subscribers, known) = if let Some(prefetched) = batch.prefetched.as_ref().filter(|_| prefetched) {
             (
                 users.iter().filter_map(|user| prefetched.subscribers.get(user).map(|s| (user.clone(), s.clone()))).collect::<HashMap<_, _>>(),
                 ids.iter().filter_map(|id| prefetched.known.get(id).map(|s| (id.clone(), s.clone()))).collect::<HashMap<_, _>>(),
@@ -1246,7 +1241,7 @@ impl Fanout {
         }
         // A later notification of the same read naming these deliveries (the same id appended
         // twice) finds them made. Topic expansions remember nothing: their chunks are large.
-        if batch.prefetched.users.is_empty() {
+        if batch.prefetched.is_none() {
             batch.ids.clear();
         } else {
             batch.made.extend(batch.ids.drain());
