@@ -3,10 +3,16 @@
 //!
 //! - [`Db::embedded`] opens `<data>/tributary.sqlite3` (WAL, `synchronous=FULL`: a commit is on
 //!   disk before it returns, a busy timeout instead of immediate `SQLITE_BUSY`).
+//! - Writes go through [`Db::writer`]. On SQLite that is a pool of one connection
+//!   ([`SQLITE_WRITERS`]): SQLite lets one writer in at a time, and writers on several connections
+//!   would wait for each other in its busy handler, which sleeps up to 100 ms per try, and a
+//!   transaction that reads before it writes could fail with `SQLITE_BUSY`. Queued in the pool,
+//!   they take turns in order. Reads use the other connections and never wait for a writer (WAL).
+//!   On PostgreSQL the writer is the primary pool.
 //! - [`Db::connect`] takes a primary URL (`sqlite://…` or `postgres://…`) and, optionally, a
-//!   replica URL. Writes and reads that must see them go to the primary ([`Read::Primary`]);
-//!   reads that tolerate replication lag ([`Read::MayLag`]) go to the replica when one is given,
-//!   else to the primary. Replication itself is PostgreSQL's.
+//!   replica URL. Writes ([`Db::writer`]) and reads that must see them ([`Read::Primary`]) go
+//!   to the primary; reads that tolerate replication lag ([`Read::MayLag`]) go to the replica
+//!   when one is given, else to the primary. Replication itself is PostgreSQL's.
 //! - Both use sqlx's `Any` driver, so one query text serves both databases: write parameters as
 //!   `$1, $2, …` (SQLite accepts them too) and stay within the SQL both speak, or branch on
 //!   [`Db::dialect`].
@@ -32,6 +38,8 @@ use sqlx::{AnyPool, Executor, SqlStr};
 pub const DB_CONNECTIONS_DEFAULT: u32 = 8;
 /// How long a query waits for a free connection.
 pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections that write to a SQLite database ([`Db::writer`]).
+pub const SQLITE_WRITERS: u32 = 1;
 /// How long an embedded SQLite connection waits on a lock held by another before `SQLITE_BUSY`.
 pub const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
 /// The embedded database's file under the data folder.
@@ -120,9 +128,18 @@ fn quoted_schema(schema: &str) -> Result<String> {
     Ok(format!("\"{schema}\""))
 }
 
-/// Rows one SQL statement writes or names at most: its parameters stay far below SQLite's and
-/// PostgreSQL's limits.
-pub const SQL_ROWS_PER_STATEMENT: usize = 200;
+/// Parameters of the rows one SQL statement writes or names, at most: far below SQLite's and
+/// PostgreSQL's limits, and small because binding them costs SQLite time that grows with the
+/// square of their number (each is found by its name, `$n`, in a list of them all). A statement
+/// of 1,400 parameters spent more time binding than writing.
+pub const SQL_PARAMETERS_PER_STATEMENT: usize = 256;
+
+/// Rows of `width` parameters one statement writes or names: as many as
+/// [`SQL_PARAMETERS_PER_STATEMENT`] holds, at least one.
+pub const fn rows_per_statement(width: usize) -> usize {
+    let rows = SQL_PARAMETERS_PER_STATEMENT / if width == 0 { 1 } else { width };
+    if rows == 0 { 1 } else { rows }
+}
 
 /// `$first, $first+1, …` for `count` parameters, comma-separated.
 pub fn placeholders(first: usize, count: usize) -> String {
@@ -135,10 +152,10 @@ pub fn value_rows(rows: usize, width: usize) -> String {
 }
 
 /// The rows of `select … WHERE column` (the text ends with the column) whose column is one of
-/// `keys`, one statement per [`SQL_ROWS_PER_STATEMENT`] keys.
+/// `keys`, one statement per [`rows_per_statement`]`(1)` keys.
 pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::result::Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
     let mut rows = Vec::new();
-    for chunk in keys.chunks(SQL_ROWS_PER_STATEMENT) {
+    for chunk in keys.chunks(rows_per_statement(1)) {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len()))));
         for key in chunk {
             query = query.bind(key.clone());
@@ -152,6 +169,8 @@ pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::resu
 #[derive(Clone, Debug)]
 pub struct Db {
     primary: AnyPool,
+    /// SQLite: the one connection that writes. PostgreSQL: none (the primary pool writes).
+    writer: Option<AnyPool>,
     replica: Option<AnyPool>,
     dialect: Dialect,
     /// The schema of a PostgreSQL deployment, quoted.
@@ -196,7 +215,8 @@ async fn pool(url: &str, max_connections: u32, schema: Option<&str>) -> Result<A
             })
         })
     } else if dialect == Dialect::Sqlite {
-        options.after_connect(|connection, _| {
+        // A connection to a local file does not go stale: no ping before each use.
+        options.test_before_acquire(false).after_connect(|connection, _| {
             Box::pin(async move {
                 connection.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))).await?;
                 connection.execute("PRAGMA journal_mode = WAL").await?;
@@ -252,11 +272,15 @@ impl Db {
             made?;
         }
         let primary = pool(&config.primary, config.max_connections, schema.as_deref()).await?;
+        let writer = match dialect {
+            Dialect::Sqlite => Some(pool(&config.primary, SQLITE_WRITERS, None).await?),
+            Dialect::Postgres => None,
+        };
         let replica = match &config.replica {
             Some(url) => Some(pool(url, config.max_connections, schema.as_deref()).await?),
             None => None,
         };
-        Ok(Db { primary, replica, dialect, schema })
+        Ok(Db { primary, writer, replica, dialect, schema })
     }
 
     /// Drops the PostgreSQL schema of this deployment with everything in it, then closes the
@@ -274,9 +298,16 @@ impl Db {
         self.dialect
     }
 
-    /// The pool for writes and for reads that must see them.
+    /// The pool for reads that must see every committed write (and for writes where their
+    /// speed does not matter: on SQLite, prefer [`Db::writer`]).
     pub fn primary(&self) -> &AnyPool {
         &self.primary
+    }
+
+    /// The pool for writes (and transactions that read, then write): on SQLite its one
+    /// connection, so writers take turns in order; on PostgreSQL the primary pool.
+    pub fn writer(&self) -> &AnyPool {
+        self.writer.as_ref().unwrap_or(&self.primary)
     }
 
     /// The pool for a read: the replica for [`Read::MayLag`] when there is one.
@@ -305,11 +336,14 @@ impl Db {
             .collect();
         let mut migrator = Migrator::with_migrations(migrations);
         migrator.dangerous_set_table_name(format!("_tributary_migrations_{}", schema.owner));
-        migrator.run(&self.primary).await.map_err(|source| DbError::Migrate { owner: schema.owner.to_string(), source })
+        migrator.run(self.writer()).await.map_err(|source| DbError::Migrate { owner: schema.owner.to_string(), source })
     }
 
-    /// Closes both pools, waiting for connections in use to be returned.
+    /// Closes the pools, waiting for connections in use to be returned.
     pub async fn close(&self) {
+        if let Some(writer) = &self.writer {
+            writer.close().await;
+        }
         self.primary.close().await;
         if let Some(replica) = &self.replica {
             replica.close().await;
@@ -325,6 +359,9 @@ mod tests {
     fn placeholders_number_parameters_row_by_row() {
         assert_eq!(placeholders(3, 2), "$3, $4");
         assert_eq!(value_rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(rows_per_statement(7), 36);
+        assert_eq!(rows_per_statement(1), SQL_PARAMETERS_PER_STATEMENT);
+        assert_eq!(rows_per_statement(SQL_PARAMETERS_PER_STATEMENT + 1), 1);
     }
 
     #[test]

@@ -134,7 +134,7 @@ use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::{Rate, TokenBucket};
 use tributary_server::{ApiError, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, Migration, Read, SQL_ROWS_PER_STATEMENT, Schema, value_rows};
+use tributary_sql::{Db, Migration, Read, Schema, rows_per_statement, value_rows};
 
 use crate::{Context, System};
 use process::{BounceKind, Class, Email, EmailConfig, Event, EventKind, EventView, RelaySpec, RelayTls, SmtpReply, Suppression, SuppressionReason, Verdict};
@@ -452,7 +452,7 @@ impl EmailSystem {
         .await?;
         if let Some(value) = config {
             from_json::<EmailConfig>("configuration of email-config", &value)?;
-            sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await?;
+            sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.writer()).await?;
         }
         let mut suppressed: BTreeMap<String, Option<Suppression>> = BTreeMap::new();
         self.read_all(LEGACY_SUPPRESSIONS_TOPIC, |record| {
@@ -478,7 +478,7 @@ impl EmailSystem {
         for (offsets, events) in offsets.chunks(BATCH_RECORDS_MAX).zip(events.chunks(BATCH_RECORDS_MAX)) {
             self.write_status(events, offsets).await?;
         }
-        sqlx::query("INSERT INTO email_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await?;
+        sqlx::query("INSERT INTO email_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.writer()).await?;
         Ok(())
     }
 
@@ -563,8 +563,8 @@ impl EmailSystem {
             }
         }
         let rows: Vec<(&str, u64, &Event)> = latest.into_iter().map(|(id, (offset, event))| (id, offset, event)).collect();
-        let mut transaction = self.db.primary().begin().await?;
-        for chunk in rows.chunks(SQL_ROWS_PER_STATEMENT) {
+        let mut transaction = self.db.writer().begin().await?;
+        for chunk in rows.chunks(rows_per_statement(4)) {
             let sql = format!(
                 "INSERT INTO email_status (id, event_offset, event, updated_ms) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET event_offset = excluded.event_offset, event = excluded.event, updated_ms = excluded.updated_ms \
@@ -657,9 +657,9 @@ impl EmailSystem {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         let mut added = 0u64;
-        for chunk in entries.chunks(SQL_ROWS_PER_STATEMENT) {
+        for chunk in entries.chunks(rows_per_statement(5)) {
             let insert = |conflict: &str| {
                 let sql = format!("INSERT INTO email_suppressions (address, reason, at_ms, message_id, detail) VALUES {} ON CONFLICT (address) {conflict}", value_rows(chunk.len(), 5));
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -686,7 +686,7 @@ impl EmailSystem {
 
     /// Take an address off the list; `false` if it was not on it.
     pub async fn unsuppress(&self, address: &str) -> Result<bool, ApiError> {
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         let removed = sqlx::query("DELETE FROM email_suppressions WHERE address = $1").bind(process::suppression_key(address)).execute(&mut *transaction).await?.rows_affected();
         if removed > 0 {
             sqlx::query("UPDATE email_counters SET value = value - $1 WHERE name = 'suppressions'").bind(removed as i64).execute(&mut *transaction).await?;
@@ -760,10 +760,10 @@ impl EmailSystem {
         if new_webhook && config.webhook.is_some() {
             let (_, end) = self.event_offsets().await?;
             self.commit_webhook(end).await?;
-            sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook'").execute(self.db.primary()).await?;
+            sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook'").execute(self.db.writer()).await?;
         }
         let value = serde_json::to_string(&config).expect("a configuration serializes");
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         sqlx::query("INSERT INTO email_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = email_settings.version + 1")
             .bind(CONFIG_KEY)
             .bind(value)
@@ -784,7 +784,7 @@ impl EmailSystem {
         }
         let (start, end) = self.event_offsets().await?;
         let from = from.clamp(start, end);
-        sqlx::query("UPDATE email_webhook SET replay_from = $1 WHERE name = 'webhook'").bind(from as i64).execute(self.db.primary()).await?;
+        sqlx::query("UPDATE email_webhook SET replay_from = $1 WHERE name = 'webhook'").bind(from as i64).execute(self.db.writer()).await?;
         Ok(from)
     }
 
@@ -809,7 +809,7 @@ impl EmailSystem {
             .bind(self.node.clone())
             .bind((now + WEBHOOK_LEASE_MS) as i64)
             .bind(now as i64)
-            .execute(self.db.primary())
+            .execute(self.db.writer())
             .await?
             .rows_affected()
             == 1;
@@ -820,7 +820,7 @@ impl EmailSystem {
     /// Commit a replay's offset as the webhook's position, then clear the request.
     async fn take_replay(&self, from: u64) -> Result<(), ApiError> {
         self.commit_webhook(from).await?;
-        sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook' AND replay_from = $1").bind(from as i64).execute(self.db.primary()).await?;
+        sqlx::query("UPDATE email_webhook SET replay_from = NULL WHERE name = 'webhook' AND replay_from = $1").bind(from as i64).execute(self.db.writer()).await?;
         Ok(())
     }
 
@@ -831,14 +831,14 @@ impl EmailSystem {
 
     /// Give the webhook lease back (this node stops): another node takes over at once.
     async fn release_webhook(&self) -> Result<(), ApiError> {
-        sqlx::query("UPDATE email_webhook SET lease_until_ms = 0 WHERE name = 'webhook' AND holder = $1").bind(self.node.clone()).execute(self.db.primary()).await?;
+        sqlx::query("UPDATE email_webhook SET lease_until_ms = 0 WHERE name = 'webhook' AND holder = $1").bind(self.node.clone()).execute(self.db.writer()).await?;
         Ok(())
     }
 
     /// Delete the status rows of emails whose events retention removed.
     async fn prune_status(&self) -> Result<u64, ApiError> {
         let (start, _) = self.event_offsets().await?;
-        let removed = sqlx::query("DELETE FROM email_status WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await?;
+        let removed = sqlx::query("DELETE FROM email_status WHERE event_offset < $1").bind(start as i64).execute(self.db.writer()).await?;
         Ok(removed.rows_affected())
     }
 
@@ -945,7 +945,7 @@ impl EmailSystem {
         for (i, (domain, _)) in domains.iter().enumerate() {
             by_domain.entry(domain.as_str()).or_default().push(i);
         }
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         for (domain, entries) in by_domain {
             // An upsert that changes nothing: it makes the row when missing, holds its lock to the
             // end of the transaction (SQLite's write lock, PostgreSQL's row lock) and returns it.

@@ -151,7 +151,7 @@ use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::webhook::WebhookError;
 use tributary_server::{ApiError, Gateway, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
-use tributary_sql::{Db, Migration, SQL_ROWS_PER_STATEMENT, Schema, placeholders, value_rows};
+use tributary_sql::{Db, Migration, Schema, placeholders, rows_per_statement, value_rows};
 
 use crate::{Context, System};
 use process::{Attempt, Channel, Content, DeliveryState, FanoutConfig, InboxItem, Job, Notification, Status, Subscriber, Verdict};
@@ -417,7 +417,7 @@ fn job_message(state: &DeliveryState, content: &Content, now: u64, delays: bool)
 type Noted = (Vec<(u32, u64, Notification)>, tokio::sync::oneshot::Sender<Result<(), String>>);
 
 /// Notes written in one round of the noter at most.
-const NOTES_PER_ROUND_MAX: usize = 4 * SQL_ROWS_PER_STATEMENT;
+const NOTES_PER_ROUND_MAX: usize = 1_000;
 
 /// One expander's place: the partition, its reader, until when this node holds the partition's
 /// lease (0: not held) and the next offset to expand.
@@ -451,7 +451,7 @@ impl Fanout {
             streams.create_topic(LIVE_TOPIC, retained(1, LIVE_RETENTION_MS)).await?;
             db.migrate(&SCHEMA).await?;
             for partition in 0..EXPANDERS {
-                sqlx::query("INSERT INTO fanout_expanders (log_partition, holder, lease_until_ms, next_offset) VALUES ($1, NULL, 0, 0) ON CONFLICT (log_partition) DO NOTHING").bind(i64::from(partition)).execute(db.primary()).await?;
+                sqlx::query("INSERT INTO fanout_expanders (log_partition, holder, lease_until_ms, next_offset) VALUES ($1, NULL, 0, 0) ON CONFLICT (log_partition) DO NOTHING").bind(i64::from(partition)).execute(db.writer()).await?;
             }
             anyhow::Ok((leases, streams.offsets(LIVE_TOPIC, 0).await?.1))
         };
@@ -636,7 +636,7 @@ impl Fanout {
         if self.streams.blocking() {
             self.carry_over_embedded().await?;
         }
-        sqlx::query("INSERT INTO fanout_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.primary()).await?;
+        sqlx::query("INSERT INTO fanout_counters (name, value) VALUES ('carried_over', 1) ON CONFLICT (name) DO NOTHING").execute(self.db.writer()).await?;
         Ok(())
     }
 
@@ -651,7 +651,7 @@ impl Fanout {
         .await?;
         if let Some(value) = config {
             from_json::<FanoutConfig>("configuration of fanout-config", &value)?;
-            sqlx::query("INSERT INTO fanout_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.primary()).await?;
+            sqlx::query("INSERT INTO fanout_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING").bind(CONFIG_KEY).bind(value).execute(self.db.writer()).await?;
         }
         let mut subscribers: BTreeMap<String, Option<Subscriber>> = BTreeMap::new();
         self.read_all(LEGACY_SUBSCRIBERS_TOPIC, |_, record| {
@@ -695,8 +695,8 @@ impl Fanout {
         })
         .await?;
         let items: Vec<(String, InboxItem)> = inbox.into_iter().filter_map(|((user, _), item)| item.map(|item| (user, item))).collect();
-        for chunk in items.chunks(SQL_ROWS_PER_STATEMENT) {
-            self.insert_inbox(self.db.primary(), chunk).await?;
+        for chunk in items.chunks(rows_per_statement(5)) {
+            self.insert_inbox(self.db.writer(), chunk).await?;
         }
         let mut notices = Vec::new();
         self.read_all(NOTIFICATIONS_TOPIC, |partition, record| {
@@ -706,7 +706,7 @@ impl Fanout {
             Ok(())
         })
         .await?;
-        for chunk in notices.chunks(SQL_ROWS_PER_STATEMENT) {
+        for chunk in notices.chunks(NOTES_PER_ROUND_MAX) {
             self.note_notifications(chunk).await?;
         }
         let mut latest: HashMap<String, (u64, DeliveryState)> = HashMap::new();
@@ -736,7 +736,7 @@ impl Fanout {
             let streams = self.streams.clone();
             let committed = on_backend(streams.blocking(), async move { streams.committed(NOTIFICATIONS_TOPIC, LEGACY_EXPANDER_GROUP, partition).await }).await?;
             if let Some(committed) = committed {
-                sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND next_offset < $1").bind(committed as i64).bind(i64::from(partition)).execute(self.db.primary()).await?;
+                sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND next_offset < $1").bind(committed as i64).bind(i64::from(partition)).execute(self.db.writer()).await?;
             }
         }
         Ok(())
@@ -749,7 +749,7 @@ impl Fanout {
     pub async fn set_config(&self, config: FanoutConfig) -> Result<(), ApiError> {
         let _write = self.config_write.lock().await;
         let value = to_json(&config);
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         sqlx::query("INSERT INTO fanout_settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO UPDATE SET value = excluded.value, version = fanout_settings.version + 1")
             .bind(CONFIG_KEY)
             .bind(value)
@@ -773,7 +773,7 @@ impl Fanout {
     /// Create or replace a subscriber (durably). `true` if it was new.
     pub async fn put_subscriber(&self, subscriber: Subscriber) -> Result<bool, ApiError> {
         let body = to_json(&subscriber);
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         let inserted = sqlx::query("INSERT INTO fanout_subscribers (id, body) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING").bind(subscriber.id.clone()).bind(body.clone()).execute(&mut *transaction).await?.rows_affected() == 1;
         if inserted {
             let total = Self::count(&mut transaction, "subscribers", 1).await?;
@@ -807,7 +807,7 @@ impl Fanout {
 
     /// Delete a subscriber; `false` if there was none.
     pub async fn delete_subscriber(&self, id: &str) -> Result<bool, ApiError> {
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         let deleted = sqlx::query("DELETE FROM fanout_subscribers WHERE id = $1").bind(id.to_string()).execute(&mut *transaction).await?.rows_affected() == 1;
         if deleted {
             Self::count(&mut transaction, "subscribers", -1).await?;
@@ -818,12 +818,12 @@ impl Fanout {
 
     /// Add and remove members of a topic (durably, in one transaction); its size after.
     pub async fn change_members(&self, topic: &str, add: Vec<String>, remove: Vec<String>) -> Result<usize, ApiError> {
-        let mut transaction = self.db.primary().begin().await?;
+        let mut transaction = self.db.writer().begin().await?;
         let mut added = 0;
         let mut added_users: Vec<&String> = add.iter().collect();
         added_users.sort();
         added_users.dedup();
-        for chunk in added_users.chunks(SQL_ROWS_PER_STATEMENT) {
+        for chunk in added_users.chunks(rows_per_statement(2)) {
             let sql = format!("INSERT INTO fanout_members (topic, user_id) VALUES {} ON CONFLICT (topic, user_id) DO NOTHING", value_rows(chunk.len(), 2));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for user in chunk {
@@ -832,7 +832,7 @@ impl Fanout {
             added += query.execute(&mut *transaction).await?.rows_affected() as i64;
         }
         let mut removed = 0;
-        for chunk in remove.chunks(SQL_ROWS_PER_STATEMENT) {
+        for chunk in remove.chunks(rows_per_statement(1)) {
             let sql = format!("DELETE FROM fanout_members WHERE topic = $1 AND user_id IN ({})", placeholders(2, chunk.len()));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(topic.to_string());
             for user in chunk {
@@ -947,8 +947,8 @@ impl Fanout {
 
     /// Note where notifications are on the log (once per id), in one transaction.
     async fn note_notifications(&self, notes: &[(u32, u64, Notification)]) -> Result<(), ApiError> {
-        let mut transaction = self.db.primary().begin().await?;
-        for chunk in notes.chunks(SQL_ROWS_PER_STATEMENT) {
+        let mut transaction = self.db.writer().begin().await?;
+        for chunk in notes.chunks(rows_per_statement(5)) {
             let sql = format!("INSERT INTO fanout_notifications (id, idempotency_key, log_partition, log_offset, accepted_ms) VALUES {} ON CONFLICT (id) DO NOTHING", value_rows(chunk.len(), 5));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (partition, offset, notification) in chunk {
@@ -1023,14 +1023,14 @@ impl Fanout {
             .bind((now + EXPANDER_LEASE_MS) as i64)
             .bind(i64::from(partition))
             .bind(now as i64)
-            .fetch_optional(self.db.primary())
+            .fetch_optional(self.db.writer())
             .await?;
         Ok(row.map(|row| row.try_get::<i64, _>(0)).transpose()?.map(|next| next.max(0) as u64))
     }
 
     /// Commit `partition`'s offset while this node holds its lease; false if it no longer does.
     async fn commit_expanded(&self, partition: u32, next: u64) -> Result<bool, ApiError> {
-        let updated = sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND holder = $3").bind(next as i64).bind(i64::from(partition)).bind(self.node.clone()).execute(self.db.primary()).await?;
+        let updated = sqlx::query("UPDATE fanout_expanders SET next_offset = $1 WHERE log_partition = $2 AND holder = $3").bind(next as i64).bind(i64::from(partition)).bind(self.node.clone()).execute(self.db.writer()).await?;
         Ok(updated.rows_affected() == 1)
     }
 
@@ -1184,7 +1184,7 @@ impl Fanout {
                  ON CONFLICT (user_id, category, channel) DO UPDATE SET members = fanout_digests.members + 1 \
                  WHERE fanout_digests.until_ms > $6 AND fanout_digests.members + 1 < $7 RETURNING head",
             )
-            .fetch_optional(self.db.primary())
+            .fetch_optional(self.db.writer())
             .await?;
             if let Some(row) = joined {
                 let head: String = row.try_get(0)?;
@@ -1192,7 +1192,7 @@ impl Fanout {
             }
             // The open digest's window has passed, or it is full: this delivery opens the next,
             // unless another expander did in the meantime (then try to join that one).
-            let opened = statement("UPDATE fanout_digests SET head = $4, until_ms = $5, members = 0 WHERE user_id = $1 AND category = $2 AND channel = $3 AND NOT (until_ms > $6 AND members + 1 < $7)").execute(self.db.primary()).await?;
+            let opened = statement("UPDATE fanout_digests SET head = $4, until_ms = $5, members = 0 WHERE user_id = $1 AND category = $2 AND channel = $3 AND NOT (until_ms > $6 AND members + 1 < $7)").execute(self.db.writer()).await?;
             if opened.rows_affected() == 1 {
                 return Ok(None);
             }
@@ -1214,7 +1214,7 @@ impl Fanout {
         .bind(head.id.clone())
         .bind(until as i64)
         .bind(members)
-        .execute(self.db.primary())
+        .execute(self.db.writer())
         .await?;
         Ok(())
     }
@@ -1275,8 +1275,8 @@ impl Fanout {
             }
         }
         let rows: Vec<(u64, &DeliveryState)> = latest.into_values().collect();
-        let mut transaction = self.db.primary().begin().await?;
-        for chunk in rows.chunks(SQL_ROWS_PER_STATEMENT) {
+        let mut transaction = self.db.writer().begin().await?;
+        for chunk in rows.chunks(rows_per_statement(7)) {
             let sql = format!(
                 "INSERT INTO fanout_deliveries (id, notification, status, digest, event_offset, updated_ms, state) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET notification = excluded.notification, status = excluded.status, digest = excluded.digest, \
@@ -1413,7 +1413,7 @@ impl Fanout {
     /// Close digest `head` to new members, and its members (batched deliveries) with their
     /// content. They stay batched until the digest's send is final, so a retry finds them again.
     async fn take_members(&self, head: &str) -> Result<Vec<(DeliveryState, Content)>, ApiError> {
-        sqlx::query("DELETE FROM fanout_digests WHERE head = $1").bind(head.to_string()).execute(self.db.primary()).await?;
+        sqlx::query("DELETE FROM fanout_digests WHERE head = $1").bind(head.to_string()).execute(self.db.writer()).await?;
         let rows = sqlx::query("SELECT state FROM fanout_deliveries WHERE digest = $1 AND status = 'batched' ORDER BY id").bind(head.to_string()).fetch_all(self.db.primary()).await?;
         let mut contents: HashMap<String, Content> = HashMap::new();
         let mut members = Vec::with_capacity(rows.len());
@@ -1681,8 +1681,8 @@ impl Fanout {
         let mut users: Vec<String> = items.iter().map(|(user, _)| user.clone()).collect();
         users.sort();
         users.dedup();
-        let mut transaction = self.db.primary().begin().await?;
-        for chunk in items.chunks(SQL_ROWS_PER_STATEMENT) {
+        let mut transaction = self.db.writer().begin().await?;
+        for chunk in items.chunks(rows_per_statement(5)) {
             self.insert_inbox(&mut *transaction, chunk).await?;
         }
         for user in &users {
@@ -1719,7 +1719,7 @@ impl Fanout {
     /// The unread counts of `users` (those with none are missing).
     async fn unread_of(&self, users: &[String]) -> Result<HashMap<String, u64>, ApiError> {
         let mut unread = HashMap::with_capacity(users.len());
-        for chunk in users.chunks(SQL_ROWS_PER_STATEMENT) {
+        for chunk in users.chunks(rows_per_statement(1)) {
             let sql = format!("SELECT user_id, COUNT(*) AS n FROM fanout_inbox WHERE is_read = 0 AND user_id IN ({}) GROUP BY user_id", placeholders(1, chunk.len()));
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for user in chunk {
@@ -1892,9 +1892,9 @@ impl Fanout {
     async fn prune(&self) -> Result<u64, ApiError> {
         let (start, _) = self.offsets(EVENTS_TOPIC, 0).await?;
         let cutoff = now_ms().saturating_sub(RETENTION_MS) as i64;
-        let mut removed = sqlx::query("DELETE FROM fanout_deliveries WHERE event_offset < $1").bind(start as i64).execute(self.db.primary()).await?.rows_affected();
-        removed += sqlx::query("DELETE FROM fanout_notifications WHERE accepted_ms < $1").bind(cutoff).execute(self.db.primary()).await?.rows_affected();
-        removed += sqlx::query("DELETE FROM fanout_digests WHERE until_ms < $1").bind(cutoff).execute(self.db.primary()).await?.rows_affected();
+        let mut removed = sqlx::query("DELETE FROM fanout_deliveries WHERE event_offset < $1").bind(start as i64).execute(self.db.writer()).await?.rows_affected();
+        removed += sqlx::query("DELETE FROM fanout_notifications WHERE accepted_ms < $1").bind(cutoff).execute(self.db.writer()).await?.rows_affected();
+        removed += sqlx::query("DELETE FROM fanout_digests WHERE until_ms < $1").bind(cutoff).execute(self.db.writer()).await?.rows_affected();
         Ok(removed)
     }
 
@@ -1918,17 +1918,17 @@ impl Fanout {
     pub async fn mark_read(&self, user: &str, ids: &[String], all: bool) -> Result<(Vec<String>, u64), ApiError> {
         let mut marked = Vec::new();
         if all {
-            for row in sqlx::query("UPDATE fanout_inbox SET is_read = 1 WHERE user_id = $1 AND is_read = 0 RETURNING id").bind(user.to_string()).fetch_all(self.db.primary()).await? {
+            for row in sqlx::query("UPDATE fanout_inbox SET is_read = 1 WHERE user_id = $1 AND is_read = 0 RETURNING id").bind(user.to_string()).fetch_all(self.db.writer()).await? {
                 marked.push(row.try_get::<String, _>(0)?);
             }
         } else {
-            for chunk in ids.chunks(SQL_ROWS_PER_STATEMENT) {
+            for chunk in ids.chunks(rows_per_statement(1)) {
                 let sql = format!("UPDATE fanout_inbox SET is_read = 1 WHERE user_id = $1 AND is_read = 0 AND id IN ({}) RETURNING id", placeholders(2, chunk.len()));
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user.to_string());
                 for id in chunk {
                     query = query.bind(id.clone());
                 }
-                for row in query.fetch_all(self.db.primary()).await? {
+                for row in query.fetch_all(self.db.writer()).await? {
                     marked.push(row.try_get::<String, _>(0)?);
                 }
             }
@@ -2142,7 +2142,7 @@ impl System for Fanout {
             }
             let threads: Vec<_> = std::mem::take(&mut *self.threads.lock());
             let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|thread| drop(thread.join()))).await;
-            if let Err(error) = sqlx::query("UPDATE fanout_expanders SET holder = NULL, lease_until_ms = 0 WHERE holder = $1").bind(self.node.clone()).execute(self.db.primary()).await {
+            if let Err(error) = sqlx::query("UPDATE fanout_expanders SET holder = NULL, lease_until_ms = 0 WHERE holder = $1").bind(self.node.clone()).execute(self.db.writer()).await {
                 tracing::warn!("{ID}: handing back the expanders' leases: {error}");
             }
         })
