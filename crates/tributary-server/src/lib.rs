@@ -6,7 +6,8 @@
 //! that answers bad bodies in our error format ([`json`]), overload protection, Prometheus
 //! metrics at `/metrics`, `/healthz`, and the OpenAPI document at `/openapi.json` assembled from
 //! the routes the systems contribute ([`SystemApi`]), signed webhook POSTs to users'
-//! endpoints ([`webhook`]), and the follower of a log shared by several nodes ([`shared_log`]).
+//! endpoints ([`webhook`]), the follower of a log shared by several nodes ([`shared_log`]), and
+//! many callers' writes made as one ([`rounds`]).
 //!
 //! What is not here: any system's own logic (that lives in `tributary-systems`, which hands its
 //! routes in), and any storage (the engine is passed in by the binary).
@@ -19,6 +20,7 @@ pub mod json;
 pub mod webhook;
 mod metrics_layer;
 pub mod presence;
+pub mod rounds;
 pub mod shared_log;
 
 use std::net::SocketAddr;

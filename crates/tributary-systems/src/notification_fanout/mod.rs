@@ -149,6 +149,7 @@ use tributary_runtime::SystemMetrics;
 use tributary_runtime::shaping::TokenBuckets;
 use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::webhook::WebhookError;
+use tributary_server::rounds::Rounds;
 use tributary_server::{ApiError, Gateway, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
 use tributary_sql::{Db, Migration, Schema, placeholders, rows_per_statement, value_rows};
@@ -303,9 +304,12 @@ pub struct Fanout {
     next_id: AtomicU64,
     counts: Counts,
     stopping: Arc<AtomicBool>,
-    /// Triggers hand their notes to one task, which writes whatever waits in one transaction
-    /// (a commit per round, not per request).
-    noter: tokio::sync::mpsc::UnboundedSender<Noted>,
+    /// Where notifications are on the log, from triggers and expanders: written a round at a
+    /// time, one transaction each.
+    notes: Rounds<Note>,
+    /// Delivery states from expanders and workers: appended to the events log and written to
+    /// their rows a round at a time (one append and one transaction for whatever waits).
+    states: Rounds<DeliveryState>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     http: reqwest::Client,
@@ -413,11 +417,25 @@ fn job_message(state: &DeliveryState, content: &Content, now: u64, delays: bool)
     NewMessage::new(serde_json::to_vec(&job).expect("a job serializes")).dedup_id(state.id.clone()).delay_ms(delay)
 }
 
-/// A trigger's notes and where to answer once they are written.
-type Noted = (Vec<(u32, u64, Notification)>, tokio::sync::oneshot::Sender<Result<(), String>>);
+/// Where a notification is on the log, as `fanout_notifications` keeps it (with its key).
+struct Note {
+    id: String,
+    key: Option<String>,
+    partition: u32,
+    offset: u64,
+    accepted_ms: u64,
+}
 
-/// Notes written in one round of the noter at most.
+impl Note {
+    fn of(partition: u32, offset: u64, notification: &Notification) -> Note {
+        Note { id: notification.id.clone(), key: notification.idempotency_key.clone(), partition, offset, accepted_ms: notification.accepted_at_ms }
+    }
+}
+
+/// Notes written in one round at most.
 const NOTES_PER_ROUND_MAX: usize = 1_000;
+/// Delivery states recorded in one round at most (more when one caller hands in more).
+const STATES_PER_ROUND_MAX: usize = 2_000;
 
 /// One expander's place: the partition, its reader, until when this node holds the partition's
 /// lease (0: not held) and the next offset to expand.
@@ -455,8 +473,22 @@ impl Fanout {
             }
             anyhow::Ok((leases, streams.offsets(LIVE_TOPIC, 0).await?.1))
         };
-        let (noter, notes) = tokio::sync::mpsc::unbounded_channel();
         let (leases, live_end) = tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (notes, noter) = Rounds::start("fan-out's notes writer", NOTES_PER_ROUND_MAX, stopping.clone(), {
+            let db = db.clone();
+            move |notes: Vec<Note>| {
+                let db = db.clone();
+                async move { note_notifications(&db, &notes).await }
+            }
+        });
+        let (states, recorder) = Rounds::start("fan-out's delivery states writer", STATES_PER_ROUND_MAX, stopping.clone(), {
+            let (streams, db) = (streams.clone(), db.clone());
+            move |states: Vec<DeliveryState>| {
+                let (streams, db) = (streams.clone(), db.clone());
+                async move { record_states(&streams, &db, &states).await }
+            }
+        });
         let system = Arc::new(Fanout {
             gateway: context.gateway.clone(),
             metrics: SystemMetrics::new(ID),
@@ -476,8 +508,9 @@ impl Fanout {
             delays: !context.queues.gaps().iter().any(|gap| gap.case == "delay"),
             next_id: AtomicU64::new(0),
             counts: Counts::default(),
-            stopping: Arc::new(AtomicBool::new(false)),
-            noter,
+            stopping,
+            notes,
+            states,
             tasks: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
@@ -514,7 +547,7 @@ impl Fanout {
             }
         }
         tasks.push(tokio::spawn(run_upkeep(system.clone())));
-        tasks.push(tokio::spawn(run_noter(system.clone(), notes)));
+        tasks.extend([noter, recorder]);
         *system.tasks.lock() = tasks;
         Ok(system)
     }
@@ -560,6 +593,12 @@ impl Fanout {
 
     // -----------------------------------------------------------------------------------------
     // The interfaces, called from async code (the embedded engine off the async workers)
+
+    /// Record delivery states: appended to the events log, then written to their rows, with
+    /// whatever else waits for the next round.
+    async fn record(&self, states: Vec<DeliveryState>) -> Result<(), ApiError> {
+        self.states.submit(states).await
+    }
 
     async fn produce(&self, topic: &'static str, records: Vec<Record>) -> Result<Vec<tributary_engine::stream::Produced>, StreamError> {
         let streams = self.streams.clone();
@@ -701,13 +740,13 @@ impl Fanout {
         let mut notices = Vec::new();
         self.read_all(NOTIFICATIONS_TOPIC, |partition, record| {
             if let Some(Ok(notification)) = record.value.as_deref().map(serde_json::from_slice::<Notification>) {
-                notices.push((partition, record.offset, notification));
+                notices.push(Note::of(partition, record.offset, &notification));
             }
             Ok(())
         })
         .await?;
         for chunk in notices.chunks(NOTES_PER_ROUND_MAX) {
-            self.note_notifications(chunk).await?;
+            note_notifications(&self.db, chunk).await?;
         }
         let mut latest: HashMap<String, (u64, DeliveryState)> = HashMap::new();
         self.read_all(EVENTS_TOPIC, |_, record| {
@@ -719,7 +758,7 @@ impl Fanout {
         .await?;
         let (offsets, states): (Vec<u64>, Vec<DeliveryState>) = latest.into_values().unzip();
         for (offsets, states) in offsets.chunks(BATCH_RECORDS_MAX).zip(states.chunks(BATCH_RECORDS_MAX)) {
-            self.write_rows(states, offsets).await?;
+            write_rows(&self.db, states, offsets).await?;
         }
         let mut members: HashMap<&str, i64> = HashMap::new();
         for state in states.iter().filter(|s| s.status == Status::Batched) {
@@ -929,35 +968,15 @@ impl Fanout {
             let produced = self.produce(NOTIFICATIONS_TOPIC, records).await?;
             // Durable from here: its expander notes it too, so a failure to note it now only
             // delays what `GET` and a retried key see.
-            let notes: Vec<(u32, u64, Notification)> = fresh.into_iter().zip(produced).map(|(n, at)| (at.partition, at.offset, n)).collect();
-            let (noted, written) = tokio::sync::oneshot::channel();
-            let written = match self.noter.send((notes, noted)) {
-                Ok(()) => written.await.unwrap_or_else(|_| Err("the noter stopped".into())),
-                Err(_) => Err("the noter stopped".into()),
-            };
-            if let Err(message) = written {
-                tracing::warn!("{ID}: noting triggered notifications: {message}");
+            let notes: Vec<Note> = fresh.iter().zip(produced).map(|(n, at)| Note::of(at.partition, at.offset, n)).collect();
+            if let Err(error) = self.notes.submit(notes).await {
+                tracing::warn!("{ID}: noting triggered notifications: {}", error.message);
             }
             self.counts.triggered.fetch_add(count, Ordering::Relaxed);
             self.metrics.messages_in(count);
         }
         self.counts.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         Ok(process::TriggerResponse { notifications: answers })
-    }
-
-    /// Note where notifications are on the log (once per id), in one transaction.
-    async fn note_notifications(&self, notes: &[(u32, u64, Notification)]) -> Result<(), ApiError> {
-        let mut transaction = self.db.writer().begin().await?;
-        for chunk in notes.chunks(rows_per_statement(5)) {
-            let sql = format!("INSERT INTO fanout_notifications (id, idempotency_key, log_partition, log_offset, accepted_ms) VALUES {} ON CONFLICT (id) DO NOTHING", value_rows(chunk.len(), 5));
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (partition, offset, notification) in chunk {
-                query = query.bind(notification.id.clone()).bind(notification.idempotency_key.clone()).bind(i64::from(*partition)).bind(*offset as i64).bind(notification.accepted_at_ms as i64);
-            }
-            query.execute(&mut *transaction).await?;
-        }
-        transaction.commit().await?;
-        Ok(())
     }
 
     /// Notification `id`, read from the log where it was noted.
@@ -1043,7 +1062,7 @@ impl Fanout {
                 _ => tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it"),
             }
         }
-        self.note_notifications(&notes).await?;
+        self.notes.submit(notes.iter().map(|(partition, offset, notification)| Note::of(*partition, *offset, notification)).collect()).await?;
         let config = self.config();
         let mut batch = Expansion { lease: Some((partition, now_ms())), ..Expansion::default() };
         let mut users = Vec::new();
@@ -1232,7 +1251,7 @@ impl Fanout {
         }
         let states = std::mem::take(&mut batch.states);
         let expanded = states.len() as u64;
-        self.append_states(&states).await?;
+        self.record(states).await?;
         for (channel, jobs) in Channel::ALL.into_iter().zip(batch.jobs.iter_mut()) {
             let jobs = std::mem::take(jobs);
             if !jobs.is_empty() {
@@ -1247,51 +1266,6 @@ impl Fanout {
             batch.made.extend(batch.ids.drain());
         }
         self.counts.expanded.fetch_add(expanded, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Append delivery states to the events log (durably), then point their rows at them.
-    async fn append_states(&self, states: &[DeliveryState]) -> Result<(), ApiError> {
-        if states.is_empty() {
-            return Ok(());
-        }
-        let mut offsets = Vec::with_capacity(states.len());
-        for chunk in states.chunks(BATCH_RECORDS_MAX) {
-            let records: Vec<Record> = chunk.iter().map(|s| Record::keyed(s.id.clone(), serde_json::to_vec(s).expect("a state serializes"))).collect();
-            offsets.extend(self.produce(EVENTS_TOPIC, records).await?.iter().map(|p| p.offset));
-        }
-        self.write_rows(states, &offsets).await
-    }
-
-    /// Upsert the rows of `states` (stored at `offsets`): a row only moves to a later offset,
-    /// whoever writes last.
-    async fn write_rows(&self, states: &[DeliveryState], offsets: &[u64]) -> Result<(), ApiError> {
-        // One row per delivery per statement (PostgreSQL refuses to update a row twice in one).
-        let mut latest: HashMap<&str, (u64, &DeliveryState)> = HashMap::new();
-        for (state, &offset) in states.iter().zip(offsets) {
-            let entry = latest.entry(state.id.as_str()).or_insert((offset, state));
-            if offset > entry.0 {
-                *entry = (offset, state);
-            }
-        }
-        let rows: Vec<(u64, &DeliveryState)> = latest.into_values().collect();
-        let mut transaction = self.db.writer().begin().await?;
-        for chunk in rows.chunks(rows_per_statement(7)) {
-            let sql = format!(
-                "INSERT INTO fanout_deliveries (id, notification, status, digest, event_offset, updated_ms, state) VALUES {} \
-                 ON CONFLICT (id) DO UPDATE SET notification = excluded.notification, status = excluded.status, digest = excluded.digest, \
-                 event_offset = excluded.event_offset, updated_ms = excluded.updated_ms, state = excluded.state \
-                 WHERE fanout_deliveries.event_offset < excluded.event_offset",
-                value_rows(chunk.len(), 7)
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (offset, state) in chunk {
-                let digest = state.digest.clone().filter(|_| state.status == Status::Batched);
-                query = query.bind(state.id.clone()).bind(state.notification.clone()).bind(state.status.as_str()).bind(digest).bind(*offset as i64).bind(state.updated_at_ms as i64).bind(to_json(*state));
-            }
-            query.execute(&mut *transaction).await?;
-        }
-        transaction.commit().await?;
         Ok(())
     }
 
@@ -1829,7 +1803,7 @@ impl Fanout {
             }
             states.push(state);
         }
-        self.append_states(&states).await?;
+        self.record(states).await?;
         if !acks.is_empty() {
             self.settle_receipts(channel, acks, None).await?;
         }
@@ -2054,29 +2028,68 @@ async fn run_sender(system: Arc<Fanout>, channel: Channel, n: usize) {
     }
 }
 
-/// The noter: writes the notes of every trigger waiting, in one transaction per round.
-async fn run_noter(system: Arc<Fanout>, mut notes: tokio::sync::mpsc::UnboundedReceiver<Noted>) {
-    while !system.stopping() {
-        let first = tokio::select! {
-            first = notes.recv() => first,
-            () = tokio::time::sleep(WORKER_WAIT) => continue,
-        };
-        let Some(first) = first else { return };
-        let mut round = vec![first];
-        let mut count = round[0].0.len();
-        while count < NOTES_PER_ROUND_MAX
-            && let Ok(more) = notes.try_recv()
-        {
-            count += more.0.len();
-            round.push(more);
+/// Note where notifications are on the log (once per id), in one transaction: a round of the
+/// notes writer, or the carry-over.
+async fn note_notifications(db: &Db, notes: &[Note]) -> Result<(), ApiError> {
+    let mut transaction = db.writer().begin().await?;
+    for chunk in notes.chunks(rows_per_statement(5)) {
+        let sql = format!("INSERT INTO fanout_notifications (id, idempotency_key, log_partition, log_offset, accepted_ms) VALUES {} ON CONFLICT (id) DO NOTHING", value_rows(chunk.len(), 5));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for note in chunk {
+            query = query.bind(note.id.clone()).bind(note.key.clone()).bind(i64::from(note.partition)).bind(note.offset as i64).bind(note.accepted_ms as i64);
         }
-        let (written, answers): (Vec<_>, Vec<_>) = round.into_iter().unzip();
-        let written: Vec<(u32, u64, Notification)> = written.into_iter().flatten().collect();
-        let result = system.note_notifications(&written).await.map_err(|error| error.message);
-        for answer in answers {
-            let _ = answer.send(result.clone());
+        query.execute(&mut *transaction).await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Append delivery states to the events log (durably), then point their rows at them: a round
+/// of the delivery states writer.
+async fn record_states(streams: &Arc<dyn StreamStore>, db: &Db, states: &[DeliveryState]) -> Result<(), ApiError> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let mut offsets = Vec::with_capacity(states.len());
+    for chunk in states.chunks(BATCH_RECORDS_MAX) {
+        let records: Vec<Record> = chunk.iter().map(|s| Record::keyed(s.id.clone(), serde_json::to_vec(s).expect("a state serializes"))).collect();
+        let streams = streams.clone();
+        let produced = on_backend(streams.blocking(), async move { streams.produce(EVENTS_TOPIC, records).await }).await?;
+        offsets.extend(produced.iter().map(|p| p.offset));
+    }
+    write_rows(db, states, &offsets).await
+}
+
+/// Upsert the rows of `states` (stored at `offsets`): a row only moves to a later offset,
+/// whoever writes last.
+async fn write_rows(db: &Db, states: &[DeliveryState], offsets: &[u64]) -> Result<(), ApiError> {
+    // One row per delivery per statement (PostgreSQL refuses to update a row twice in one).
+    let mut latest: HashMap<&str, (u64, &DeliveryState)> = HashMap::new();
+    for (state, &offset) in states.iter().zip(offsets) {
+        let entry = latest.entry(state.id.as_str()).or_insert((offset, state));
+        if offset > entry.0 {
+            *entry = (offset, state);
         }
     }
+    let rows: Vec<(u64, &DeliveryState)> = latest.into_values().collect();
+    let mut transaction = db.writer().begin().await?;
+    for chunk in rows.chunks(rows_per_statement(7)) {
+        let sql = format!(
+            "INSERT INTO fanout_deliveries (id, notification, status, digest, event_offset, updated_ms, state) VALUES {} \
+             ON CONFLICT (id) DO UPDATE SET notification = excluded.notification, status = excluded.status, digest = excluded.digest, \
+             event_offset = excluded.event_offset, updated_ms = excluded.updated_ms, state = excluded.state \
+             WHERE fanout_deliveries.event_offset < excluded.event_offset",
+            value_rows(chunk.len(), 7)
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (offset, state) in chunk {
+            let digest = state.digest.clone().filter(|_| state.status == Status::Batched);
+            query = query.bind(state.id.clone()).bind(state.notification.clone()).bind(state.status.as_str()).bind(digest).bind(*offset as i64).bind(state.updated_at_ms as i64).bind(to_json(*state));
+        }
+        query.execute(&mut *transaction).await?;
+    }
+    transaction.commit().await?;
+    Ok(())
 }
 
 /// The node's upkeep: the configuration other nodes wrote, orphaned digest members, retention.

@@ -572,7 +572,7 @@ async fn a_digest_batches_one_category_for_one_user_within_its_window(backend: B
     state.digest = Some(head_id.to_string());
     state.digest_items = None;
     state.history.clear();
-    app.system.append_states(&[state]).await.unwrap();
+    app.system.record(vec![state]).await.unwrap();
     let sent = app.wait_for(&late, "delivered").await;
     assert!(sent["reason"].is_null() && sent["provider"] == "pushy", "{sent:#}");
     assert!(providers.delivered_to("bob").iter().any(|g| g.body["delivery_id"] == late.as_str()), "the late member reached the provider");
