@@ -66,7 +66,9 @@
 //! `EXPANSION_CHUNK`, so a topic of a million members never sits in memory as one batch. For each
 //! recipient and channel, [`process::decide`] applies contacts, opt-outs and quiet hours; a
 //! category with a digest window batches deliveries (below). The chunk's delivery states are
-//! appended to `fanout-events` and written to their rows, then the jobs are published to the
+//! appended to `fanout-events` and written to their rows (with whatever other expanders and the
+//! workers hand in meanwhile: one append and one transaction a round, through
+//! [`tributary_server::rounds`]; the triggers' notes likewise), then the jobs are published to the
 //! channel queues (with the delivery id as the queue's dedup id and, for quiet hours and
 //! digests, a delay); the offset is committed once the notification is fully expanded. A crash in
 //! between (or a lease taken over) expands it again: deliveries that have a row are not made
