@@ -1064,7 +1064,16 @@ impl Fanout {
                 _ => tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it"),
             }
         }
-        self.notes.submit(notes.iter().map(|(partition, offset, notification)| Note::of(*partition, *offset, notification)).collect()).await?;
+        // The triggers noted them, unless a trigger's note failed: write only those missing.
+        let ids: Vec<String> = notes.iter().map(|(_, _, notification)| notification.id.clone()).collect();
+        let mut noted = HashSet::with_capacity(ids.len());
+        for row in tributary_sql::rows_in(self.db.primary(), "SELECT id FROM fanout_notifications WHERE id", &ids).await? {
+            noted.insert(row.try_get::<String, _>(0)?);
+        }
+        let missing: Vec<Note> = notes.iter().filter(|(_, _, notification)| !noted.contains(&notification.id)).map(|(partition, offset, notification)| Note::of(*partition, *offset, notification)).collect();
+        if !missing.is_empty() {
+            self.notes.submit(missing).await?;
+        }
         let config = self.config();
         let mut batch = Expansion { lease: Some((partition, now_ms())), ..Expansion::default() };
         let mut users = Vec::new();
