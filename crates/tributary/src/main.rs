@@ -106,6 +106,10 @@ struct UpArgs {
     /// A read replica of the database (db_replica): reads that tolerate lag go there.
     #[arg(long, env = "TRIBUTARY_DB_REPLICA", requires = "db")]
     db_replica: Option<String>,
+    /// Connections of the node's database pool (and of the replica's). Raise it for a busy node:
+    /// its workers, triggers and writers each hold one while they query.
+    #[arg(long, env = "TRIBUTARY_DB_CONNECTIONS", requires = "db", default_value_t = tributary_sql::DB_CONNECTIONS_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    db_connections: u32,
     /// What this deployment's streams and keys live under on a shared backend (A-Z a-z 0-9 -).
     #[arg(long, env = "TRIBUTARY_NAMESPACE", default_value = platform::NAMESPACE_DEFAULT)]
     namespace: String,
@@ -113,7 +117,7 @@ struct UpArgs {
 
 impl Default for UpArgs {
     fn default() -> Self {
-        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, cache: None, db: None, db_replica: None, namespace: platform::NAMESPACE_DEFAULT.to_string() }
+        UpArgs { listen: "127.0.0.1:7400".parse().expect("a valid address"), data: "./data".into(), tokens: Vec::new(), stream: None, cache: None, db: None, db_replica: None, db_connections: tributary_sql::DB_CONNECTIONS_DEFAULT, namespace: platform::NAMESPACE_DEFAULT.to_string() }
     }
 }
 
@@ -155,7 +159,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Up(args) => {
             let runtime = tokio::runtime::Runtime::new()?;
-            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, cache: args.cache, db: args.db, db_replica: args.db_replica, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
+            let config = platform::UpConfig { tokens: args.tokens, announce: true, stream: args.stream, cache: args.cache, db: args.db, db_replica: args.db_replica, db_connections: args.db_connections, namespace: args.namespace, ..platform::UpConfig::embedded(args.listen, args.data) };
             runtime.block_on(platform::up(config))?;
         }
         Command::Systems { json } => systems(json)?,

@@ -44,6 +44,8 @@ pub struct UpConfig {
     pub db: Option<String>,
     /// A read replica of `db`, for reads that tolerate lag.
     pub db_replica: Option<String>,
+    /// Connections of the pool on `db` (and on its replica).
+    pub db_connections: u32,
     /// What this deployment's names live under on a shared backend (`A-Z a-z 0-9 -`).
     pub namespace: String,
 }
@@ -54,7 +56,7 @@ pub const NAMESPACE_DEFAULT: &str = "tributary";
 impl UpConfig {
     /// Serve on `listen` with the data in `data`, embedded, without tokens or announcements.
     pub fn embedded(listen: SocketAddr, data: PathBuf) -> UpConfig {
-        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, cache: None, db: None, db_replica: None, namespace: NAMESPACE_DEFAULT.to_string() }
+        UpConfig { listen, data, tokens: Vec::new(), announce: false, stream: None, cache: None, db: None, db_replica: None, db_connections: tributary_sql::DB_CONNECTIONS_DEFAULT, namespace: NAMESPACE_DEFAULT.to_string() }
     }
 }
 
@@ -76,7 +78,7 @@ async fn context(config: &UpConfig, engine: Arc<Engine>, gateway: Gateway) -> an
     }
     let db = match &config.db {
         Some(url) => {
-            let db_config = DbConfig { replica: config.db_replica.clone(), ..DbConfig::new(url.clone()).in_schema(config.namespace.clone()) };
+            let db_config = DbConfig { replica: config.db_replica.clone(), max_connections: config.db_connections, ..DbConfig::new(url.clone()).in_schema(config.namespace.clone()) };
             Db::connect(&db_config).await.with_context(|| format!("connecting the database (--db {})", redacted_url(url)))?
         }
         None => Db::embedded(&config.data).await.with_context(|| format!("opening the database in {}", config.data.display()))?,

@@ -646,7 +646,8 @@ async fn fanout_notifications_a_killed_node_acknowledged_reach_every_recipient()
     const TRIGGERS_PER_SENDER: u64 = 30;
     const RECIPIENTS: usize = 40;
     let namespace = namespace("multinode-f");
-    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--db", &postgres_url()]).await;
+    // A fan-out node's workers, triggers and writers query at once: a pool larger than the default.
+    let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--db", &postgres_url(), "--db-connections", "16"]).await;
     let (base, balancer, client) = behind_a_balancer(ports).await;
     let (provider, taken) = push_provider().await;
     let config = json!({"providers": {"push": [{"name": "push", "url": provider}]}, "provider_timeout_ms": 1_000, "retry": {"attempts": 20, "base_ms": 100, "max_ms": 1_000}});

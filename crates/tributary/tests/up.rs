@@ -86,6 +86,17 @@ fn up_on_every_interface_without_tokens_refuses_to_start() {
 }
 
 #[test]
+fn a_database_pool_of_no_connections_or_without_a_database_is_refused_by_name() {
+    let data = tempfile::tempdir().unwrap();
+    for (args, expected) in [(vec!["--db", "postgres://postgres@127.0.0.1:5432/test", "--db-connections", "0"], "--db-connections"), (vec!["--db-connections", "16"], "--db")] {
+        let output = tributary().args(["up", "--listen", "127.0.0.1:0", "--data"]).arg(data.path()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} must not start; stderr {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn check_holds_for_every_implemented_system() {
     let output = tributary().arg("check").output().unwrap();
     assert!(output.status.success(), "stdout {}; stderr {}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
