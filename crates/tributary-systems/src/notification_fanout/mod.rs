@@ -597,9 +597,27 @@ impl Fanout {
     // The interfaces, called from async code (the embedded engine off the async workers)
 
     /// Record delivery states: appended to the events log, then written to their rows, with
-    /// whatever else waits for the next round.
+    /// whatever else waits for the next round (none: no wait for a round).
     async fn record(&self, states: Vec<DeliveryState>) -> Result<(), ApiError> {
+        if states.is_empty() {
+            return Ok(());
+        }
         self.states.submit(states).await
+    }
+
+    /// Note notifications read from the log that their triggers did not (a trigger's note
+    /// failed): the rest are looked up on a reader, so the writer is not asked for them.
+    async fn note_missing(&self, notes: &[(u32, u64, Notification)]) -> Result<(), ApiError> {
+        let ids: Vec<String> = notes.iter().map(|(_, _, notification)| notification.id.clone()).collect();
+        let mut noted = HashSet::with_capacity(ids.len());
+        for row in tributary_sql::rows_in(self.db.primary(), "SELECT id FROM fanout_notifications WHERE id", &ids).await? {
+            noted.insert(row.try_get::<String, _>(0)?);
+        }
+        let missing: Vec<Note> = notes.iter().filter(|(_, _, notification)| !noted.contains(&notification.id)).map(|(partition, offset, notification)| Note::of(*partition, *offset, notification)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.notes.submit(missing).await
     }
 
     async fn produce(&self, topic: &'static str, records: Vec<Record>) -> Result<Vec<tributary_engine::stream::Produced>, StreamError> {
@@ -1064,16 +1082,7 @@ impl Fanout {
                 _ => tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it"),
             }
         }
-        // The triggers noted them, unless a trigger's note failed: write only those missing.
-        let ids: Vec<String> = notes.iter().map(|(_, _, notification)| notification.id.clone()).collect();
-        let mut noted = HashSet::with_capacity(ids.len());
-        for row in tributary_sql::rows_in(self.db.primary(), "SELECT id FROM fanout_notifications WHERE id", &ids).await? {
-            noted.insert(row.try_get::<String, _>(0)?);
-        }
-        let missing: Vec<Note> = notes.iter().filter(|(_, _, notification)| !noted.contains(&notification.id)).map(|(partition, offset, notification)| Note::of(*partition, *offset, notification)).collect();
-        if !missing.is_empty() {
-            self.notes.submit(missing).await?;
-        }
+        self.note_missing(&notes).await?;
         let config = self.config();
         let mut batch = Expansion { lease: Some((partition, now_ms())), ..Expansion::default() };
         let mut users = Vec::new();
