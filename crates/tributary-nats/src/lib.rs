@@ -14,7 +14,8 @@
 //! | produce | publishes with acks, pipelined, awaited in order |
 //! | produce_at (conditional) | the same, the first with `Nats-Expected-Last-Sequence`, each later one with `Nats-Expected-Last-Msg-Id` of the one before |
 //! | fetch | direct gets of the sequences, pipelined; from `NATS_FETCH_CONSUMER_FROM` records on, one pull of a consumer made for the read |
-//! | a committed offset | key `offset.<topic>.<group>.<p>` of the same KV bucket |
+//! | a committed offset | key `offset.<topic>.<group>.<p>` of the same KV bucket (`<offset>`, or `<offset>@<generation>` from a member) |
+//! | a consumer group's members, generation and assignment | key `group.<topic>.<group>` of the same KV bucket, changed by compare-and-set (`groups`) |
 //!
 //! Topic and group names are escaped for NATS (`_` → `_5F`, `.` → `_2E`). The envelope keeps
 //! headers in order and tells a tombstone from an empty value, which NATS headers and payloads
@@ -41,12 +42,15 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tributary_core::{Header, Record, StoredRecord, limits, now_ms, partition_for_key};
-use tributary_engine::stream::{Produced, StreamFuture, StreamStore, Tail, TopicConfig};
+use tributary_engine::stream::{Membership, Produced, StreamFuture, StreamStore, Tail, TopicConfig, session_timeout};
 use tributary_engine::{Gap, StreamError};
 use tributary_log::LogError;
 
+mod groups;
 pub mod pubsub;
 pub mod queue;
+
+pub use groups::NATS_GROUP_CHANGE_ATTEMPTS_MAX;
 
 pub use pubsub::NatsPubSub;
 pub use queue::NatsQueues;
@@ -290,6 +294,16 @@ impl NatsStreams {
         self.jetstream.get_stream(self.stream_name(topic, partition)).await.map_err(|e| backend(format!("partition {partition} of {topic:?}: {e}")))
     }
 
+    /// Refuses a commit of `offset` past the end of the partition.
+    async fn check_committable(&self, topic: &str, partition: u32, offset: u64) -> Result<(), StreamError> {
+        let mut stream = self.partition(topic, partition).await?;
+        let (_, end) = NatsStreams::bounds(&mut stream).await?;
+        if offset > end {
+            return Err(StreamError::Invalid(format!("cannot commit offset {offset} on partition {partition}: its end is {end}")));
+        }
+        Ok(())
+    }
+
     /// (start, end) of a partition's stream.
     async fn bounds(stream: &mut stream::Stream) -> Result<(u64, u64), StreamError> {
         let state = &stream.info().await.map_err(backend)?.state;
@@ -407,9 +421,9 @@ impl StreamStore for NatsStreams {
     fn delete_topic<'a>(&'a self, name: &'a str) -> StreamFuture<'a, ()> {
         Box::pin(async move {
             let config = self.config(name).await?;
-            let offsets = format!("offset.{}.", escape(name));
+            let (offsets, groups) = (format!("offset.{}.", escape(name)), format!("group.{}.", escape(name)));
             let keys: Vec<String> = self.meta.keys().await.map_err(backend)?.try_collect().await.map_err(backend)?;
-            for key in keys.into_iter().filter(|k| k.starts_with(&offsets)) {
+            for key in keys.into_iter().filter(|k| k.starts_with(&offsets) || k.starts_with(&groups)) {
                 self.meta.delete(&key).await.map_err(backend)?;
             }
             for partition in 0..config.partitions {
@@ -539,11 +553,7 @@ impl StreamStore for NatsStreams {
     fn commit<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, ()> {
         Box::pin(async move {
             limits::check_name("group", group).map_err(StreamError::Invalid)?;
-            let mut stream = self.partition(topic, partition).await?;
-            let (_, end) = NatsStreams::bounds(&mut stream).await?;
-            if offset > end {
-                return Err(StreamError::Invalid(format!("cannot commit offset {offset} on partition {partition}: its end is {end}")));
-            }
+            self.check_committable(topic, partition, offset).await?;
             self.meta.put(NatsStreams::offset_key(topic, group, partition), Bytes::from(offset.to_string())).await.map_err(backend)?;
             Ok(())
         })
@@ -553,12 +563,56 @@ impl StreamStore for NatsStreams {
         Box::pin(async move {
             self.config(topic).await?;
             match self.meta.get(NatsStreams::offset_key(topic, group, partition)).await.map_err(backend)? {
-                Some(bytes) if !bytes.is_empty() => {
-                    let text = std::str::from_utf8(&bytes).map_err(backend)?;
-                    text.parse().map(Some).map_err(|_| backend(format!("committed offset {text:?} is not a number")))
-                }
+                Some(bytes) if !bytes.is_empty() => Ok(Some(groups::parse_offset(&bytes)?.0)),
                 _ => Ok(None),
             }
+        })
+    }
+
+    fn join_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: Option<&'a str>, session_timeout_ms: Option<u64>) -> StreamFuture<'a, Membership> {
+        Box::pin(async move {
+            limits::check_name("group", group).map_err(StreamError::Invalid)?;
+            let session_timeout_ms = session_timeout(session_timeout_ms)?;
+            let partitions = self.config(topic).await?.partitions;
+            let member_id = member_id.map_or_else(|| format!("member-{}", nuid::next()), str::to_string);
+            self.change_group(topic, group, |state, now| state.join(group, partitions, &member_id, session_timeout_ms, now)).await
+        })
+    }
+
+    fn heartbeat<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, Membership> {
+        Box::pin(async move {
+            let partitions = self.config(topic).await?.partitions;
+            self.change_group(topic, group, |state, now| state.heartbeat(group, partitions, member_id, now)).await
+        })
+    }
+
+    fn leave_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, ()> {
+        Box::pin(async move {
+            let partitions = self.config(topic).await?.partitions;
+            self.change_group(topic, group, |state, now| Ok(state.leave(partitions, member_id, now))).await.map(drop)
+        })
+    }
+
+    fn describe_group<'a>(&'a self, topic: &'a str, group: &'a str) -> StreamFuture<'a, Vec<Membership>> {
+        Box::pin(async move {
+            let partitions = self.config(topic).await?.partitions;
+            self.change_group(topic, group, |state, now| Ok(state.describe(partitions, now))).await
+        })
+    }
+
+    fn commit_member<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str, generation: u64, offsets: Vec<(u32, u64)>) -> StreamFuture<'a, ()> {
+        Box::pin(async move {
+            limits::check_name("group", group).map_err(StreamError::Invalid)?;
+            let partitions = self.config(topic).await?.partitions;
+            for &(partition, offset) in &offsets {
+                self.check_committable(topic, partition, offset).await?;
+            }
+            let committing: Vec<u32> = offsets.iter().map(|&(p, _)| p).collect();
+            self.change_group(topic, group, |state, now| state.check_commit(group, partitions, member_id, generation, &committing, now)).await?;
+            for (partition, offset) in offsets {
+                self.write_member_offset(topic, group, member_id, partition, offset, generation).await?;
+            }
+            Ok(())
         })
     }
 

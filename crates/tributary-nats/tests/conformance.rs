@@ -42,6 +42,45 @@ async fn two_nodes_see_one_topic_and_its_commits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_through_several_nodes_at_once_share_one_assignment() {
+    // 24 members join one group at once through three connections (nodes): every join must
+    // land (a join that finds the group changed by another node applies itself again), and the
+    // last generation must give each partition exactly one owner, whichever node answers.
+    let shared = namespace("groups");
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(std::sync::Arc::new(NatsStreams::connect(&nats_url(), &shared).await.unwrap()));
+    }
+    nodes[0].create_topic("events", TopicConfig { partitions: 16, ..TopicConfig::default() }).await.unwrap();
+    let joins = (0..24).map(|i| {
+        let node = nodes[i % 3].clone();
+        tokio::spawn(async move { node.join_group("events", "readers", Some(&format!("m{i:02}")), Some(60_000)).await.unwrap() })
+    });
+    let joined: Vec<_> = futures_util::future::join_all(joins).await.into_iter().map(|j| j.unwrap()).collect();
+    let generations: std::collections::HashSet<u64> = joined.iter().map(|m| m.generation).collect();
+    assert_eq!(generations.len(), 24, "each join started a generation of its own: {generations:?}");
+    let mut seen = None;
+    for node in &nodes {
+        let members = node.describe_group("events", "readers").await.unwrap();
+        assert_eq!(members.len(), 24);
+        assert!(members.iter().all(|m| m.generation == members[0].generation));
+        let mut owned: Vec<u32> = members.iter().flat_map(|m| m.partitions.clone()).collect();
+        owned.sort_unstable();
+        assert_eq!(owned, (0..16).collect::<Vec<_>>());
+        if let Some(seen) = &seen {
+            assert_eq!(&members, seen, "two nodes describe the group differently");
+        }
+        seen = Some(members);
+    }
+    // A member's commit through one node is fenced by what a join through another changed.
+    let m00 = nodes[1].heartbeat("events", "readers", "m00").await.unwrap();
+    nodes[2].join_group("events", "readers", Some("late"), Some(60_000)).await.unwrap();
+    let refused = nodes[0].commit_member("events", "readers", "m00", m00.generation, vec![(m00.partitions[0], 0)]).await.unwrap_err();
+    assert!(matches!(refused, tributary_engine::StreamError::StaleGeneration { .. }), "{refused}");
+    nodes[0].delete_namespace().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_starting_together_make_one_namespace_its_topics_and_queues() {
     // Each round, four connections (nodes) open a new namespace and create the same topic and
     // queue at once: every create succeeds, as when nodes start together behind a balancer.

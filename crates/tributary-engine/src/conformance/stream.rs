@@ -10,7 +10,7 @@ use super::{CaseFuture, Report, ok, refused};
 use tributary_log::LogError;
 
 use crate::StreamError;
-use crate::stream::{StreamStore, TopicConfig};
+use crate::stream::{Membership, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN, StreamStore, TopicConfig};
 
 
 /// One guarantee of the StreamStore interface.
@@ -27,7 +27,10 @@ pub const CASES: &[Case] = &[
     Case { name: "seek_time", guarantee: "seek_timestamp gives the first offset at or after a time, the end past the last", run: seek_time },
     Case { name: "errors", guarantee: "unknown topics and partitions, conflicting configurations and bad names are refused by name", run: errors },
     Case { name: "commits", guarantee: "committed offsets are per group and partition, and cannot pass the end", run: commits },
-    Case { name: "delete", guarantee: "a deleted topic is gone with its data and commits; one created again starts empty", run: delete },
+    Case { name: "membership", guarantee: "members of a group share its partitions, one owner each per generation; a join or a leave starts a new generation that heartbeats return; made-up member ids differ", run: membership },
+    Case { name: "session_expiry", guarantee: "a member silent past its session timeout is removed and its partitions go to the others; out-of-range timeouts are refused", run: session_expiry },
+    Case { name: "member_commits", guarantee: "a member commits only partitions it owns in the current generation, while live; a stale generation, another's partition or an unknown member is refused by name and changes nothing", run: member_commits },
+    Case { name: "delete", guarantee: "a deleted topic is gone with its data, commits and members; one created again starts empty", run: delete },
 ];
 
 /// Runs every case against `store`, with topics under `namespace` (unique per run; keep it short:
@@ -284,6 +287,7 @@ fn delete(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
         ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
         ok(s.produce(&topic, vec![Record::from_value("a"), Record::from_value("b")]).await, "produce")?;
         ok(s.commit(&topic, "g", 0, 2).await, "commit")?;
+        ok(s.join_group(&topic, "g", Some("m1"), None).await, "join")?;
         ok(s.delete_topic(&topic).await, "delete")?;
         refused(s.fetch(&topic, 0, 0, 10).await, "fetch from a deleted topic", |e| matches!(e, StreamError::TopicNotFound(_)))?;
         refused(s.delete_topic(&topic).await, "delete again", |e| matches!(e, StreamError::TopicNotFound(_)))?;
@@ -291,6 +295,98 @@ fn delete(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
         check_eq!(ok(s.offsets(&topic, 0).await, "offsets")?, (0, 0));
         check!(ok(s.fetch(&topic, 0, 0, 10).await, "fetch")?.is_empty(), "a topic created again still has records");
         check_eq!(ok(s.committed(&topic, "g", 0).await, "committed")?, None);
+        check!(ok(s.describe_group(&topic, "g").await, "describe")?.is_empty(), "a topic created again still has members");
+        Ok(())
+    })
+}
+
+/// Checks that `members` own every partition of `0..partitions` exactly once, all at one
+/// generation.
+fn check_assignment(members: &[Membership], partitions: u32) -> Result<(), String> {
+    let mut owned: Vec<u32> = members.iter().flat_map(|m| m.partitions.iter().copied()).collect();
+    owned.sort_unstable();
+    check_eq!(owned, (0..partitions).collect::<Vec<_>>());
+    check!(members.windows(2).all(|w| w[0].generation == w[1].generation), "members at different generations: {members:?}");
+    Ok(())
+}
+
+fn membership(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(4)).await, "create")?;
+        let a = ok(s.join_group(&topic, "g", Some("a"), Some(60_000)).await, "join a")?;
+        check_eq!(a.partitions, vec![0, 1, 2, 3]);
+        let b = ok(s.join_group(&topic, "g", Some("b"), Some(60_000)).await, "join b")?;
+        check_eq!(b.generation, a.generation + 1);
+        let a = ok(s.heartbeat(&topic, "g", "a").await, "heartbeat a")?;
+        check_eq!(a.generation, b.generation);
+        check!(!a.partitions.is_empty() && !b.partitions.is_empty(), "a member of two owns nothing: {a:?} {b:?}");
+        check_assignment(&[a.clone(), b.clone()], 4)?;
+        check_eq!(ok(s.describe_group(&topic, "g").await, "describe")?, vec![a.clone(), b.clone()]);
+        let again = ok(s.join_group(&topic, "g", Some("b"), Some(60_000)).await, "join b again")?;
+        check_eq!(again, b);
+        check!(ok(s.describe_group(&topic, "other").await, "describe another group")?.is_empty(), "another group has members");
+
+        ok(s.leave_group(&topic, "g", "b").await, "leave b")?;
+        let a = ok(s.heartbeat(&topic, "g", "a").await, "heartbeat a after b left")?;
+        check_eq!(a.generation, b.generation + 1);
+        check_eq!(a.partitions, vec![0, 1, 2, 3]);
+        refused(s.heartbeat(&topic, "g", "b").await, "heartbeat of a member that left", |e| matches!(e, StreamError::UnknownMember { .. }))?;
+
+        let c = ok(s.join_group(&topic, "g", None, None).await, "join with a made-up id")?;
+        let d = ok(s.join_group(&topic, "g", None, None).await, "join with a made-up id")?;
+        check!(c.member_id != d.member_id && c.member_id != "a", "made-up ids collide: {c:?} {d:?}");
+        let members = ok(s.describe_group(&topic, "g").await, "describe three")?;
+        check_eq!(members.len(), 3);
+        check_assignment(&members, 4)?;
+        refused(s.join_group(&topic, "g", Some("bad id!"), None).await, "a member id with a space", |e| matches!(e, StreamError::Invalid(_)))?;
+        refused(s.join_group(&format!("{topic}-missing"), "g", Some("a"), None).await, "join on a missing topic", |e| matches!(e, StreamError::TopicNotFound(_)))?;
+        Ok(())
+    })
+}
+
+fn session_expiry(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(3)).await, "create")?;
+        let too_short = |e: &StreamError| matches!(e, StreamError::Invalid(_));
+        refused(s.join_group(&topic, "g", Some("a"), Some(SESSION_TIMEOUT_MS_MIN - 1)).await, "a session below the minimum", too_short)?;
+        refused(s.join_group(&topic, "g", Some("a"), Some(SESSION_TIMEOUT_MS_MAX + 1)).await, "a session above the maximum", too_short)?;
+        ok(s.join_group(&topic, "g", Some("steady"), Some(60_000)).await, "join steady")?;
+        let brief = ok(s.join_group(&topic, "g", Some("brief"), Some(SESSION_TIMEOUT_MS_MIN)).await, "join brief")?;
+        check!(!brief.partitions.is_empty(), "the second of two members owns nothing");
+        tokio::time::sleep(Duration::from_millis(SESSION_TIMEOUT_MS_MIN * 3)).await;
+        let steady = ok(s.heartbeat(&topic, "g", "steady").await, "heartbeat steady")?;
+        check_eq!(steady.partitions, vec![0, 1, 2]);
+        check!(steady.generation > brief.generation, "no new generation after a member expired: {steady:?}");
+        check_eq!(ok(s.describe_group(&topic, "g").await, "describe")?, vec![steady]);
+        refused(s.heartbeat(&topic, "g", "brief").await, "heartbeat of an expired member", |e| matches!(e, StreamError::UnknownMember { .. }))?;
+        Ok(())
+    })
+}
+
+fn member_commits(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(2)).await, "create")?;
+        for partition in 0..2 {
+            ok(s.produce_at(&topic, partition, 0, vec![Record::from_value("x")]).await, "produce one record to each partition")?;
+        }
+        let a = ok(s.join_group(&topic, "g", Some("a"), Some(60_000)).await, "join a")?;
+        ok(s.commit_member(&topic, "g", "a", a.generation, vec![(0, 1), (1, 1)]).await, "commit as the only member")?;
+        check_eq!(ok(s.committed(&topic, "g", 0).await, "committed")?, Some(1));
+        let b = ok(s.join_group(&topic, "g", Some("b"), Some(60_000)).await, "join b")?;
+        let stale = |e: &StreamError| matches!(e, StreamError::StaleGeneration { .. });
+        refused(s.commit_member(&topic, "g", "a", a.generation, vec![(0, 0)]).await, "a commit at the generation before b joined", stale)?;
+        let a = ok(s.heartbeat(&topic, "g", "a").await, "heartbeat a")?;
+        let (mine, theirs) = (a.partitions[0], b.partitions[0]);
+        refused(s.commit_member(&topic, "g", "a", a.generation, vec![(mine, 0), (theirs, 0)]).await, "a commit of b's partition", |e| matches!(e, StreamError::NotAssigned { .. }))?;
+        refused(s.commit_member(&topic, "g", "nobody", a.generation, vec![(mine, 0)]).await, "a commit by a stranger", |e| matches!(e, StreamError::UnknownMember { .. }))?;
+        refused(s.commit_member(&topic, "g", "a", a.generation, vec![(mine, 2)]).await, "a commit past the end", |e| matches!(e, StreamError::Invalid(_)))?;
+        check_eq!(ok(s.committed(&topic, "g", mine).await, "committed after refused commits")?, Some(1));
+        check_eq!(ok(s.committed(&topic, "g", theirs).await, "committed after refused commits")?, Some(1));
+        ok(s.commit_member(&topic, "g", "b", b.generation, vec![(theirs, 0)]).await, "b commits its own")?;
+        check_eq!(ok(s.committed(&topic, "g", theirs).await, "committed by b")?, Some(0));
+        ok(s.leave_group(&topic, "g", "b").await, "leave b")?;
+        refused(s.commit_member(&topic, "g", "b", b.generation, vec![(theirs, 1)]).await, "a commit after leaving", |e| matches!(e, StreamError::UnknownMember { .. }))?;
+        check_eq!(ok(s.committed(&topic, "g", theirs).await, "committed after b left")?, Some(0));
         Ok(())
     })
 }

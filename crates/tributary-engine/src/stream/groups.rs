@@ -5,11 +5,12 @@
 //! `topic \0 group \0 partition → offset`, so a commit is as durable as any append and the log
 //! stays the size of the live offsets after compaction. On open the log is read once into a map.
 //!
-//! Rebalancing is eager: a join, a leave or a member's session expiring bumps the group's
-//! generation and reassigns every partition (round robin over members sorted by id). Members
-//! learn their new partitions on their next heartbeat. A commit must come from the member that
-//! owns the partition in the current generation, so a member that was expired cannot overwrite
-//! its successor's progress.
+//! Membership follows [`GroupState`], the rules every backend shares. Rebalancing is eager: a
+//! join, a leave or a member's session expiring bumps the group's generation and reassigns every
+//! partition (round robin over members sorted by id). Members learn their new partitions on
+//! their next heartbeat. A commit must come from a live member that owns the partition in the
+//! current generation, so a member that was expired cannot overwrite its successor's progress.
+//! Membership is held in memory: after a restart, members join again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -17,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tributary_core::Record;
+use serde::{Deserialize, Serialize};
+use tributary_core::{Record, limits};
 use tributary_log::{Log, LogConfig};
 
 use crate::error::{Result, StreamError};
@@ -48,20 +50,107 @@ pub struct PartitionLag {
     pub lag: u64,
 }
 
-#[derive(Debug)]
+/// The session timeout a member asked for (the default when it named none), or why it is
+/// refused.
+pub fn session_timeout(asked_ms: Option<u64>) -> Result<u64> {
+    let session_timeout_ms = asked_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
+    if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&session_timeout_ms) {
+        return Err(StreamError::Invalid(format!(
+            "session timeout must be SESSION_TIMEOUT_MS_MIN ({SESSION_TIMEOUT_MS_MIN}) to SESSION_TIMEOUT_MS_MAX ({SESSION_TIMEOUT_MS_MAX}) ms, got {session_timeout_ms}"
+        )));
+    }
+    Ok(session_timeout_ms)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Member {
     session_timeout_ms: u64,
     last_seen_ms: i64,
 }
 
-#[derive(Debug, Default)]
-struct Group {
+/// One group's members, generation and assignment, and the rules that change them. The
+/// embedded engine keeps one per group in memory; a network backend keeps it where every node
+/// reads it (NATS: its KV bucket) and applies these same rules on whichever node is called, so
+/// the backends assign alike.
+///
+/// Every method first expires the members whose session ran out at `now_ms`: a member stays
+/// alive by joining and heartbeating, not by committing.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
     generation: u64,
     members: BTreeMap<String, Member>,
-    assignment: HashMap<String, Vec<u32>>,
+    assignment: BTreeMap<String, Vec<u32>>,
 }
 
-impl Group {
+impl GroupState {
+    /// Adds `member_id` (or refreshes it when it is a member already); a new member rebalances.
+    pub fn join(&mut self, group: &str, partitions: u32, member_id: &str, session_timeout_ms: u64, now_ms: i64) -> Result<Membership> {
+        limits::check_name("member", member_id).map_err(StreamError::Invalid)?;
+        let mut changed = self.expire(now_ms);
+        if !self.members.contains_key(member_id) {
+            if self.members.len() >= GROUP_MEMBERS_MAX {
+                return Err(StreamError::Invalid(format!("group {group:?} already has GROUP_MEMBERS_MAX ({GROUP_MEMBERS_MAX}) members")));
+            }
+            changed = true;
+        }
+        self.members.insert(member_id.to_string(), Member { session_timeout_ms, last_seen_ms: now_ms });
+        if changed {
+            self.rebalance(partitions);
+        }
+        Ok(self.membership(member_id))
+    }
+
+    /// Keeps `member_id` alive and returns its (possibly new) assignment.
+    pub fn heartbeat(&mut self, group: &str, partitions: u32, member_id: &str, now_ms: i64) -> Result<Membership> {
+        if self.expire(now_ms) {
+            self.rebalance(partitions);
+        }
+        let Some(member) = self.members.get_mut(member_id) else {
+            return Err(StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() });
+        };
+        member.last_seen_ms = now_ms;
+        Ok(self.membership(member_id))
+    }
+
+    /// Removes `member_id`; the others rebalance. False when it was not a member.
+    pub fn leave(&mut self, partitions: u32, member_id: &str, now_ms: i64) -> bool {
+        let expired = self.expire(now_ms);
+        let left = self.members.remove(member_id).is_some();
+        if expired || left {
+            self.rebalance(partitions);
+        }
+        left
+    }
+
+    /// The live members with their partitions.
+    pub fn describe(&mut self, partitions: u32, now_ms: i64) -> Vec<Membership> {
+        if self.expire(now_ms) {
+            self.rebalance(partitions);
+        }
+        self.members.keys().map(|id| self.membership(id)).collect()
+    }
+
+    /// Whether `member_id`, at `generation`, may commit offsets of `committing`: it must be a
+    /// live member, at the current generation, owning each of them.
+    pub fn check_commit(&mut self, group: &str, partitions: u32, member_id: &str, generation: u64, committing: &[u32], now_ms: i64) -> Result<()> {
+        if self.expire(now_ms) {
+            self.rebalance(partitions);
+        }
+        if !self.members.contains_key(member_id) {
+            return Err(StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() });
+        }
+        if generation != self.generation {
+            return Err(StreamError::StaleGeneration { group: group.to_string(), member: member_id.to_string(), given: generation, current: self.generation });
+        }
+        let owned = self.assignment.get(member_id).map(Vec::as_slice).unwrap_or_default();
+        if let Some(&partition) = committing.iter().find(|p| !owned.contains(p)) {
+            return Err(StreamError::NotAssigned { group: group.to_string(), member: member_id.to_string(), partition, generation });
+        }
+        Ok(())
+    }
+
+    /// Eager rebalance: a new generation, every partition reassigned round robin over the
+    /// members sorted by id.
     fn rebalance(&mut self, partitions: u32) {
         self.generation += 1;
         self.assignment.clear();
@@ -93,7 +182,7 @@ impl Group {
 pub(crate) struct Groups {
     offsets_log: Log,
     committed: Mutex<HashMap<(String, String, u32), u64>>,
-    groups: Mutex<HashMap<(String, String), Group>>,
+    groups: Mutex<HashMap<(String, String), GroupState>>,
     next_member: AtomicU64,
 }
 
@@ -127,80 +216,47 @@ impl Groups {
     }
 
     pub(crate) fn join(&self, topic: &str, partitions: u32, group: &str, member_id: Option<&str>, session_timeout_ms: Option<u64>, now_ms: i64) -> Result<Membership> {
-        let session_timeout_ms = session_timeout_ms.unwrap_or(SESSION_TIMEOUT_MS_DEFAULT);
-        if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&session_timeout_ms) {
-            return Err(StreamError::Invalid(format!(
-                "session timeout must be SESSION_TIMEOUT_MS_MIN ({SESSION_TIMEOUT_MS_MIN}) to SESSION_TIMEOUT_MS_MAX ({SESSION_TIMEOUT_MS_MAX}) ms, got {session_timeout_ms}"
-            )));
-        }
+        let session_timeout_ms = session_timeout(session_timeout_ms)?;
         let member_id = match member_id {
             Some(id) => id.to_string(),
             None => format!("member-{}-{}", now_ms, self.next_member.fetch_add(1, Ordering::Relaxed)),
         };
-        let mut groups = self.groups.lock();
-        let state = groups.entry((topic.to_string(), group.to_string())).or_default();
-        let mut changed = state.expire(now_ms);
-        if !state.members.contains_key(&member_id) {
-            if state.members.len() >= GROUP_MEMBERS_MAX {
-                return Err(StreamError::Invalid(format!("group {group:?} already has GROUP_MEMBERS_MAX ({GROUP_MEMBERS_MAX}) members")));
-            }
-            changed = true;
-        }
-        state.members.insert(member_id.clone(), Member { session_timeout_ms, last_seen_ms: now_ms });
-        if changed {
-            state.rebalance(partitions);
-        }
-        Ok(state.membership(&member_id))
+        self.state(topic, group, |state| state.join(group, partitions, &member_id, session_timeout_ms, now_ms))
     }
 
     pub(crate) fn heartbeat(&self, topic: &str, partitions: u32, group: &str, member_id: &str, now_ms: i64) -> Result<Membership> {
-        let mut groups = self.groups.lock();
-        let state = groups.entry((topic.to_string(), group.to_string())).or_default();
-        if state.expire(now_ms) {
-            state.rebalance(partitions);
-        }
-        let Some(member) = state.members.get_mut(member_id) else {
-            return Err(StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() });
-        };
-        member.last_seen_ms = now_ms;
-        Ok(state.membership(member_id))
+        self.state(topic, group, |state| state.heartbeat(group, partitions, member_id, now_ms))
     }
 
-    pub(crate) fn leave(&self, topic: &str, partitions: u32, group: &str, member_id: &str) {
-        let mut groups = self.groups.lock();
-        if let Some(state) = groups.get_mut(&(topic.to_string(), group.to_string()))
-            && state.members.remove(member_id).is_some()
-        {
-            state.rebalance(partitions);
-        }
+    pub(crate) fn leave(&self, topic: &str, partitions: u32, group: &str, member_id: &str, now_ms: i64) {
+        self.state(topic, group, |state| state.leave(partitions, member_id, now_ms));
     }
 
     /// Members and their partitions, after expiring the silent ones.
     pub(crate) fn describe(&self, topic: &str, partitions: u32, group: &str, now_ms: i64) -> Vec<Membership> {
-        let mut groups = self.groups.lock();
-        let Some(state) = groups.get_mut(&(topic.to_string(), group.to_string())) else { return Vec::new() };
-        if state.expire(now_ms) {
-            state.rebalance(partitions);
-        }
-        state.members.keys().map(|id| state.membership(id)).collect()
+        self.state(topic, group, |state| state.describe(partitions, now_ms))
+    }
+
+    /// `change` applied to the state of `group` on `topic`, under the lock.
+    fn state<T>(&self, topic: &str, group: &str, change: impl FnOnce(&mut GroupState) -> T) -> T {
+        change(self.groups.lock().entry((topic.to_string(), group.to_string())).or_default())
     }
 
     /// Durably commit offsets. With `member` given (id and generation), the member must own
-    /// every partition it commits; without, the commit is unconditional (a standalone consumer).
-    pub(crate) fn commit(&self, topic: &str, group: &str, member: Option<(&str, u64)>, offsets: &[(u32, u64)], now_ms: i64) -> Result<()> {
-        if let Some((member_id, generation)) = member {
-            let mut groups = self.groups.lock();
-            let state = groups.entry((topic.to_string(), group.to_string())).or_default();
-            let known = state.members.get_mut(member_id).ok_or_else(|| StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() })?;
-            known.last_seen_ms = now_ms;
-            if generation != state.generation {
-                return Err(StreamError::StaleGeneration { group: group.to_string(), member: member_id.to_string(), given: generation, current: state.generation });
+    /// every partition it commits ([`GroupState::check_commit`]); without, the commit is
+    /// unconditional (a standalone consumer).
+    pub(crate) fn commit(&self, topic: &str, partitions: u32, group: &str, member: Option<(&str, u64)>, offsets: &[(u32, u64)], now_ms: i64) -> Result<()> {
+        // A member's check holds the groups' lock until its offsets are appended, so no
+        // rebalance falls between the two.
+        let _checked = match member {
+            Some((member_id, generation)) => {
+                let committing: Vec<u32> = offsets.iter().map(|&(p, _)| p).collect();
+                let mut groups = self.groups.lock();
+                groups.entry((topic.to_string(), group.to_string())).or_default().check_commit(group, partitions, member_id, generation, &committing, now_ms)?;
+                Some(groups)
             }
-            let owned = state.assignment.get(member_id).cloned().unwrap_or_default();
-            if let Some(&(partition, _)) = offsets.iter().find(|(p, _)| !owned.contains(p)) {
-                return Err(StreamError::NotAssigned { group: group.to_string(), member: member_id.to_string(), partition, generation });
-            }
-        }
+            None => None,
+        };
         let records: Vec<Record> = offsets
             .iter()
             .map(|&(partition, offset)| Record::keyed(offset_key(topic, group, partition), Bytes::copy_from_slice(&offset.to_le_bytes())))

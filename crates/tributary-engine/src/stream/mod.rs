@@ -26,7 +26,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tributary_core::limits;
 
-pub use groups::{GROUP_MEMBERS_MAX, Membership, PartitionLag, SESSION_TIMEOUT_MS_DEFAULT, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
+pub use groups::{GROUP_MEMBERS_MAX, GroupState, Membership, PartitionLag, SESSION_TIMEOUT_MS_DEFAULT, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN, session_timeout};
 pub use store::{STREAM_FETCH_BYTES_MAX, StreamFuture, StreamStore, Tail};
 pub use topic::{Produced, Topic, TopicConfig};
 
@@ -158,7 +158,7 @@ impl Topics {
 
     pub fn leave_group(&self, topic: &str, group: &str, member_id: &str) -> Result<()> {
         let t = self.get(topic)?;
-        self.groups.leave(topic, t.partition_count(), group, member_id);
+        self.groups.leave(topic, t.partition_count(), group, member_id, (self.clock)());
         Ok(())
     }
 
@@ -179,7 +179,7 @@ impl Topics {
                 return Err(StreamError::Invalid(format!("cannot commit offset {offset} on partition {partition}: its end is {end}")));
             }
         }
-        self.groups.commit(topic, group, member, offsets, (self.clock)())
+        self.groups.commit(topic, t.partition_count(), group, member, offsets, (self.clock)())
     }
 
     pub fn committed(&self, topic: &str, group: &str, partition: u32) -> Option<u64> {

@@ -15,13 +15,16 @@
 //!   which names the end. Of writers racing at one end, exactly one gets in.
 //! - `seek_timestamp` gives the first offset whose timestamp is at or after the time.
 //! - A committed offset is durable and per (topic, group, partition); groups are independent.
-//!
-//! Consumer-group membership (join, heartbeat, rebalancing) is not part of this interface yet:
-//! it stays on [`Topics`].
+//! - Members of a group share its partitions ([`GroupState`](super::GroupState), the same rules
+//!   on every backend): each partition has exactly one owner per generation; a join, a leave or
+//!   a session running out starts a new generation; a member learns its partitions from its
+//!   join and heartbeats. A member's commit is refused unless it is live, at the current
+//!   generation, and owns the partition; on a backend whose nodes share the group, that holds
+//!   whichever node the members call.
 
 use tributary_core::{Record, StoredRecord};
 
-use super::{Produced, Topics, TopicConfig};
+use super::{Membership, Produced, Topics, TopicConfig};
 use crate::{BoxFuture, Gap, Result};
 
 /// Bytes one fetch returns at most (besides the record count).
@@ -78,6 +81,20 @@ pub trait StreamStore: Send + Sync + std::fmt::Debug {
     /// Durably records `offset` (the next offset to read) for `group`.
     fn commit<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32, offset: u64) -> StreamFuture<'a, ()>;
     fn committed<'a>(&'a self, topic: &'a str, group: &'a str, partition: u32) -> StreamFuture<'a, Option<u64>>;
+    /// Joins (or rejoins) `group` on `topic` as `member_id`, or as an id made up and returned
+    /// (unique across nodes). The session lasts `session_timeout_ms` (default
+    /// [`SESSION_TIMEOUT_MS_DEFAULT`](super::SESSION_TIMEOUT_MS_DEFAULT)) past each heartbeat.
+    fn join_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: Option<&'a str>, session_timeout_ms: Option<u64>) -> StreamFuture<'a, Membership>;
+    /// Keeps a member alive and returns its (possibly new) assignment;
+    /// [`StreamError::UnknownMember`](crate::StreamError::UnknownMember) once its session ran out.
+    fn heartbeat<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, Membership>;
+    /// Leaves the group at once (its partitions go to the others now, not at its timeout).
+    fn leave_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, ()>;
+    /// The live members of a group with their partitions, sorted by member id.
+    fn describe_group<'a>(&'a self, topic: &'a str, group: &'a str) -> StreamFuture<'a, Vec<Membership>>;
+    /// Commits `offsets` (partition, next offset to read) as `member_id` at `generation`:
+    /// refused unless it owns each partition in the current generation.
+    fn commit_member<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str, generation: u64, offsets: Vec<(u32, u64)>) -> StreamFuture<'a, ()>;
     /// A live tail of `partition` from `offset` on, when the backend pushes records as they are
     /// appended (NATS JetStream: an ordered consumer); `None` when readers should poll `fetch`
     /// (the embedded engine, where a fetch is a read of a local file).
@@ -129,5 +146,20 @@ impl StreamStore for Topics {
             self.get(topic)?;
             Ok(Topics::committed(self, topic, group, partition))
         })
+    }
+    fn join_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: Option<&'a str>, session_timeout_ms: Option<u64>) -> StreamFuture<'a, Membership> {
+        Box::pin(async move { Topics::join_group(self, topic, group, member_id, session_timeout_ms) })
+    }
+    fn heartbeat<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, Membership> {
+        Box::pin(async move { Topics::heartbeat(self, topic, group, member_id) })
+    }
+    fn leave_group<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str) -> StreamFuture<'a, ()> {
+        Box::pin(async move { Topics::leave_group(self, topic, group, member_id) })
+    }
+    fn describe_group<'a>(&'a self, topic: &'a str, group: &'a str) -> StreamFuture<'a, Vec<Membership>> {
+        Box::pin(async move { Topics::describe_group(self, topic, group) })
+    }
+    fn commit_member<'a>(&'a self, topic: &'a str, group: &'a str, member_id: &'a str, generation: u64, offsets: Vec<(u32, u64)>) -> StreamFuture<'a, ()> {
+        Box::pin(async move { Topics::commit(self, topic, group, Some((member_id, generation)), &offsets) })
     }
 }
