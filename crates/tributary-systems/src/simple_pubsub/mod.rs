@@ -41,8 +41,9 @@
 //! --stream nats://…`), both topics live there and several nodes serve the same subscriptions.
 //! Each node runs a tailer thread, its one reader of the log: it reads `pubsub-messages` in
 //! offset order from the node's watermark ([`shared_log::follow`]) and fans out to
-//! the node's own connections, and reads `pubsub-subscriptions` every [`REGISTRY_POLL`] (and at
-//! once when a lookup misses), so registrations and deletions through any node reach all. A
+//! the node's own connections. A second follower reads `pubsub-subscriptions` on its live tail
+//! (and a lookup that misses reads it to its end), so registrations and deletions through any
+//! node reach all as they are appended. A
 //! publish appends and is answered once its node's tailer has passed its offsets. The registry
 //! topic is not compacted there (JetStream keeps every record), and what a named subscription
 //! buffers while nothing is attached is per node: a client moving to another node resumes from
@@ -261,9 +262,6 @@ impl Log {
     }
 }
 
-/// How often a node's tailer reads the registry topic of a shared log for other nodes' changes.
-pub const REGISTRY_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-
 pub struct SimplePubsub {
     engine: Arc<Engine>,
     gateway: Gateway,
@@ -333,39 +331,53 @@ impl SimplePubsub {
         });
         system.refresh_registry()?;
         if let Log::Shared(log) = &system.log {
-            let mut registry_read = std::time::Instant::now();
             let mut reader = Reader::new(log, MESSAGES_TOPIC, 0);
-            shared_log::follow("pubsub-tail", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| {
-                system.tail_once(&mut reader)?;
-                if registry_read.elapsed() >= REGISTRY_POLL {
-                    registry_read = std::time::Instant::now();
-                    system.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
-                }
-                Ok::<(), StreamError>(())
-            })?;
+            shared_log::follow("pubsub-tail", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| system.tail_once(&mut reader))?;
+            let mut reader = Reader::new(log, REGISTRY_TOPIC, 0);
+            shared_log::follow("pubsub-registry", Arc::downgrade(&system), system.stopping.clone(), move |system: &SimplePubsub| system.follow_registry(&mut reader))?;
         }
         Ok(system)
     }
 
-    /// Apply the registry topic's records not applied yet, in log order: registrations (also
-    /// other nodes') are subscribed, deletions close what was attached.
-    fn refresh_registry(&self) -> anyhow::Result<()> {
+    /// Apply the registry topic's records not applied yet, read to its end.
+    fn refresh_registry(&self) -> Result<(), RegisterError> {
         let mut next = self.registry_next.lock();
         let (start, end) = self.log.offsets(REGISTRY_TOPIC)?;
         let mut offset = (*next).max(start);
-        let mut changes: Vec<(String, Option<SubscriptionSpec>)> = Vec::new();
+        let mut records = Vec::new();
         while offset < end {
-            let records = self.log.fetch(REGISTRY_TOPIC, offset, BATCH_RECORDS_MAX)?;
-            let Some(last) = records.last() else { break };
+            let read = self.log.fetch(REGISTRY_TOPIC, offset, BATCH_RECORDS_MAX)?;
+            let Some(last) = read.last() else { break };
             offset = last.offset + 1;
-            for record in &records {
-                match process::decode_registry_record(record) {
-                    Some(change) => changes.push(change),
-                    None => tracing::warn!(offset = record.offset, "skipping a registry record that does not decode"),
-                }
+            records.extend(read);
+        }
+        self.apply_registry(&mut next, &records)
+    }
+
+    /// One step of a shared log's registry follower: what its live tail gave since the last,
+    /// applied (registrations and deletions made through other nodes).
+    fn follow_registry(&self, reader: &mut Reader) -> Result<(), RegisterError> {
+        let from = *self.registry_next.lock();
+        let records = reader.read(from, BATCH_RECORDS_MAX)?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.apply_registry(&mut self.registry_next.lock(), &records)
+    }
+
+    /// Apply the registry records at or past `next` in log order, and move `next` past them:
+    /// registrations (also other nodes') are subscribed, deletions close what was attached.
+    fn apply_registry(&self, next: &mut u64, records: &[StoredRecord]) -> Result<(), RegisterError> {
+        let mut changes: Vec<(String, Option<SubscriptionSpec>)> = Vec::new();
+        for record in records.iter().filter(|r| r.offset >= *next) {
+            match process::decode_registry_record(record) {
+                Some(change) => changes.push(change),
+                None => tracing::warn!(offset = record.offset, "skipping a registry record that does not decode"),
             }
         }
-        *next = offset;
+        if let Some(last) = records.last() {
+            *next = (*next).max(last.offset + 1);
+        }
         // The last change of each name wins.
         let mut last: std::collections::HashMap<String, Option<SubscriptionSpec>> = std::collections::HashMap::new();
         for (name, spec) in changes {
@@ -506,12 +518,12 @@ impl SimplePubsub {
         let records: Vec<_> = parsed.iter().map(|(name, spec, _)| process::registry_record(name, Some(spec))).collect();
         if matches!(self.log, Log::Shared(..)) {
             // The log's order decides between nodes: apply it, this write included.
-            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+            self.refresh_registry()?;
             let created: Vec<bool> = parsed.iter().map(|(name, _, _)| self.registry.read().get(name).is_none()).collect();
             for chunk in records.chunks(BATCH_RECORDS_MAX) {
                 self.log.produce(REGISTRY_TOPIC, chunk)?;
             }
-            self.refresh_registry().map_err(|e| StreamError::Backend { backend: "registry", message: e.to_string() })?;
+            self.refresh_registry()?;
             return Ok(created);
         }
         for chunk in records.chunks(BATCH_RECORDS_MAX) {
