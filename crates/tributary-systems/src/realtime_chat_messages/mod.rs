@@ -80,8 +80,9 @@
 //! wins), typing indicators a topic kept `TYPING_RETENTION_MS` that every node fans out from.
 //! Each node keeps its own search index under its data folder, checkpointed against the shared
 //! log. A batch of sends spanning channels of several partitions is one proposal per partition,
-//! each all or nothing (the default is one partition). Presence join and leave events, and the
-//! typing rate limit, are each node's own.
+//! each all or nothing (the default is one partition). The typing rate limit counts the
+//! indicators of every node once this node's follower has read them (two sent through two nodes
+//! within that lag, milliseconds, both pass). Presence join and leave events are each node's own.
 //!
 //! **What it does not do.** Threads, reactions, attachments, mobile push, group DMs of more than
 //! two, per-user signed identities (the platform's API tokens guard who may call at all; behind
@@ -433,6 +434,20 @@ struct State {
     read: ReadMarkers,
     /// (channel, user) → last typing indicator.
     typing: HashMap<(Arc<str>, Arc<str>), Instant>,
+}
+
+impl State {
+    /// Remembers a typing indicator sent `at` (the latest of each channel and user counts),
+    /// sweeping out the ones past the rate limit's interval once there are
+    /// `TYPING_ENTRIES_MAX`.
+    fn note_typing(&mut self, key: (Arc<str>, Arc<str>), at: Instant) {
+        if self.typing.len() > TYPING_ENTRIES_MAX {
+            let now = Instant::now();
+            self.typing.retain(|_, last| now.saturating_duration_since(*last) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN));
+        }
+        let last = self.typing.entry(key).or_insert(at);
+        *last = (*last).max(at);
+    }
 }
 
 /// A follower's decision on a proposal of a shared log: where each of its ops landed, or why
@@ -905,7 +920,9 @@ impl Chat {
             let Some(json) = record.value.as_deref().and_then(|v| std::str::from_utf8(v).ok()) else { continue };
             let Ok(indicator) = serde_json::from_str::<serde_json::Value>(json) else { continue };
             let (Some(channel), Some(user)) = (indicator["typing"]["channel"].as_str(), indicator["typing"]["user"].as_str()) else { continue };
-            let state = self.state.lock();
+            let mut state = self.state.lock();
+            // The rate limit counts indicators sent through any node, from when they were appended.
+            state.note_typing((Arc::from(channel), Arc::from(user)), shared_log::accepted_at(&record, Instant::now(), tributary_core::now_ms()));
             let Some(members) = state.channels.get(channel).map(|c| c.view.members.iter().filter(|m| &***m != user).cloned().collect::<Vec<_>>()) else { continue };
             let wake = queue_ephemeral(&state, members.iter().map(|m| &**m), &Arc::from(json));
             drop(state);
@@ -1172,14 +1189,11 @@ impl Chat {
         let key = (Arc::from(id), Arc::from(user));
         let now = Instant::now();
         if let Some(last) = state.typing.get(&key)
-            && now.duration_since(*last) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN)
+            && now.saturating_duration_since(*last) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN)
         {
             return Err(Invalid::RateLimited(format!("one typing indicator per channel every TYPING_INTERVAL_MS_MIN ({} ms)", process::TYPING_INTERVAL_MS_MIN)).into());
         }
-        if state.typing.len() > TYPING_ENTRIES_MAX {
-            state.typing.retain(|_, at| now.duration_since(*at) < Duration::from_millis(process::TYPING_INTERVAL_MS_MIN));
-        }
-        state.typing.insert(key, now);
+        state.note_typing(key, now);
         let json: Arc<str> = Arc::from(serde_json::json!({"typing": {"channel": id, "user": user}}).to_string());
         if let Log::Shared(shared) = &self.log {
             drop(guard);

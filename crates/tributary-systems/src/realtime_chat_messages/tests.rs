@@ -707,10 +707,14 @@ async fn two_nodes_on_one_shared_log_sequence_and_serve_every_channel_alike() {
     let (status, body) = b.post("/v1/chat/channels/lobby/messages?user=dan", json!({"text": "still here?"})).await;
     assert_eq!(status, 403, "{body}");
 
-    // Typing and read markers reach the user's connections on the other node; search on one
-    // node finds what was sent through the other.
+    // Typing and read markers reach the user's connections on the other node, and the typing
+    // rate limit holds across nodes; search on one node finds what was sent through the other.
     ann_on_a.send(json!({"typing": {"channel": "general"}})).await;
     assert_eq!(bob_on_b.message_with("typing").await["typing"], json!({"channel": "general", "user": "ann"}));
+    // Node b has read ann's indicator: a second one through b within TYPING_INTERVAL_MS_MIN is
+    // refused there too.
+    let (status, body) = b.post("/v1/chat/channels/general/typing?user=ann", json!({})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
     let read = a.ok(reqwest::Method::PUT, "/v1/chat/channels/general/read?user=bob", Some(json!({"seq": 40}))).await;
     assert_eq!(read["read_seq"], 40);
     assert_eq!(bob_on_b.message_with("read").await["read"]["seq"], 40);
