@@ -139,22 +139,31 @@ pub struct Pending<'a> {
 
 /// Check the named limits for `records`.
 pub fn check_limits(records: &[Record]) -> Result<(), EncodeError> {
-    if records.is_empty() || records.len() > limits::BATCH_RECORDS_MAX {
-        return Err(EncodeError::RecordCount { got: records.len(), max: limits::BATCH_RECORDS_MAX });
+    check_count(records.len())?;
+    records.iter().enumerate().try_for_each(|(index, record)| check_record(index, record))
+}
+
+/// A batch holds 1 to `BATCH_RECORDS_MAX` records.
+pub fn check_count(count: usize) -> Result<(), EncodeError> {
+    if count == 0 || count > limits::BATCH_RECORDS_MAX {
+        return Err(EncodeError::RecordCount { got: count, max: limits::BATCH_RECORDS_MAX });
     }
-    for (index, record) in records.iter().enumerate() {
-        let key_len = record.key.as_ref().map_or(0, |k| k.len());
-        if key_len > limits::KEY_BYTES_MAX {
-            return Err(EncodeError::KeyTooLarge { index, got: key_len, max: limits::KEY_BYTES_MAX });
-        }
-        if record.headers.len() > limits::HEADERS_COUNT_MAX {
-            let (got, max) = (record.headers.len(), limits::HEADERS_COUNT_MAX);
-            return Err(EncodeError::TooManyHeaders { index, got, max });
-        }
-        let bytes = record.payload_bytes();
-        if bytes > limits::MESSAGE_BYTES_MAX {
-            return Err(EncodeError::MessageTooLarge { index, got: bytes, max: limits::MESSAGE_BYTES_MAX });
-        }
+    Ok(())
+}
+
+/// Check the named limits of one record (`index`: its place in its batch).
+pub fn check_record(index: usize, record: &Record) -> Result<(), EncodeError> {
+    let key_len = record.key.as_ref().map_or(0, |k| k.len());
+    if key_len > limits::KEY_BYTES_MAX {
+        return Err(EncodeError::KeyTooLarge { index, got: key_len, max: limits::KEY_BYTES_MAX });
+    }
+    if record.headers.len() > limits::HEADERS_COUNT_MAX {
+        let (got, max) = (record.headers.len(), limits::HEADERS_COUNT_MAX);
+        return Err(EncodeError::TooManyHeaders { index, got, max });
+    }
+    let bytes = record.payload_bytes();
+    if bytes > limits::MESSAGE_BYTES_MAX {
+        return Err(EncodeError::MessageTooLarge { index, got: bytes, max: limits::MESSAGE_BYTES_MAX });
     }
     Ok(())
 }

@@ -30,6 +30,9 @@
 //! - Durability is JetStream's: the publish ack comes after the write to the leader's file store
 //!   (and to a quorum of replicas with `replicas > 1`), not after an fsync (NATS syncs on an
 //!   interval unless configured otherwise), whatever the topic's `durability` says.
+//! - A record travels in one NATS message, bounded by the server's `max_payload` (1 MiB by
+//!   default) together with its envelope and headers, so one near `MESSAGE_BYTES_MAX` is
+//!   refused (`Invalid`, naming `max_payload`) before anything of the produce is sent.
 //! - A topic's configuration is read from the KV bucket on each call (one round trip); there is
 //!   no node-local cache to go stale when another node deletes a topic.
 
@@ -42,7 +45,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tributary_core::{Header, Record, StoredRecord, limits, now_ms, partition_for_key};
-use tributary_engine::stream::{Membership, Produced, StreamFuture, StreamStore, Tail, TopicConfig, session_timeout};
+use tributary_engine::stream::{Membership, Produced, StreamFuture, StreamStore, Tail, TopicConfig, check_produce, session_timeout};
 use tributary_engine::{Gap, StreamError};
 use tributary_log::LogError;
 
@@ -88,6 +91,21 @@ impl Envelope {
         Ok(Bytes::from(postcard::to_allocvec(&envelope).map_err(backend)?))
     }
 }
+
+/// Bytes `headers` take in a NATS message ("NATS/1.0\r\n", each "name: value\r\n", "\r\n").
+fn headers_wire_len(headers: &async_nats::HeaderMap) -> usize {
+    if headers.is_empty() {
+        return 0;
+    }
+    let lines: usize = headers.iter().map(|(name, values)| values.iter().map(|value| name.to_string().len() + 2 + value.as_str().len() + 2).sum::<usize>()).sum();
+    12 + lines
+}
+
+/// The stream guarantees JetStream does not give (see the module docs).
+const STREAM_GAPS: &[Gap] = &[Gap {
+    case: "largest_record",
+    reason: "a record travels in one NATS message, bounded by the server's max_payload (1 MiB by default) with its envelope (the record's bytes plus about 15, and 2 per header): a record that near MESSAGE_BYTES_MAX is refused as Invalid before anything is sent (raise max_payload in nats-server's configuration to carry it)",
+}];
 
 /// Topics on NATS JetStream. Cheap to clone: clones share one connection.
 #[derive(Clone)]
@@ -304,6 +322,20 @@ impl NatsStreams {
         Ok(())
     }
 
+    /// Refuses, before anything is sent, messages over the server's `max_payload` (1 MiB unless
+    /// nats-server is configured otherwise), which bounds a record on this backend with its
+    /// envelope: a record near `MESSAGE_BYTES_MAX` does not fit.
+    fn check_payloads(&self, messages: &[(String, async_nats::HeaderMap, Bytes)]) -> Result<(), StreamError> {
+        let max = self.jetstream.client().server_info().max_payload;
+        for (index, (_, headers, payload)) in messages.iter().enumerate() {
+            let size = payload.len() + headers_wire_len(headers);
+            if size > max {
+                return Err(StreamError::Invalid(format!("record {index} is {size} bytes as a NATS message (in its envelope), over the server's max_payload ({max})")));
+            }
+        }
+        Ok(())
+    }
+
     /// (start, end) of a partition's stream.
     async fn bounds(stream: &mut stream::Stream) -> Result<(u64, u64), StreamError> {
         let state = &stream.info().await.map_err(backend)?.state;
@@ -378,7 +410,7 @@ impl StreamStore for NatsStreams {
     }
 
     fn gaps(&self) -> &'static [Gap] {
-        &[]
+        STREAM_GAPS
     }
 
     fn create_topic<'a>(&'a self, name: &'a str, config: TopicConfig) -> StreamFuture<'a, ()> {
@@ -441,14 +473,18 @@ impl StreamStore for NatsStreams {
         Box::pin(async move {
             let partitions = self.config(topic).await?.partitions;
             let unkeyed = self.next_unkeyed.fetch_add(1, Ordering::Relaxed) % partitions;
+            let partitions_of: Vec<u32> = records.iter().map(|record| record.key.as_deref().map_or(unkeyed, |key| partition_for_key(key, partitions))).collect();
+            let mut per_partition = std::collections::HashMap::<u32, usize>::new();
+            for &partition in &partitions_of {
+                *per_partition.entry(partition).or_default() += 1;
+            }
+            check_produce(topic, &records, per_partition)?;
             let stamp = now_ms();
             let mut messages = Vec::with_capacity(records.len());
-            let mut partitions_of = Vec::with_capacity(records.len());
-            for record in records {
-                let partition = record.key.as_deref().map_or(unkeyed, |key| partition_for_key(key, partitions));
+            for (record, &partition) in records.into_iter().zip(&partitions_of) {
                 messages.push((self.subject(topic, partition), async_nats::HeaderMap::new(), Envelope::of(record, stamp)?));
-                partitions_of.push(partition);
             }
+            self.check_payloads(&messages)?;
             let acks = publish_in_order(&self.jetstream, messages).await.map_err(backend)?;
             let produced: Vec<Produced> = partitions_of.into_iter().zip(acks).map(|(partition, ack)| Produced { partition, offset: ack.sequence - 1 }).collect();
             Ok(produced)
@@ -465,6 +501,11 @@ impl StreamStore for NatsStreams {
             if partition >= partitions {
                 return Err(StreamError::PartitionNotFound { topic: topic.to_string(), partition, partitions });
             }
+            if records.is_empty() {
+                let empty = tributary_log::batch::check_count(0).unwrap_err();
+                return Err(StreamError::Partition { topic: topic.to_string(), partition, source: LogError::Limit(empty) });
+            }
+            check_produce(topic, &records, [(partition, records.len())])?;
             let chain = format!("{:016x}", tributary_core::unique_u64());
             let subject = self.subject(topic, partition);
             let stamp = now_ms();
@@ -478,6 +519,7 @@ impl StreamStore for NatsStreams {
                 }
                 messages.push((subject.clone(), headers, Envelope::of(record, stamp)?));
             }
+            self.check_payloads(&messages)?;
             let mut appended = 0;
             for answer in publish_each(&self.jetstream, messages).await {
                 match answer {

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tributary_core::{Header, Record, StoredRecord, now_ms, partition_for_key};
+use tributary_core::{Header, Record, StoredRecord, limits, now_ms, partition_for_key};
 
 use super::{CaseFuture, Report, ok, refused};
 use tributary_log::LogError;
+use tributary_log::batch::EncodeError;
 
 use crate::StreamError;
 use crate::stream::{Membership, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN, StreamStore, TopicConfig};
@@ -24,6 +25,8 @@ pub const CASES: &[Case] = &[
     Case { name: "keyed", guarantee: "a keyed record goes to partition_for_key, and a key's records keep their order", run: keyed },
     Case { name: "unkeyed", guarantee: "the unkeyed records of one produce land together on one partition", run: unkeyed },
     Case { name: "conditional", guarantee: "produce_at appends only at the expected end, else EndMoved naming the end; of writers racing at one end exactly one gets in, its records together", run: conditional },
+    Case { name: "limits", guarantee: "a produce with a record over a named limit, or with over BATCH_RECORDS_MAX records for one partition, is refused by name and writes nothing on any partition; an empty produce writes nothing; an empty conditional append is refused", run: limits },
+    Case { name: "largest_record", guarantee: "a record of MESSAGE_BYTES_MAX bytes (key, value and headers together) goes in and comes back whole", run: largest_record },
     Case { name: "seek_time", guarantee: "seek_timestamp gives the first offset at or after a time, the end past the last", run: seek_time },
     Case { name: "errors", guarantee: "unknown topics and partitions, conflicting configurations and bad names are refused by name", run: errors },
     Case { name: "commits", guarantee: "committed offsets are per group and partition, and cannot pass the end", run: commits },
@@ -236,6 +239,54 @@ fn seek_time(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
         check_eq!(ok(s.seek_timestamp(&topic, 0, between).await, "seek between")?, 2);
         check_eq!(ok(s.seek_timestamp(&topic, 0, 0).await, "seek to the start")?, 0);
         check_eq!(ok(s.seek_timestamp(&topic, 0, now_ms() + 60_000).await, "seek past the last")?, 3);
+        Ok(())
+    })
+}
+
+/// A produce refused for a record over a limit that `check` accepts.
+fn over_limit(e: &StreamError, check: fn(&EncodeError) -> bool) -> bool {
+    matches!(e, StreamError::Log(LogError::Limit(limit)) if check(limit))
+}
+
+fn limits(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(2)).await, "create")?;
+        let key_to = |partition: u32| (0..).map(|i| format!("k{i}")).find(|k| partition_for_key(k.as_bytes(), 2) == partition).expect("some key lands on each partition");
+        let (k0, k1) = (key_to(0), key_to(1));
+        let fine = || Record::keyed(k0.clone(), "fine");
+        let too_large = Record::keyed(k1.clone(), Bytes::from(vec![b'x'; limits::MESSAGE_BYTES_MAX + 1]));
+        refused(s.produce(&topic, vec![fine(), too_large.clone()]).await, "a record over MESSAGE_BYTES_MAX", |e| over_limit(e, |l| matches!(l, EncodeError::MessageTooLarge { index: 1, .. })))?;
+        let long_key = Record::keyed(vec![b'k'; limits::KEY_BYTES_MAX + 1], "v");
+        refused(s.produce(&topic, vec![fine(), long_key]).await, "a key over KEY_BYTES_MAX", |e| over_limit(e, |l| matches!(l, EncodeError::KeyTooLarge { index: 1, .. })))?;
+        let headers = (0..=limits::HEADERS_COUNT_MAX).map(|i| Header { name: format!("h{i}"), value: Bytes::new() }).collect();
+        let many_headers = Record { key: Some(Bytes::from(k1.clone())), value: Some(Bytes::from_static(b"v")), headers, timestamp_ms: 0 };
+        refused(s.produce(&topic, vec![fine(), many_headers]).await, "over HEADERS_COUNT_MAX headers", |e| over_limit(e, |l| matches!(l, EncodeError::TooManyHeaders { index: 1, .. })))?;
+        let mut crowd: Vec<Record> = (0..=limits::BATCH_RECORDS_MAX).map(|_| fine()).collect();
+        crowd.push(Record::keyed(k1.clone(), "other"));
+        let crowded = |e: &StreamError| matches!(e, StreamError::Partition { partition: 0, source: LogError::Limit(EncodeError::RecordCount { .. }), .. });
+        refused(s.produce(&topic, crowd).await, "over BATCH_RECORDS_MAX records for one partition", crowded)?;
+        check_eq!(ok(s.produce(&topic, Vec::new()).await, "an empty produce")?.len(), 0);
+        let empty = |e: &StreamError| matches!(e, StreamError::Partition { partition: 1, source: LogError::Limit(EncodeError::RecordCount { got: 0, .. }), .. });
+        refused(s.produce_at(&topic, 1, 0, Vec::new()).await, "an empty conditional append", empty)?;
+        refused(s.produce_at(&topic, 1, 0, vec![too_large]).await, "a conditional append of a record over MESSAGE_BYTES_MAX", |e| over_limit(e, |l| matches!(l, EncodeError::MessageTooLarge { index: 0, .. })))?;
+        for partition in 0..2 {
+            check_eq!(ok(s.offsets(&topic, partition).await, "offsets after refused produces")?, (0, 0));
+        }
+        Ok(())
+    })
+}
+
+fn largest_record(s: &dyn StreamStore, topic: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_topic(&topic, topic_config(1)).await, "create")?;
+        let header = Header { name: "h".into(), value: Bytes::from_static(b"1") };
+        let value = Bytes::from(vec![b'v'; limits::MESSAGE_BYTES_MAX - 3]);
+        let record = Record { key: Some(Bytes::from_static(b"k")), value: Some(value), headers: vec![header], timestamp_ms: 0 };
+        check_eq!(record.payload_bytes(), limits::MESSAGE_BYTES_MAX);
+        ok(s.produce(&topic, vec![record.clone()]).await, "a record of MESSAGE_BYTES_MAX bytes")?;
+        let got = ok(s.fetch(&topic, 0, 0, 1).await, "fetch")?;
+        check_eq!(got.len(), 1);
+        check!(got[0].key == record.key && got[0].value == record.value && got[0].headers == record.headers, "the largest record came back changed");
         Ok(())
     })
 }

@@ -27,7 +27,7 @@ use parking_lot::RwLock;
 use tributary_core::limits;
 
 pub use groups::{GROUP_MEMBERS_MAX, GroupState, Membership, PartitionLag, SESSION_TIMEOUT_MS_DEFAULT, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN, session_timeout};
-pub use store::{STREAM_FETCH_BYTES_MAX, StreamFuture, StreamStore, Tail};
+pub use store::{STREAM_FETCH_BYTES_MAX, StreamFuture, StreamStore, Tail, check_produce};
 pub use topic::{Produced, Topic, TopicConfig};
 
 use crate::error::{Result, StreamError};

@@ -13,6 +13,9 @@
 //! - `produce_at` appends to one partition only at the end the caller expects; when another
 //!   writer got there first it is refused with [`StreamError::EndMoved`](crate::StreamError::EndMoved),
 //!   which names the end. Of writers racing at one end, exactly one gets in.
+//! - A produce with a record over a named limit (key, headers, size) or more than
+//!   `BATCH_RECORDS_MAX` records for one partition is refused by name ([`check_produce`]) and
+//!   writes nothing; an empty produce writes nothing and returns no offsets.
 //! - `seek_timestamp` gives the first offset whose timestamp is at or after the time.
 //! - A committed offset is durable and per (topic, group, partition); groups are independent.
 //! - Members of a group share its partitions ([`GroupState`](super::GroupState), the same rules
@@ -22,13 +25,30 @@
 //!   generation, and owns the partition; on a backend whose nodes share the group, that holds
 //!   whichever node the members call.
 
-use tributary_core::{Record, StoredRecord};
+use tributary_core::{Record, StoredRecord, limits};
+use tributary_log::{LogError, batch};
 
 use super::{Membership, Produced, Topics, TopicConfig};
-use crate::{BoxFuture, Gap, Result};
+use crate::{BoxFuture, Gap, Result, StreamError};
 
 /// Bytes one fetch returns at most (besides the record count).
 pub const STREAM_FETCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// What every backend checks before a produce writes anything, so that a refused produce
+/// writes nothing: each record within the named limits (`StreamError::Log` of
+/// `LogError::Limit`), then at most `BATCH_RECORDS_MAX` records to any one partition
+/// (`StreamError::Partition`); `per_partition` gives (partition, records) of the produce.
+pub fn check_produce(topic: &str, records: &[Record], per_partition: impl IntoIterator<Item = (u32, usize)>) -> Result<()> {
+    for (index, record) in records.iter().enumerate() {
+        batch::check_record(index, record).map_err(|e| StreamError::Log(LogError::Limit(e)))?;
+    }
+    for (partition, count) in per_partition {
+        if count > limits::BATCH_RECORDS_MAX {
+            return Err(StreamError::Partition { topic: topic.to_string(), partition, source: LogError::Limit(batch::check_count(count).unwrap_err()) });
+        }
+    }
+    Ok(())
+}
 
 /// What the async methods of a `dyn StreamStore` return.
 pub type StreamFuture<'a, T> = BoxFuture<'a, Result<T>>;

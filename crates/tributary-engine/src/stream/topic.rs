@@ -166,6 +166,7 @@ impl Topic {
         for (i, record) in records.iter().enumerate() {
             by_partition[self.partition_for(record.key.as_deref(), unkeyed) as usize].push(i);
         }
+        super::check_produce(&self.name, records, (0u32..).zip(by_partition.iter().map(Vec::len)))?;
         let mut pending: Vec<(u32, &Vec<usize>, PendingAppend)> = Vec::new();
         for (p, indexes) in by_partition.iter().enumerate().filter(|(_, ix)| !ix.is_empty()) {
             let p = p as u32;
@@ -193,7 +194,9 @@ impl Topic {
     /// Append records to one partition as one batch only if it ends at `expected_end`, else
     /// [`StreamError::EndMoved`] and nothing is written.
     pub fn produce_at(&self, partition: u32, expected_end: u64, records: &[Record]) -> Result<Appended> {
-        self.log(partition)?.append_at(expected_end, records).map_err(|e| match e {
+        let log = self.log(partition)?;
+        super::check_produce(&self.name, records, [(partition, records.len())])?;
+        log.append_at(expected_end, records).map_err(|e| match e {
             LogError::EndMoved { expected, end } => StreamError::EndMoved { topic: self.name.clone(), partition, expected, end, appended: 0 },
             e => self.partition_error(partition, e),
         })
