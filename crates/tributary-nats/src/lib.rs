@@ -501,10 +501,6 @@ impl StreamStore for NatsStreams {
             if partition >= partitions {
                 return Err(StreamError::PartitionNotFound { topic: topic.to_string(), partition, partitions });
             }
-            if records.is_empty() {
-                let empty = tributary_log::batch::check_count(0).unwrap_err();
-                return Err(StreamError::Partition { topic: topic.to_string(), partition, source: LogError::Limit(empty) });
-            }
             check_produce(topic, &records, [(partition, records.len())])?;
             let chain = format!("{:016x}", tributary_core::unique_u64());
             let subject = self.subject(topic, partition);

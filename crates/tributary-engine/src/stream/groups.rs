@@ -102,9 +102,7 @@ impl GroupState {
 
     /// Keeps `member_id` alive and returns its (possibly new) assignment.
     pub fn heartbeat(&mut self, group: &str, partitions: u32, member_id: &str, now_ms: i64) -> Result<Membership> {
-        if self.expire(now_ms) {
-            self.rebalance(partitions);
-        }
+        self.expire_and_rebalance(partitions, now_ms);
         let Some(member) = self.members.get_mut(member_id) else {
             return Err(StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() });
         };
@@ -124,18 +122,14 @@ impl GroupState {
 
     /// The live members with their partitions.
     pub fn describe(&mut self, partitions: u32, now_ms: i64) -> Vec<Membership> {
-        if self.expire(now_ms) {
-            self.rebalance(partitions);
-        }
+        self.expire_and_rebalance(partitions, now_ms);
         self.members.keys().map(|id| self.membership(id)).collect()
     }
 
     /// Whether `member_id`, at `generation`, may commit offsets of `committing`: it must be a
     /// live member, at the current generation, owning each of them.
     pub fn check_commit(&mut self, group: &str, partitions: u32, member_id: &str, generation: u64, committing: &[u32], now_ms: i64) -> Result<()> {
-        if self.expire(now_ms) {
-            self.rebalance(partitions);
-        }
+        self.expire_and_rebalance(partitions, now_ms);
         if !self.members.contains_key(member_id) {
             return Err(StreamError::UnknownMember { group: group.to_string(), member: member_id.to_string() });
         }
@@ -161,6 +155,13 @@ impl GroupState {
         for p in 0..partitions {
             let owner = ids[p as usize % ids.len()];
             self.assignment.entry(owner.clone()).or_default().push(p);
+        }
+    }
+
+    /// Expires the silent members and rebalances when there were any.
+    fn expire_and_rebalance(&mut self, partitions: u32, now_ms: i64) {
+        if self.expire(now_ms) {
+            self.rebalance(partitions);
         }
     }
 

@@ -25,7 +25,7 @@
 //!   generation, and owns the partition; on a backend whose nodes share the group, that holds
 //!   whichever node the members call.
 
-use tributary_core::{Record, StoredRecord, limits};
+use tributary_core::{Record, StoredRecord};
 use tributary_log::{LogError, batch};
 
 use super::{Membership, Produced, Topics, TopicConfig};
@@ -36,16 +36,15 @@ pub const STREAM_FETCH_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// What every backend checks before a produce writes anything, so that a refused produce
 /// writes nothing: each record within the named limits (`StreamError::Log` of
-/// `LogError::Limit`), then at most `BATCH_RECORDS_MAX` records to any one partition
-/// (`StreamError::Partition`); `per_partition` gives (partition, records) of the produce.
+/// `LogError::Limit`), then 1 to `BATCH_RECORDS_MAX` records for each partition in
+/// `per_partition` (partition, records), the partitions the produce writes to
+/// (`StreamError::Partition`).
 pub fn check_produce(topic: &str, records: &[Record], per_partition: impl IntoIterator<Item = (u32, usize)>) -> Result<()> {
     for (index, record) in records.iter().enumerate() {
         batch::check_record(index, record).map_err(|e| StreamError::Log(LogError::Limit(e)))?;
     }
     for (partition, count) in per_partition {
-        if count > limits::BATCH_RECORDS_MAX {
-            return Err(StreamError::Partition { topic: topic.to_string(), partition, source: LogError::Limit(batch::check_count(count).unwrap_err()) });
-        }
+        batch::check_count(count).map_err(|e| StreamError::Partition { topic: topic.to_string(), partition, source: LogError::Limit(e) })?;
     }
     Ok(())
 }

@@ -166,7 +166,7 @@ impl Topic {
         for (i, record) in records.iter().enumerate() {
             by_partition[self.partition_for(record.key.as_deref(), unkeyed) as usize].push(i);
         }
-        super::check_produce(&self.name, records, (0u32..).zip(by_partition.iter().map(Vec::len)))?;
+        super::check_produce(&self.name, records, (0u32..).zip(by_partition.iter().map(Vec::len)).filter(|&(_, count)| count > 0))?;
         let mut pending: Vec<(u32, &Vec<usize>, PendingAppend)> = Vec::new();
         for (p, indexes) in by_partition.iter().enumerate().filter(|(_, ix)| !ix.is_empty()) {
             let p = p as u32;
