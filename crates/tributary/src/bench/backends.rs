@@ -7,7 +7,11 @@
 //!   one-partition topic (each batch awaited: its latency is the call's), then one reader fetches
 //!   them all back;
 //! - queue: the same publish, then `consumers` tasks receive (up to `batch`) and ack each batch
-//!   until every message is acked.
+//!   until every message is acked;
+//! - consumer group, on the stream's topic: `consumers` members join one group, then each makes
+//!   `messages / batch / consumers` heartbeats (`group_heartbeat`), and the member owning the
+//!   partition commits as a member `messages / batch` times, one offset further each
+//!   (`member_commit`). A row's `messages` counts calls there.
 //!
 //! The embedded interfaces complete a call on the polling thread (an fsync, a long poll), so
 //! they are called from the blocking pool, as the server does; NATS calls are awaited on the
@@ -64,7 +68,7 @@ pub struct Row {
     /// What "acknowledged" means on this backend.
     pub durability: &'static str,
     pub interface: &'static str,
-    /// `produce`, `fetch`, `publish` or `receive_ack`.
+    /// `produce`, `fetch`, `publish`, `receive_ack`, `group_heartbeat` or `member_commit`.
     pub phase: &'static str,
     pub messages: u64,
     pub seconds: f64,
@@ -218,7 +222,71 @@ async fn bench_stream(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<
         offset += fetched.len() as u64;
     }
     rows.push(row(backend, "stream", "fetch", args.messages, started.elapsed(), None));
+    rows.extend(bench_group(backend, args, topic).await?);
     backend.streams.delete_topic(topic).await?;
+    Ok(rows)
+}
+
+/// Calls `call` `times` times in a row from the runtime (on the blocking pool for the embedded
+/// engine); returns the per-call latencies.
+async fn timed_calls<F, Fut>(blocking: bool, times: u64, call: F) -> anyhow::Result<LatencyHistogram>
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = Result<(), tributary_engine::StreamError>> + Send + 'static,
+{
+    let mut calls = LatencyHistogram::new();
+    for i in 0..times {
+        let call_started = Instant::now();
+        on_backend(blocking, call(i)).await?;
+        calls.record_ns(call_started.elapsed().as_nanos() as u64);
+    }
+    Ok(calls)
+}
+
+async fn bench_group(backend: &Backend, args: &BackendsArgs, topic: &'static str) -> anyhow::Result<Vec<Row>> {
+    let group = "bench-group";
+    let mut members = Vec::new();
+    for consumer in 0..args.consumers {
+        let streams = backend.streams.clone();
+        let id = format!("c{consumer}");
+        members.push(on_backend(backend.blocking, async move { streams.join_group(topic, group, Some(&id), Some(60_000)).await }).await?);
+    }
+    let heartbeats = (args.messages / args.batch as u64 / args.consumers as u64).max(1);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for member in &members {
+        let (streams, blocking, id) = (backend.streams.clone(), backend.blocking, member.member_id.clone());
+        tasks.push(tokio::spawn(async move {
+            timed_calls(blocking, heartbeats, |_| {
+                let (streams, id) = (streams.clone(), id.clone());
+                async move { streams.heartbeat(topic, group, &id).await.map(drop) }
+            })
+            .await
+        }));
+    }
+    let mut calls = LatencyHistogram::new();
+    for task in tasks {
+        calls.merge(&task.await??);
+    }
+    let mut rows = vec![row(backend, "group", "group_heartbeat", heartbeats * members.len() as u64, started.elapsed(), Some(&calls))];
+    let owner = on_backend(backend.blocking, {
+        let streams = backend.streams.clone();
+        async move { streams.describe_group(topic, group).await }
+    })
+    .await?
+    .into_iter()
+    .find(|m| m.partitions.contains(&0))
+    .context("no member owns partition 0")?;
+    let commits = (args.messages / args.batch as u64).max(1);
+    let started = Instant::now();
+    let calls = timed_calls(backend.blocking, commits, |i| {
+        let (streams, owner) = (backend.streams.clone(), owner.clone());
+        async move { streams.commit_member(topic, group, &owner.member_id, owner.generation, vec![(0, i + 1)]).await }
+    })
+    .await?;
+    rows.push(row(backend, "group", "member_commit", commits, started.elapsed(), Some(&calls)));
+    let streams = backend.streams.clone();
+    ensure!(on_backend(backend.blocking, async move { streams.committed(topic, group, 0).await }).await? == Some(commits), "the group's committed offset is not the last member commit");
     Ok(rows)
 }
 
@@ -284,15 +352,22 @@ mod tests {
             vec![
                 ("embedded", "stream", "produce"),
                 ("embedded", "stream", "fetch"),
+                ("embedded", "group", "group_heartbeat"),
+                ("embedded", "group", "member_commit"),
                 ("embedded", "queue", "publish"),
                 ("embedded", "queue", "receive_ack"),
                 ("nats", "stream", "produce"),
                 ("nats", "stream", "fetch"),
+                ("nats", "group", "group_heartbeat"),
+                ("nats", "group", "member_commit"),
                 ("nats", "queue", "publish"),
                 ("nats", "queue", "receive_ack"),
             ]
         );
-        assert!(report.rows.iter().all(|r| r.messages == 1_000 && r.msgs_per_s > 0.0), "{:?}", report.rows);
+        let (groups, others): (Vec<&Row>, Vec<&Row>) = report.rows.iter().partition(|r| r.interface == "group");
+        assert!(others.iter().all(|r| r.messages == 1_000 && r.msgs_per_s > 0.0), "{:?}", report.rows);
+        let calls: Vec<(&str, u64)> = groups.iter().map(|r| (r.phase, r.messages)).collect();
+        assert_eq!(calls, [("group_heartbeat", 20), ("member_commit", 20)].repeat(2), "2 members of 10 heartbeats, 1,000 / 50 commits");
         let produce_calls = report.rows[0].call_ms.as_ref().unwrap();
         assert_eq!(produce_calls.count, 20, "4 producers of 250 records in batches of 50");
     }
