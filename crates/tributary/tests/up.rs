@@ -107,7 +107,7 @@ fn systems_lists_the_35_of_the_catalogue() {
     let output = tributary().arg("systems").output().unwrap();
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let rows: Vec<&str> = stdout.lines().filter(|l| !l.ends_with("of 35 implemented")).filter(|l| l.trim_start().split_whitespace().next().is_some_and(|n| n.parse::<u32>().is_ok())).collect();
+    let rows: Vec<&str> = stdout.lines().filter(|l| !l.ends_with("of 35 implemented")).filter(|l| l.split_whitespace().next().is_some_and(|n| n.parse::<u32>().is_ok())).collect();
     assert_eq!(rows.len(), 35, "{stdout}");
     assert!(stdout.contains("of 35 implemented"), "{stdout}");
     let output = tributary().args(["systems", "--json"]).output().unwrap();
