@@ -36,36 +36,38 @@ pub(crate) fn parse_offset(bytes: &[u8]) -> Result<(u64, Option<u64>), StreamErr
     Ok((number(offset)?, generation.map(number).transpose()?))
 }
 
-/// What writing a key at a revision gave: written, or moved since it was read.
-enum Written {
-    Yes,
-    Moved,
-}
-
-/// Writes `value` at `key` if its revision is still `revision` (`None`: the key did not exist).
-async fn write_if_unchanged(meta: &kv::Store, key: &str, value: Bytes, revision: Option<u64>) -> Result<Written, StreamError> {
+/// Writes `value` at `key` if its revision is still `revision` (`None`: the key did not exist);
+/// false when another writer moved it since.
+async fn write_if_unchanged(meta: &kv::Store, key: &str, value: Bytes, revision: Option<u64>) -> Result<bool, StreamError> {
     let outcome = match revision {
         Some(revision) => meta.update(key, value, revision).await.map(|_| ()).map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
         None => meta.create(key, value).await.map(|_| ()).map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
     };
     match outcome {
-        Ok(()) => Ok(Written::Yes),
-        Err((true, _)) => Ok(Written::Moved),
+        Ok(()) => Ok(true),
+        Err((true, _)) => Ok(false),
         Err((false, message)) => Err(backend(format!("writing {key}: {message}"))),
     }
 }
 
-/// The value and revision at `key`; `None` as value when it was never written or was deleted.
-async fn read(meta: &kv::Store, key: &str) -> Result<(Option<Bytes>, Option<u64>), StreamError> {
-    match meta.entry(key).await.map_err(backend)? {
-        Some(entry) if entry.operation == kv::Operation::Put => Ok((Some(entry.value), Some(entry.revision))),
-        Some(entry) => Ok((None, Some(entry.revision))),
-        None => Ok((None, None)),
+/// Reads `key` (`None` when it was never written or was deleted), lets `decide` give the value
+/// to write (`None`: nothing) and what to return, and writes it by compare-and-set; when
+/// another node wrote in between, reads and decides again, up to
+/// [`NATS_GROUP_CHANGE_ATTEMPTS_MAX`] times. An error from `decide` ends it unwritten.
+async fn compare_and_set<R>(meta: &kv::Store, key: &str, decide: impl Fn(Option<&[u8]>) -> Result<(Option<Bytes>, R), StreamError>) -> Result<R, StreamError> {
+    for _ in 0..NATS_GROUP_CHANGE_ATTEMPTS_MAX {
+        let (value, revision) = match meta.entry(key).await.map_err(backend)? {
+            Some(entry) if entry.operation == kv::Operation::Put => (Some(entry.value), Some(entry.revision)),
+            Some(entry) => (None, Some(entry.revision)),
+            None => (None, None),
+        };
+        let (write, outcome) = decide(value.as_deref())?;
+        let Some(write) = write else { return Ok(outcome) };
+        if write_if_unchanged(meta, key, write, revision).await? {
+            return Ok(outcome);
+        }
     }
-}
-
-fn moved_too_often(key: &str) -> StreamError {
-    backend(format!("{key} changed under each of NATS_GROUP_CHANGE_ATTEMPTS_MAX ({NATS_GROUP_CHANGE_ATTEMPTS_MAX}) attempts"))
+    Err(backend(format!("{key} changed under each of NATS_GROUP_CHANGE_ATTEMPTS_MAX ({NATS_GROUP_CHANGE_ATTEMPTS_MAX}) attempts")))
 }
 
 impl NatsStreams {
@@ -73,46 +75,37 @@ impl NatsStreams {
         format!("group.{}.{}", escape(topic), escape(group))
     }
 
-    /// Applies `change` to the group's state as stored and writes it back when it changed,
-    /// again from a fresh read when another node wrote in between. Returns what `change` gave
-    /// (an error too, once a state it changed on the way, say an expiry, is written).
+    /// Applies `change` to the group's state as stored and writes it back when it changed.
+    /// Returns what `change` gave (an error too, once a state it changed on the way, say an
+    /// expiry, is written).
     pub(crate) async fn change_group<T>(&self, topic: &str, group: &str, change: impl Fn(&mut GroupState, i64) -> Result<T, StreamError>) -> Result<T, StreamError> {
         let key = NatsStreams::group_key(topic, group);
-        for _ in 0..NATS_GROUP_CHANGE_ATTEMPTS_MAX {
-            let (value, revision) = read(&self.meta, &key).await?;
+        compare_and_set(&self.meta, &key, |value| {
             let before: GroupState = match value {
-                Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| backend(format!("{key} does not parse: {e}")))?,
+                Some(bytes) => serde_json::from_slice(bytes).map_err(|e| backend(format!("{key} does not parse: {e}")))?,
                 None => GroupState::default(),
             };
             let mut state = before.clone();
             let outcome = change(&mut state, now_ms());
-            if state == before {
-                return outcome;
-            }
-            let bytes = Bytes::from(serde_json::to_vec(&state).map_err(backend)?);
-            if let Written::Yes = write_if_unchanged(&self.meta, &key, bytes, revision).await? {
-                return outcome;
-            }
-        }
-        Err(moved_too_often(&key))
+            let write = (state != before).then(|| serde_json::to_vec(&state).map(Bytes::from)).transpose().map_err(backend)?;
+            Ok((write, outcome))
+        })
+        .await?
     }
 
     /// Writes a member's commit of `offset` at `generation`, unless a later generation's
     /// commit is stored.
     pub(crate) async fn write_member_offset(&self, topic: &str, group: &str, member_id: &str, partition: u32, offset: u64, generation: u64) -> Result<(), StreamError> {
         let key = NatsStreams::offset_key(topic, group, partition);
-        for _ in 0..NATS_GROUP_CHANGE_ATTEMPTS_MAX {
-            let (value, revision) = read(&self.meta, &key).await?;
-            if let Some(current) = value.as_deref().filter(|v| !v.is_empty()).map(parse_offset).transpose()?.and_then(|(_, g)| g)
+        compare_and_set(&self.meta, &key, |value| {
+            if let Some(current) = value.filter(|v| !v.is_empty()).map(parse_offset).transpose()?.and_then(|(_, g)| g)
                 && current > generation
             {
                 return Err(StreamError::StaleGeneration { group: group.to_string(), member: member_id.to_string(), given: generation, current });
             }
-            if let Written::Yes = write_if_unchanged(&self.meta, &key, Bytes::from(format!("{offset}@{generation}")), revision).await? {
-                return Ok(());
-            }
-        }
-        Err(moved_too_often(&key))
+            Ok((Some(Bytes::from(format!("{offset}@{generation}"))), ()))
+        })
+        .await
     }
 }
 
