@@ -115,6 +115,20 @@ impl App {
         }
     }
 
+    /// Poll the user's channel list until it names `expected` (a node follows a shared log).
+    async fn channels_until(&self, user: &str, expected: &[&str]) {
+        let began = Instant::now();
+        loop {
+            let body = self.ok(reqwest::Method::GET, &format!("/v1/chat/channels?user={user}"), None).await;
+            let got: Vec<&str> = body["channels"].as_array().unwrap().iter().filter_map(|c| c["id"].as_str()).collect();
+            if got == expected {
+                return;
+            }
+            assert!(began.elapsed() < WAIT, "channels of {user}: got {got:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn ws(&self, user: &str, since: Option<Value>) -> Ws {
         let mut url = format!("{}/v1/chat/ws?user={user}", self.ws_base);
         if let Some(since) = since {
@@ -652,6 +666,9 @@ async fn two_nodes_on_one_shared_log_sequence_and_serve_every_channel_alike() {
     let a = App::start(dir_a.path(), &backend).await;
     let b = App::start(dir_b.path(), &backend).await;
     a.channel("ann", "general", "public", &["bob"]).await;
+    // Bob connects to b once b has read the channel's creation; before that, the creation (seq 1)
+    // is a live event of his connection like any other.
+    b.channels_until("bob", &["general"]).await;
     let mut ann_on_a = a.ws("ann", None).await;
     let mut bob_on_b = b.ws("bob", None).await;
 
