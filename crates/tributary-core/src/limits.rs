@@ -66,6 +66,9 @@ pub const CACHE_MEMBER_BYTES_MAX: usize = 16 * 1024;
 pub const CACHE_COLLECTION_LEN_MAX: usize = 10_000_000;
 /// Longest cache TTL, in milliseconds (10 years): a bound, so expiry arithmetic never overflows.
 pub const CACHE_TTL_MS_MAX: u64 = 10 * 365 * 24 * 60 * 60 * 1000;
+/// Messages a cache channel's subscriber may fall behind by before it skips ahead (and is told
+/// it missed some).
+pub const CACHE_SUBSCRIBER_BUFFER: usize = 4096;
 /// Lock shards of a cache when its configuration does not name a count.
 pub const CACHE_SHARDS_DEFAULT: usize = 32;
 /// Most lock shards of one cache.

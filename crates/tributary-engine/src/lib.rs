@@ -8,11 +8,11 @@
 //! | [`cache`] | state that is read far more than written: KV with TTL, counters, leaderboards |
 //! | [`search`] | readers look records up by words: full-text indexes fed from a log, scoped, paged, checkpointed |
 //!
-//! The engine knows nothing of HTTP, JSON wire formats or tokio: it is synchronous, and the
+//! The engine knows nothing of HTTP, JSON wire formats or a tokio runtime: it is synchronous
+//! (the cache's pub/sub channels are tokio broadcast channels, which need no runtime), and the
 //! server crate puts a network in front of it. The interfaces that distributed backends also
 //! implement ([`cache::CacheStore`], [`stream::StreamStore`], [`queue::QueueStore`]) return futures, which the embedded engine completes at once;
-//! their guarantees are the [`conformance`] suite (feature `conformance`, which brings tokio for
-//! its timers).
+//! their guarantees are the [`conformance`] suite (feature `conformance`).
 
 mod backend;
 pub mod cache;

@@ -13,6 +13,7 @@
 //! | incr_by; incr_by_with_ttl | INCRBY; a script that sets the TTL only if the call created the key |
 //! | hashes | HSET, HGET, HDEL, HGETALL, HLEN, HINCRBY |
 //! | sorted sets | ZADD, ZINCRBY, ZREM, ZSCORE, ZCARD, ZRANK/ZREVRANK, ZCOUNT, ZRANGE (BYSCORE, REV, LIMIT) |
+//! | publish; subscribe | PUBLISH; SUBSCRIBE on a connection of its own per subscription |
 //!
 //! The named limits (key, value and member sizes, TTL range) are checked here before anything is
 //! sent, so a refused write never reaches Redis. Differences from the embedded cache:
@@ -23,19 +24,30 @@
 //! - Durability is Redis's (`appendonly`, `appendfsync`): the embedded cache snapshots on close.
 //! - A lost connection is [`CacheError::Backend`]; the connection manager reconnects on the
 //!   next call, and whether the failed write took effect is unknown.
+//! - A subscription whose connection is lost connects and subscribes again (every
+//!   [`SUBSCRIBE_RETRY`]) and then yields [`Delivery::Gap`]: what was published in between is
+//!   lost, as Redis keeps nothing for a subscriber. So does a subscriber that falls
+//!   `CACHE_SUBSCRIBER_BUFFER` messages behind (the messages it had no room for are dropped), and
+//!   one that Redis disconnects for its output buffer (`client-output-buffer-limit pubsub`).
 
 use std::ops::Bound;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, PubSub};
 use redis::{Cmd, FromRedisValue, RedisError, Script, cmd};
+use tokio::sync::mpsc;
+use tributary_core::limits::CACHE_SUBSCRIBER_BUFFER;
 use tributary_engine::cache::{
-    CacheError, CacheResult, CacheStore, KeyType, Limit, Order, StoreFuture, Ttl, check_bounds, check_key, check_member, check_score, check_value,
-    ttl_ms,
+    CacheError, CacheResult, CacheStore, Delivery, KeyType, Limit, Order, StoreFuture, Subscription, Ttl, check_bounds, check_key, check_member,
+    check_score, check_value, ttl_ms,
 };
 
 const BACKEND: &str = "redis";
+
+/// How long a subscription whose connection was lost waits between tries to subscribe again.
+pub const SUBSCRIBE_RETRY: Duration = Duration::from_millis(250);
 
 /// Creates the counter with a TTL, or increments it and leaves its deadline alone.
 const INCR_WITH_TTL: &str = r"
@@ -50,6 +62,7 @@ return value
 /// A cache on Redis. Cheap to clone: clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisCache {
+    client: redis::Client,
     connection: ConnectionManager,
     namespace: Vec<u8>,
     incr_with_ttl: Script,
@@ -68,7 +81,14 @@ impl RedisCache {
         let connection = client.get_connection_manager().await.map_err(backend)?;
         let mut prefix = namespace.as_bytes().to_vec();
         prefix.push(b':');
-        Ok(RedisCache { connection, namespace: prefix, incr_with_ttl: Script::new(INCR_WITH_TTL) })
+        Ok(RedisCache { client, connection, namespace: prefix, incr_with_ttl: Script::new(INCR_WITH_TTL) })
+    }
+
+    /// A connection of its own subscribed to `channel` (namespaced), once Redis confirmed it.
+    async fn subscribed(client: &redis::Client, channel: &[u8]) -> CacheResult<PubSub> {
+        let mut pubsub = client.get_async_pubsub().await.map_err(backend)?;
+        pubsub.subscribe(channel).await.map_err(backend)?;
+        Ok(pubsub)
     }
 
     fn key(&self, key: &[u8]) -> Vec<u8> {
@@ -116,6 +136,44 @@ impl RedisCache {
             "hash" => Ok(Some(KeyType::Hash)),
             "zset" => Ok(Some(KeyType::SortedSet)),
             other => Err(backend_message(format!("the key holds a Redis {other}, which the cache interface does not use"))),
+        }
+    }
+}
+
+/// Hands one subscription's messages to its receiver until the receiver is dropped: subscribes
+/// again whenever the connection is lost, and marks every place where messages may be missing
+/// with a [`Delivery::Gap`].
+async fn forward(client: redis::Client, channel: Vec<u8>, mut pubsub: PubSub, deliveries: mpsc::Sender<Delivery>) {
+    loop {
+        let mut messages = pubsub.into_on_message();
+        // Messages were dropped for want of room: a gap goes before the next one.
+        let mut dropped = false;
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = deliveries.closed() => return,
+            };
+            let Some(message) = message else { break };
+            if dropped && deliveries.try_send(Delivery::Gap).is_ok() {
+                dropped = false;
+            }
+            match deliveries.try_send(Delivery::Message(Bytes::copy_from_slice(message.get_payload_bytes()))) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => dropped = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+        pubsub = loop {
+            if deliveries.is_closed() {
+                return;
+            }
+            match RedisCache::subscribed(&client, &channel).await {
+                Ok(pubsub) => break pubsub,
+                Err(_) => tokio::time::sleep(SUBSCRIBE_RETRY).await,
+            }
+        };
+        if deliveries.send(Delivery::Gap).await.is_err() {
+            return;
         }
     }
 }
@@ -429,6 +487,28 @@ impl CacheStore for RedisCache {
             let count = if limit.count == usize::MAX { -1 } else { clamp(limit.count) };
             command.arg("LIMIT").arg(clamp(limit.offset)).arg(count).arg("WITHSCORES");
             scored(self.run(key, KeyType::SortedSet, &command).await?)
+        })
+    }
+
+    fn publish<'a>(&'a self, channel: &'a [u8], message: Bytes) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            check_key(channel)?;
+            check_value(&message)?;
+            let mut connection = self.connection.clone();
+            cmd("PUBLISH").arg(self.key(channel)).arg(message.as_ref()).query_async::<i64>(&mut connection).await.map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a [u8]) -> StoreFuture<'a, Subscription> {
+        Box::pin(async move {
+            check_key(channel)?;
+            let channel = self.key(channel);
+            let pubsub = RedisCache::subscribed(&self.client, &channel).await?;
+            let (deliveries, receiver) = mpsc::channel(CACHE_SUBSCRIBER_BUFFER);
+            tokio::spawn(forward(self.client.clone(), channel, pubsub, deliveries));
+            let stream = futures_util::stream::unfold(receiver, |mut receiver| async move { receiver.recv().await.map(|delivery| (delivery, receiver)) });
+            Ok(stream.boxed())
         })
     }
 }

@@ -14,6 +14,7 @@
 //! | counting: rate limits, quotas, sequence numbers | [`Cache::incr_by`]; [`Cache::incr_by_with_ttl`] for a fixed window that starts with its first hit | O(1) |
 //! | a small record of named fields: a session, a user's feature set | [`Cache::hset`] / [`Cache::hget`] / [`Cache::hincr_by`] | O(1) per field |
 //! | a ranking: leaderboards, top-N, time-ordered index by score | [`Cache::zadd`], [`Cache::zrank`], [`Cache::zrange`], [`Cache::zrange_by_score`] | O(log n); a range is O(log n + items) |
+//! | telling whoever listens now: invalidations, presence changes | [`Cache::publish`] / [`Cache::subscribe`] (fire and forget, as Redis's PUBLISH / SUBSCRIBE) | O(subscribers) |
 //!
 //! Counters are strings, as in Redis: `get` on a counter returns its decimal text, and
 //! `incr_by` on a string that holds a decimal integer works.
@@ -45,10 +46,11 @@
 //!
 //! # What is not here
 //!
-//! Lists, sets, streams, pub/sub, transactions and Lua; a byte-based memory bound; replication.
+//! Lists, sets, streams, pattern subscriptions, transactions and Lua; a byte-based memory bound; replication.
 //! Nothing here is async or touches the network: the Redis backend lives in `tributary-redis`.
 
 mod bench;
+mod channels;
 mod clock;
 mod error;
 mod shard;
@@ -71,6 +73,7 @@ use tributary_core::key_hash;
 use tributary_core::limits::{CACHE_COLLECTION_LEN_MAX, CACHE_SHARDS_DEFAULT, CACHE_SHARDS_MAX};
 
 pub use bench::{CacheBench, bench_cache};
+pub use channels::{Delivery, Subscription};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{CacheError, CacheResult};
 pub use snapshot::{LoadReport, SnapshotReport};
@@ -167,6 +170,7 @@ pub struct Cache {
     capacity: Capacity,
     clock: Arc<dyn Clock>,
     expire_cursor: AtomicUsize,
+    channels: channels::Channels,
 }
 
 impl fmt::Debug for Cache {
@@ -211,6 +215,7 @@ impl Cache {
             },
             clock,
             expire_cursor: AtomicUsize::new(0),
+            channels: channels::Channels::default(),
         }
     }
 
@@ -655,6 +660,23 @@ impl Cache {
                 other => Err(wrong_type(KeyType::SortedSet, other)),
             }
         })
+    }
+
+    /// Send `message` to every current subscriber of `channel`, at most once each; nothing is
+    /// kept for later subscribers. Returns how many subscribers there were.
+    pub fn publish(&self, channel: &[u8], message: impl Into<Bytes>) -> CacheResult<usize> {
+        let message = message.into();
+        check_key(channel)?;
+        check_value(&message)?;
+        Ok(self.channels.publish(channel, message))
+    }
+
+    /// The messages published to `channel` from now on ([`Delivery::Gap`] where a subscriber
+    /// that fell [`CACHE_SUBSCRIBER_BUFFER`](tributary_core::limits::CACHE_SUBSCRIBER_BUFFER)
+    /// behind skipped some). Channels are not keys: they hold nothing and never expire.
+    pub fn subscribe(&self, channel: &[u8]) -> CacheResult<Subscription> {
+        check_key(channel)?;
+        Ok(self.channels.subscribe(channel))
     }
 
     /// The absolute deadline `ttl` from now.

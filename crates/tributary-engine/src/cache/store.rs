@@ -16,7 +16,7 @@ use tributary_core::limits::{CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_
 
 use crate::{BoxFuture, Gap};
 
-use super::{Cache, CacheError, CacheResult, KeyType, Limit, Order, Ttl};
+use super::{Cache, CacheError, CacheResult, KeyType, Limit, Order, Subscription, Ttl};
 
 /// What the async methods of a `dyn CacheStore` return.
 pub type StoreFuture<'a, T> = BoxFuture<'a, CacheResult<T>>;
@@ -78,6 +78,13 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug {
         order: Order,
         limit: Limit,
     ) -> StoreFuture<'a, Vec<(Bytes, f64)>>;
+
+    /// Send `message` to every subscriber of `channel` (on every node that shares the cache),
+    /// at most once each; nothing is kept for later subscribers. Channels are not keys.
+    fn publish<'a>(&'a self, channel: &'a [u8], message: Bytes) -> StoreFuture<'a, ()>;
+    /// The messages published to `channel` once this has returned, in the order the cache took
+    /// them, with a [`Delivery::Gap`](super::Delivery::Gap) wherever some may have been missed.
+    fn subscribe<'a>(&'a self, channel: &'a [u8]) -> StoreFuture<'a, Subscription>;
 }
 
 /// [`CACHE_KEY_BYTES_MAX`], as every backend checks it.
@@ -225,5 +232,13 @@ impl CacheStore for Cache {
         limit: Limit,
     ) -> StoreFuture<'a, Vec<(Bytes, f64)>> {
         ready(Cache::zrange_by_score(self, key, min, max, order, limit))
+    }
+
+    fn publish<'a>(&'a self, channel: &'a [u8], message: Bytes) -> StoreFuture<'a, ()> {
+        ready(Cache::publish(self, channel, message).map(|_| ()))
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a [u8]) -> StoreFuture<'a, Subscription> {
+        ready(Cache::subscribe(self, channel))
     }
 }

@@ -8,8 +8,7 @@ use bytes::Bytes;
 use tributary_core::limits::{CACHE_KEY_BYTES_MAX, CACHE_MEMBER_BYTES_MAX, CACHE_VALUE_BYTES_MAX};
 
 use super::{CaseFuture, Report, ok, refused};
-use crate::cache::{CacheError, CacheResult, CacheStore, KeyType, Limit, Order, Ttl};
-
+use crate::cache::{CacheError, CacheResult, CacheStore, Delivery, KeyType, Limit, Order, Subscription, Ttl};
 
 /// One guarantee of the CacheStore interface.
 pub type Case = super::Case<dyn CacheStore, Keys>;
@@ -29,6 +28,7 @@ pub const CASES: &[Case] = &[
     Case { name: "sorted_sets", guarantee: "ranks, ranges by rank and by score with bounds, ties ordered by member bytes", run: sorted_sets },
     Case { name: "sorted_set_updates", guarantee: "zincr_by, zrem, NaN refused; removing the last member deletes the key", run: sorted_set_updates },
     Case { name: "atomic_increments", guarantee: "concurrent increments of one counter and one hash field lose no update", run: atomic_increments },
+    Case { name: "channels", guarantee: "a published message reaches every subscriber of its channel once, in order, and no one else; nothing is kept for later subscribers", run: channels },
 ];
 
 /// Runs every case against `store`, with keys under `namespace` (make it unique per run).
@@ -46,9 +46,6 @@ impl Keys {
         format!("{}{name}", self.prefix).into_bytes()
     }
 }
-
-
-
 
 
 fn b(s: &str) -> Bytes {
@@ -347,6 +344,50 @@ fn atomic_increments(s: &dyn CacheStore, k: Keys) -> CaseFuture<'_> {
         check_eq!(ok(s.hget(&hash, b"f").await, "hget")?, Some(Bytes::from((2 * TASKS * EACH).to_string())));
         ok(s.del(&counter).await, "del")?;
         ok(s.del(&hash).await, "del")?;
+        Ok(())
+    })
+}
+
+/// How long a subscriber waits for a message the case published.
+const DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// The next delivery of `subscription`, or an error naming `what` after DELIVERY_WAIT.
+async fn next(subscription: &mut Subscription, what: &str) -> Result<Delivery, String> {
+    use futures_util::StreamExt;
+    match tokio::time::timeout(DELIVERY_WAIT, subscription.next()).await {
+        Ok(Some(delivery)) => Ok(delivery),
+        Ok(None) => Err(format!("{what}: the subscription ended")),
+        Err(_) => Err(format!("{what}: nothing within {DELIVERY_WAIT:?}")),
+    }
+}
+
+fn channels(s: &dyn CacheStore, k: Keys) -> CaseFuture<'_> {
+    Box::pin(async move {
+        let (news, other) = (k.key("news"), k.key("other"));
+        ok(s.publish(&news, b("before anyone listened")).await, "publish with no subscriber")?;
+        let mut first = ok(s.subscribe(&news).await, "subscribe")?;
+        let mut second = ok(s.subscribe(&news).await, "subscribe again")?;
+        let mut elsewhere = ok(s.subscribe(&other).await, "subscribe to another channel")?;
+        let messages: Vec<Bytes> = (0..20).map(|i| b(&format!("m{i}"))).collect();
+        for message in &messages {
+            ok(s.publish(&news, message.clone()).await, "publish")?;
+        }
+        ok(s.publish(&other, b("elsewhere")).await, "publish to the other channel")?;
+        for subscription in [&mut first, &mut second] {
+            for message in &messages {
+                check_eq!(next(subscription, "a subscriber of the channel").await?, Delivery::Message(message.clone()));
+            }
+        }
+        // The other channel's subscriber gets its one message and nothing of the first channel.
+        check_eq!(next(&mut elsewhere, "the other channel's subscriber").await?, Delivery::Message(b("elsewhere")));
+        let big = Bytes::from(vec![b'v'; CACHE_VALUE_BYTES_MAX + 1]);
+        refused(s.publish(&news, big).await, "a message over CACHE_VALUE_BYTES_MAX", |e| matches!(e, CacheError::ValueTooLarge { .. }))?;
+        // One subscriber gone: the other still gets what follows, and the refused message never
+        // came.
+        drop(first);
+        ok(s.publish(&news, b("after one left")).await, "publish after one subscriber left")?;
+        check_eq!(next(&mut second, "the remaining subscriber").await?, Delivery::Message(b("after one left")));
+        check!(!ok(s.exists(&news).await, "exists")?, "a channel is not a key");
         Ok(())
     })
 }
