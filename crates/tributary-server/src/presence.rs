@@ -12,13 +12,30 @@
 //!
 //! **Across nodes.** [`Presence::shared`] also publishes this node's counts to a cache every node
 //! shares (Redis): per scope and per user, a sorted set of `<node>/<user>` members scored by
-//! when they expire, and a hash of their connection counts. A background task writes each change
-//! (the count as it is when written, so writes are idempotent) and renews
+//! when they expire, and a hash of their connection counts. A background writer writes each
+//! change (the count as it is when written, so writes are idempotent) and renews
 //! every member each [`PRESENCE_REFRESH`]; a member not renewed for [`PRESENCE_TTL`] (its node
 //! died) is no longer counted and is removed by the next read. [`Presence::members`] and
 //! [`Presence::user_connections`] then read the cache (after writing this node's pending
-//! changes, so a node reads its own joins back), and every node answers for all. Events and
-//! [`Presence::stats`] stay this node's own.
+//! changes, so a node reads its own joins back), and every node answers for all.
+//!
+//! Events are global too: the first connection of a user in a scope on any node makes one join,
+//! the last one gone from every node makes one leave, and every node's receivers hear both.
+//! - Each node registers itself in `<prefix>nodes` (a sorted set scored by expiry, renewed each
+//!   [`PRESENCE_REFRESH`]) and lists the (scope, user) pairs it holds in `<prefix>n/<node>`.
+//! - When a pair starts or stops being held on a node, its writer updates that list, then
+//!   announces the change on the cache channel `<prefix>events`. Changes that come and go
+//!   between two writes are not announced.
+//! - Every node follows the channel and keeps which other nodes hold each pair. An event fires
+//!   where a pair goes from held nowhere to held somewhere, or back. A node's own joins and
+//!   leaves count at once; another node's count once its announcement arrives (milliseconds).
+//! - A node whose registration expired (it died) is dropped from every pair by each node's
+//!   sweep, every [`PRESENCE_REFRESH`]: its users' leaves fire up to [`PRESENCE_TTL`] plus a
+//!   refresh after the death.
+//! - At start and after a gap in the channel (a lost connection to the cache, a follower that
+//!   fell behind), a node reads every live node's list again and fires the differences.
+//!
+//! [`Presence::stats`] stays this node's own.
 //!
 //! What is not here: persistence (presence is the state of live connections, gone on restart by
 //! definition), and any wire format.
@@ -31,21 +48,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde::Serialize;
-use tokio::sync::{Notify, broadcast};
-use tributary_engine::cache::{CacheError, CacheStore, Limit, Order};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, oneshot};
+use tributary_engine::cache::{CacheError, CacheStore, Delivery, Limit, Order};
 
 /// Presence events buffered for receivers before a slow one is told it lagged.
 pub const PRESENCE_EVENTS_BUFFER: usize = 4096;
 /// Most members one [`Presence::members`] call returns.
 pub const PRESENCE_MEMBERS_PAGE_MAX: usize = 10_000;
-/// How often a node renews its members in a shared cache.
+/// How often a node renews its members in a shared cache, and looks for nodes that died.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
 /// How long a member in a shared cache counts without being renewed (its node stopped).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30);
 /// Counts the writer sends to the shared cache at once.
 pub const PRESENCE_WRITES_IN_FLIGHT: usize = 64;
-/// How long the writer waits before it tries again after the shared cache failed.
+/// How long the writer and the follower wait before they try again after the shared cache failed.
 pub const PRESENCE_RETRY: Duration = Duration::from_millis(500);
 
 /// Who is present, per scope and in all.
@@ -60,18 +77,40 @@ struct Inner {
     shared: Option<Shared>,
 }
 
+impl Inner {
+    /// Tell the receivers (none listening is fine).
+    fn send(&self, events: impl IntoIterator<Item = PresenceEvent>) {
+        for event in events {
+            let _ = self.events.send(event);
+        }
+    }
+}
+
+/// How often a shared presence renews, and how long what it wrote lasts.
+#[derive(Clone, Copy)]
+struct Timing {
+    refresh: Duration,
+    ttl: Duration,
+}
+
 /// This node's part of a presence shared through a cache.
 struct Shared {
     cache: Arc<dyn CacheStore>,
     /// `presence/<name>/`: keys are `<prefix>s/<scope>` and `<prefix>u/<user>` (sorted sets),
-    /// each with its counts in the hash `<key>/n`.
+    /// each with its counts in the hash `<key>/n`; `<prefix>nodes` (the registry),
+    /// `<prefix>n/<node>` (the pairs a node holds) and the channel `<prefix>events`.
     prefix: String,
-    node: String,
+    node: Arc<str>,
+    timing: Timing,
     /// Counts changed since the last write.
     dirty: Mutex<HashSet<Counted>>,
-    /// Held by a flush.
-    writing: tokio::sync::Mutex<()>,
+    /// The (scope, user) pairs this node last announced it holds.
+    announced: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// Held by a flush; holds whether this node is registered (it is before it announces).
+    writing: tokio::sync::Mutex<bool>,
     wake: Arc<Notify>,
+    /// Dropped with the presence, which stops the follower.
+    _stop: oneshot::Sender<()>,
 }
 
 /// A count this node publishes: one user's connections in one scope, or in all.
@@ -81,6 +120,19 @@ enum Counted {
     User(Arc<str>),
 }
 
+/// What a node announces on the presence channel: it now holds connections of `user` in
+/// `scope`, or no longer does.
+#[derive(Serialize, Deserialize)]
+struct Announcement {
+    node: String,
+    scope: String,
+    user: String,
+    present: bool,
+}
+
+/// (scope, user) → the other nodes that hold connections of the user in the scope.
+type Remote = HashMap<(Arc<str>, Arc<str>), HashSet<Arc<str>>>;
+
 #[derive(Default)]
 struct State {
     /// scope → user → connections.
@@ -88,6 +140,49 @@ struct State {
     /// user → connections, whatever their scopes.
     users: HashMap<Arc<str>, u32>,
     connections: usize,
+    /// Shared presence: where other nodes hold connections.
+    remote: Remote,
+}
+
+impl State {
+    fn local(&self, scope: &str, user: &str) -> u32 {
+        self.scopes.get(scope).and_then(|users| users.get(user)).copied().unwrap_or(0)
+    }
+
+    /// Another node holds `user` in `scope`, or stopped holding them: the event, when that
+    /// changes whether the user is present there at all.
+    fn remote_change(&mut self, node: Arc<str>, scope: Arc<str>, user: Arc<str>, present: bool) -> Option<PresenceEvent> {
+        let key = (scope, user);
+        let change = if present {
+            let nodes = self.remote.entry(key.clone()).or_default();
+            let first = nodes.is_empty();
+            nodes.insert(node);
+            first.then_some(PresenceChange::Join)?
+        } else {
+            let nodes = self.remote.get_mut(&key)?;
+            if !nodes.remove(&node) || !nodes.is_empty() {
+                return None;
+            }
+            self.remote.remove(&key);
+            PresenceChange::Leave
+        };
+        (self.local(&key.0, &key.1) == 0).then(|| PresenceEvent { scope: key.0, user: key.1, event: change })
+    }
+
+    /// Replace what other nodes hold by `fresh`: the events of every pair that is present now
+    /// and was not, or the other way round.
+    fn replace_remote(&mut self, fresh: Remote) -> Vec<PresenceEvent> {
+        let old = std::mem::replace(&mut self.remote, fresh);
+        let mut events = Vec::new();
+        for ((scope, user), change) in old.keys().filter(|key| !self.remote.contains_key(*key)).map(|key| (key, PresenceChange::Leave)).chain(
+            self.remote.keys().filter(|key| !old.contains_key(*key)).map(|key| (key, PresenceChange::Join)),
+        ) {
+            if self.local(scope, user) == 0 {
+                events.push(PresenceEvent { scope: scope.clone(), user: user.clone(), event: change });
+            }
+        }
+        events
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -164,14 +259,29 @@ impl Presence {
     }
 
     /// Presence shared with every node that uses `cache` under the same `name` (the system's
-    /// id). Starts this node's writer on the current tokio runtime; it stops once the presence
-    /// is dropped.
+    /// id). Starts this node's writer and follower on the current tokio runtime; they stop once
+    /// the presence is dropped.
     pub fn shared(cache: Arc<dyn CacheStore>, name: &str) -> Presence {
+        Presence::shared_timed(cache, name, Timing { refresh: PRESENCE_REFRESH, ttl: PRESENCE_TTL })
+    }
+
+    fn shared_timed(cache: Arc<dyn CacheStore>, name: &str, timing: Timing) -> Presence {
         let (events, _) = broadcast::channel(PRESENCE_EVENTS_BUFFER);
-        let node = format!("{:016x}", tributary_core::unique_u64());
-        let shared = Shared { cache, prefix: format!("presence/{name}/"), node, dirty: Mutex::new(HashSet::new()), writing: tokio::sync::Mutex::new(()), wake: Arc::new(Notify::new()) };
+        let (stop, stopped) = oneshot::channel();
+        let shared = Shared {
+            cache,
+            prefix: format!("presence/{name}/"),
+            node: Arc::from(format!("{:016x}", tributary_core::unique_u64())),
+            timing,
+            dirty: Mutex::new(HashSet::new()),
+            announced: Mutex::new(HashSet::new()),
+            writing: tokio::sync::Mutex::new(false),
+            wake: Arc::new(Notify::new()),
+            _stop: stop,
+        };
         let presence = Presence { inner: Arc::new(Inner { state: Mutex::new(State::default()), events, shared: Some(shared) }) };
         tokio::spawn(write_shared(Arc::downgrade(&presence.inner)));
+        tokio::spawn(follow_shared(Arc::downgrade(&presence.inner), stopped));
         presence
     }
 
@@ -200,7 +310,8 @@ impl Presence {
         let mut held = Vec::with_capacity(unique.len());
         let mut joined = Vec::new();
         {
-            let mut state = self.inner.state.lock();
+            let mut guard = self.inner.state.lock();
+            let state = &mut *guard;
             state.connections += 1;
             *state.users.entry(user.clone()).or_default() += 1;
             for scope in unique {
@@ -211,23 +322,22 @@ impl Presence {
                 let members = state.scopes.entry(key.clone()).or_default();
                 let count = members.entry(user.clone()).or_default();
                 *count += 1;
-                if *count == 1 {
-                    joined.push(key.clone());
+                if *count == 1 && !state.remote.contains_key(&(key.clone(), user.clone())) {
+                    joined.push(PresenceEvent { scope: key.clone(), user: user.clone(), event: PresenceChange::Join });
                 }
                 held.push(key);
             }
         }
         self.changed(&user, &held);
-        for scope in joined {
-            let _ = self.inner.events.send(PresenceEvent { scope, user: user.clone(), event: PresenceChange::Join });
-        }
+        self.inner.send(joined);
         PresenceGuard { presence: self.clone(), user, scopes: held }
     }
 
     fn leave(&self, user: &Arc<str>, scopes: &[Arc<str>]) {
         let mut left = Vec::new();
         {
-            let mut state = self.inner.state.lock();
+            let mut guard = self.inner.state.lock();
+            let state = &mut *guard;
             state.connections = state.connections.saturating_sub(1);
             if let Some(n) = state.users.get_mut(user) {
                 *n -= 1;
@@ -241,7 +351,9 @@ impl Presence {
                     *n -= 1;
                     if *n == 0 {
                         members.remove(user);
-                        left.push(scope.clone());
+                        if !state.remote.contains_key(&(scope.clone(), user.clone())) {
+                            left.push(PresenceEvent { scope: scope.clone(), user: user.clone(), event: PresenceChange::Leave });
+                        }
                     }
                 }
                 if members.is_empty() {
@@ -250,9 +362,7 @@ impl Presence {
             }
         }
         self.changed(user, scopes);
-        for scope in left {
-            let _ = self.inner.events.send(PresenceEvent { scope, user: user.clone(), event: PresenceChange::Leave });
-        }
+        self.inner.send(left);
     }
 
     /// The members of `scope` (sorted by user, at most `limit`, capped at
@@ -312,11 +422,28 @@ impl Shared {
         format!("{}u/{user}", self.prefix)
     }
 
+    fn registry_key(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    fn held_key(&self, node: &str) -> String {
+        format!("{}n/{node}", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
     fn member(&self, user: &str) -> String {
         format!("{}/{user}", self.node)
     }
 
-    /// Publish this node's count of `user` under `key` (0 removes it), valid for PRESENCE_TTL.
+    /// A score `timing.ttl` from now.
+    fn deadline(&self) -> f64 {
+        now_ms() + self.timing.ttl.as_millis() as f64
+    }
+
+    /// Publish this node's count of `user` under `key` (0 removes it), valid for the TTL.
     async fn write(&self, key: &str, user: &str, count: u32) -> Result<(), CacheError> {
         let (member, counts) = (self.member(user), format!("{key}/n"));
         if count == 0 {
@@ -325,27 +452,78 @@ impl Shared {
             return Ok(());
         }
         self.cache.hset(counts.as_bytes(), member.as_bytes(), Bytes::from(count.to_string())).await?;
-        self.cache.zadd(key.as_bytes(), member.as_bytes(), now_ms() + PRESENCE_TTL.as_millis() as f64).await?;
-        self.cache.expire(counts.as_bytes(), PRESENCE_TTL).await?;
-        self.cache.expire(key.as_bytes(), PRESENCE_TTL).await?;
+        self.cache.zadd(key.as_bytes(), member.as_bytes(), self.deadline()).await?;
+        self.cache.expire(counts.as_bytes(), self.timing.ttl).await?;
+        self.cache.expire(key.as_bytes(), self.timing.ttl).await?;
         Ok(())
     }
 
-    /// Write every changed count (what failed stays marked, and the first error is returned).
-    /// Flushes run one at a time and each writes the count as it is when written, so the last
-    /// write of a count is never older than its last change.
+    /// Register this node (or renew it) and the list of what it holds, for the TTL. A node
+    /// found missing from the registry (its renewal came too late, and another node swept it
+    /// out with its list) announces everything it holds again.
+    async fn register(&self) -> Result<(), CacheError> {
+        let registry = self.registry_key();
+        if self.cache.zadd(registry.as_bytes(), self.node.as_bytes(), self.deadline()).await? {
+            self.announced.lock().clear();
+        }
+        self.cache.expire(registry.as_bytes(), self.timing.ttl).await?;
+        self.cache.expire(self.held_key(&self.node).as_bytes(), self.timing.ttl).await?;
+        Ok(())
+    }
+
+    /// When this node starts or stops holding `user` in `scope`: update its list, then
+    /// announce it.
+    async fn announce(&self, scope: &Arc<str>, user: &Arc<str>, present: bool) -> Result<(), CacheError> {
+        let pair = (scope.clone(), user.clone());
+        if self.announced.lock().contains(&pair) == present {
+            return Ok(());
+        }
+        let (held, field) = (self.held_key(&self.node), held_field(scope, user));
+        if present {
+            self.cache.hset(held.as_bytes(), &field, Bytes::from_static(b"1")).await?;
+        } else {
+            self.cache.hdel(held.as_bytes(), &field).await?;
+        }
+        let announcement = Announcement { node: self.node.to_string(), scope: scope.to_string(), user: user.to_string(), present };
+        self.cache.publish(self.channel().as_bytes(), Bytes::from(serde_json::to_vec(&announcement).expect("an announcement serializes"))).await?;
+        let mut announced = self.announced.lock();
+        if present {
+            announced.insert(pair);
+        } else {
+            announced.remove(&pair);
+        }
+        Ok(())
+    }
+
+    /// Write every changed count, and announce the pairs this node started or stopped holding
+    /// (what failed stays marked, and the first error is returned). Flushes run one at a time
+    /// and each writes the count as it is when written, so the last write of a count is never
+    /// older than its last change.
     async fn flush(&self, state: &Mutex<State>) -> Result<(), CacheError> {
-        let _one_at_a_time = self.writing.lock().await;
+        let mut registered = self.writing.lock().await;
+        if !*registered {
+            self.register().await?;
+            *registered = true;
+        }
         let batch: Vec<Counted> = self.dirty.lock().drain().collect();
         let writes = batch.into_iter().map(|counted| {
             let (key, user, count) = {
                 let state = state.lock();
                 match &counted {
                     Counted::User(user) => (self.user_key(user), user.clone(), state.users.get(user).copied().unwrap_or(0)),
-                    Counted::Scope(scope, user) => (self.scope_key(scope), user.clone(), state.scopes.get(scope).and_then(|users| users.get(user)).copied().unwrap_or(0)),
+                    Counted::Scope(scope, user) => (self.scope_key(scope), user.clone(), state.local(scope, user)),
                 }
             };
-            async move { self.write(&key, &user, count).await.map_err(|error| (counted, error)) }
+            async move {
+                let written = match &counted {
+                    Counted::User(_) => self.write(&key, &user, count).await,
+                    Counted::Scope(scope, _) => match self.write(&key, &user, count).await {
+                        Ok(()) => self.announce(scope, &user, count > 0).await,
+                        Err(error) => Err(error),
+                    },
+                };
+                written.map_err(|error| (counted, error))
+            }
         });
         let results: Vec<_> = futures_util::stream::iter(writes).buffer_unordered(PRESENCE_WRITES_IN_FLIGHT).collect().await;
         let mut first = None;
@@ -379,24 +557,95 @@ impl Shared {
         }
         Ok(users)
     }
+
+    /// The other nodes whose registration is live; the expired ones are removed with their lists.
+    async fn live_nodes(&self) -> Result<HashSet<Arc<str>>, CacheError> {
+        let (registry, now) = (self.registry_key(), now_ms());
+        let expired = self.cache.zrange_by_score(registry.as_bytes(), Bound::Unbounded, Bound::Excluded(now), Order::Asc, Limit::ALL).await?;
+        for (node, _) in expired {
+            self.cache.zrem(registry.as_bytes(), &node).await?;
+            self.cache.del(self.held_key(&String::from_utf8_lossy(&node)).as_bytes()).await?;
+        }
+        let live = self.cache.zrange_by_score(registry.as_bytes(), Bound::Included(now), Bound::Unbounded, Order::Asc, Limit::ALL).await?;
+        Ok(live.into_iter().map(|(node, _)| Arc::from(String::from_utf8_lossy(&node).as_ref())).filter(|node: &Arc<str>| *node != self.node).collect())
+    }
+
+    /// What every other live node holds, read from their lists: the events of what changed.
+    async fn resync(&self, state: &Mutex<State>) -> Result<Vec<PresenceEvent>, CacheError> {
+        let mut fresh = Remote::new();
+        for node in self.live_nodes().await? {
+            for (field, _) in self.cache.hgetall(self.held_key(&node).as_bytes()).await? {
+                let Ok((scope, user)) = serde_json::from_slice::<(String, String)>(&field) else { continue };
+                fresh.entry((Arc::from(scope), Arc::from(user))).or_default().insert(node.clone());
+            }
+        }
+        Ok(state.lock().replace_remote(fresh))
+    }
+
+    /// Forget the nodes that died: the events of the users that were present only there.
+    async fn sweep(&self, state: &Mutex<State>) -> Result<Vec<PresenceEvent>, CacheError> {
+        let live = self.live_nodes().await?;
+        let mut state = state.lock();
+        if state.remote.values().flatten().all(|node| live.contains(node)) {
+            return Ok(Vec::new());
+        }
+        let mut fresh = state.remote.clone();
+        fresh.retain(|_, nodes| {
+            nodes.retain(|node| live.contains(node));
+            !nodes.is_empty()
+        });
+        Ok(state.replace_remote(fresh))
+    }
+
+    /// Apply one node's announcement (this node's own are skipped: it counts its own at once).
+    fn apply(&self, state: &Mutex<State>, message: &[u8]) -> Option<PresenceEvent> {
+        let announcement: Announcement = match serde_json::from_slice(message) {
+            Ok(announcement) => announcement,
+            Err(error) => {
+                tracing::warn!(%error, "an unreadable presence announcement is skipped");
+                return None;
+            }
+        };
+        if *announcement.node == *self.node {
+            return None;
+        }
+        state.lock().remote_change(Arc::from(announcement.node), Arc::from(announcement.scope), Arc::from(announcement.user), announcement.present)
+    }
 }
 
-/// A node's writer of shared presence: writes changed counts as they come, renews every count
-/// each PRESENCE_REFRESH, and retries what failed; stops once the presence is gone.
+/// A (scope, user) pair as a field of a node's list.
+fn held_field(scope: &str, user: &str) -> Vec<u8> {
+    serde_json::to_vec(&(scope, user)).expect("two strings serialize")
+}
+
+/// A node's writer of shared presence: registers the node and renews it with every count each
+/// refresh, writes changed counts as they come, and retries what failed; stops once the
+/// presence is gone.
 async fn write_shared(presence: Weak<Inner>) {
-    let mut renewed = tokio::time::Instant::now();
+    let mut renewed: Option<tokio::time::Instant> = None;
     loop {
         let Some(inner) = presence.upgrade() else { return };
         let shared = inner.shared.as_ref().expect("the writer runs for shared presence");
-        let wake = shared.wake.clone();
-        if renewed.elapsed() >= PRESENCE_REFRESH {
-            renewed = tokio::time::Instant::now();
-            let state = inner.state.lock();
-            let mut dirty = shared.dirty.lock();
-            dirty.extend(state.users.keys().map(|user| Counted::User(user.clone())));
-            dirty.extend(state.scopes.iter().flat_map(|(scope, users)| users.keys().map(|user| Counted::Scope(scope.clone(), user.clone()))));
-        }
-        let retry = match shared.flush(&inner.state).await {
+        let (wake, refresh) = (shared.wake.clone(), shared.timing.refresh);
+        let due = renewed.is_none_or(|at| at.elapsed() >= refresh);
+        let written = if due {
+            match shared.register().await {
+                Ok(()) => {
+                    renewed = Some(tokio::time::Instant::now());
+                    {
+                        let state = inner.state.lock();
+                        let mut dirty = shared.dirty.lock();
+                        dirty.extend(state.users.keys().map(|user| Counted::User(user.clone())));
+                        dirty.extend(state.scopes.iter().flat_map(|(scope, users)| users.keys().map(|user| Counted::Scope(scope.clone(), user.clone()))));
+                    }
+                    shared.flush(&inner.state).await
+                }
+                Err(error) => Err(error),
+            }
+        } else {
+            shared.flush(&inner.state).await
+        };
+        let retry = match written {
             Ok(()) => false,
             Err(error) => {
                 tracing::warn!(%error, "writing presence to the shared cache failed; retrying");
@@ -404,11 +653,80 @@ async fn write_shared(presence: Weak<Inner>) {
             }
         };
         drop(inner);
-        let pause = if retry { PRESENCE_RETRY } else { PRESENCE_REFRESH.saturating_sub(renewed.elapsed()) };
+        let pause = match renewed {
+            Some(at) if !retry => refresh.saturating_sub(at.elapsed()),
+            _ => PRESENCE_RETRY,
+        };
         tokio::select! {
             _ = wake.notified(), if !retry => {}
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// A node's follower of shared presence: reads the other nodes' lists, then applies their
+/// announcements as they come and sweeps out dead nodes each refresh; reads the lists again
+/// after a gap. Stops once the presence is gone.
+async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>) {
+    let Some((mut subscription, refresh)) = (async {
+        loop {
+            let inner = presence.upgrade()?;
+            let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+            match shared.cache.subscribe(shared.channel().as_bytes()).await {
+                Ok(subscription) => return Some((subscription, shared.timing.refresh)),
+                Err(error) => tracing::warn!(%error, "subscribing to presence announcements failed; retrying"),
+            }
+            drop(inner);
+            tokio::time::sleep(PRESENCE_RETRY).await;
+        }
+    })
+    .await
+    else {
+        return;
+    };
+    let mut sweeps = tokio::time::interval(refresh);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = true;
+    loop {
+        if resync {
+            let Some(inner) = presence.upgrade() else { return };
+            let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+            match shared.resync(&inner.state).await {
+                Ok(events) => {
+                    inner.send(events);
+                    resync = false;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading shared presence failed; retrying");
+                    drop(inner);
+                    tokio::time::sleep(PRESENCE_RETRY).await;
+                    continue;
+                }
+            }
+        }
+        let next = tokio::select! {
+            delivery = subscription.next() => Some(delivery),
+            _ = sweeps.tick() => None,
+            _ = &mut stopped => return,
+        };
+        let Some(inner) = presence.upgrade() else { return };
+        let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+        let events = match next {
+            Some(Some(Delivery::Message(message))) => shared.apply(&inner.state, &message).into_iter().collect(),
+            Some(Some(Delivery::Gap)) => {
+                resync = true;
+                Vec::new()
+            }
+            Some(None) => {
+                tracing::warn!("the presence announcements' subscription ended; this node hears no other node's joins and leaves");
+                return;
+            }
+            None => shared.sweep(&inner.state).await.unwrap_or_else(|error| {
+                tracing::warn!(%error, "looking for dead nodes in shared presence failed");
+                Vec::new()
+            }),
+        };
+        inner.send(events);
     }
 }
 
@@ -462,13 +780,105 @@ mod tests {
         drop(guards);
     }
 
+    /// The next event a node's receiver hears, as (scope, user, change).
+    async fn next(events: &mut broadcast::Receiver<PresenceEvent>) -> (String, String, PresenceChange) {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("an event within 10 s").expect("no event missed");
+        (event.scope.to_string(), event.user.to_string(), event.event)
+    }
+
+    fn heard(user: &str, event: PresenceChange) -> (String, String, PresenceChange) {
+        ("room".into(), user.into(), event)
+    }
+
+    /// Join and leave events across three nodes on one `cache`: the first connection anywhere
+    /// is one join on every node, the last one gone from every node is one leave, and a node
+    /// that dies without a word leaves once its registration expires.
+    async fn events_are_global(cache: Arc<dyn CacheStore>) {
+        use PresenceChange::{Join, Leave};
+        let timing = Timing { refresh: Duration::from_millis(100), ttl: Duration::from_millis(500) };
+        let (a, b) = (Presence::shared_timed(cache.clone(), "sys", timing), Presence::shared_timed(cache.clone(), "sys", timing));
+        let (mut on_a, mut on_b) = (a.subscribe(), b.subscribe());
+        let room = scopes(&["room"]);
+
+        let alice_a = a.join("alice", &room);
+        assert_eq!(next(&mut on_a).await, heard("alice", Join));
+        assert_eq!(next(&mut on_b).await, heard("alice", Join));
+
+        // Alice's second connection, on b, makes no event anywhere: the next thing both hear is
+        // a marker joined after it (a read writes the node's changes, announcements included).
+        let alice_b = b.join("alice", &room);
+        b.members("room", 1).await.unwrap();
+        let marker = b.join("marker-1", &room);
+        assert_eq!(next(&mut on_a).await, heard("marker-1", Join));
+        assert_eq!(next(&mut on_b).await, heard("marker-1", Join));
+
+        // Her connection on a goes: she is still on b, so no leave.
+        drop(alice_a);
+        a.members("room", 1).await.unwrap();
+        let marker_a = a.join("marker-2", &room);
+        assert_eq!(next(&mut on_a).await, heard("marker-2", Join));
+        assert_eq!(next(&mut on_b).await, heard("marker-2", Join));
+
+        // Her last connection goes: one leave on each node.
+        drop(alice_b);
+        assert_eq!(next(&mut on_b).await, heard("alice", Leave));
+        assert_eq!(next(&mut on_a).await, heard("alice", Leave));
+        drop((marker, marker_a));
+        for events in [&mut on_a, &mut on_b] {
+            let mut left = vec![next(events).await, next(events).await];
+            left.sort_by(|x, y| x.1.cmp(&y.1));
+            assert_eq!(left, vec![heard("marker-1", Leave), heard("marker-2", Leave)]);
+        }
+
+        // A third node on a runtime of its own holds dave, then its runtime is dropped (its
+        // writer and follower are gone, as in a killed process): the other nodes hear dave
+        // leave once its registration expires.
+        let cache_c = cache.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let c = Presence::shared_timed(cache_c, "sys", timing);
+                let dave = c.join("dave", &scopes(&["room"]));
+                c.members("room", 1).await.unwrap();
+                std::mem::forget(dave);
+                std::mem::forget(c);
+            });
+        })
+        .join()
+        .unwrap();
+        for events in [&mut on_a, &mut on_b] {
+            assert_eq!(next(events).await, heard("dave", Join));
+        }
+        let died = std::time::Instant::now();
+        for events in [&mut on_a, &mut on_b] {
+            assert_eq!(next(events).await, heard("dave", Leave));
+        }
+        assert!(died.elapsed() < Duration::from_secs(5), "dave left {:?} after his node died", died.elapsed());
+        assert_eq!(a.members("room", 10).await.unwrap().users, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_are_global_on_a_shared_embedded_cache() {
+        events_are_global(Arc::new(tributary_engine::cache::Cache::default())).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_are_global_on_redis() {
+        events_are_global(Arc::new(redis_cache().await)).await;
+    }
+
+    /// A cache on the machine's Redis (127.0.0.1:6379, or `TRIBUTARY_TEST_REDIS_URL`), under a
+    /// namespace of its own.
+    async fn redis_cache() -> tributary_redis::RedisCache {
+        let url = std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let namespace = format!("t-presence-{}-{}", tributary_core::unique_u64(), now_ms() as u64);
+        tributary_redis::RedisCache::connect(&url, &namespace).await.expect("Redis on 127.0.0.1:6379 (.ci/services starts it)")
+    }
+
     /// Two nodes' presence on the machine's Redis (127.0.0.1:6379, or `TRIBUTARY_TEST_REDIS_URL`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shared_presence_counts_every_node_and_not_a_dead_one() {
-        let url = std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let namespace = format!("t-presence-{}-{}", std::process::id(), now_ms() as u64);
-        let cache = tributary_redis::RedisCache::connect(&url, &namespace).await.expect("Redis on 127.0.0.1:6379 (.ci/services starts it)");
-        let cache: Arc<dyn CacheStore> = Arc::new(cache);
+        let cache: Arc<dyn CacheStore> = Arc::new(redis_cache().await);
         let (a, b) = (Presence::shared(cache.clone(), "sys"), Presence::shared(cache.clone(), "sys"));
         assert!(a.is_shared());
         let alice_a = a.join("alice", &scopes(&["room"]));

@@ -4,8 +4,8 @@
 //!   their dedup ids, so a retry stores nothing twice), and every message a node acknowledged
 //!   (201) is received afterwards: nothing acknowledged is lost, and the surviving node serves on.
 //! - realtime-notifications, with `--cache` on Redis: presence counts the connections of both
-//!   nodes, and a client of the killed node reconnects to the other with its last token and gets
-//!   exactly what it missed.
+//!   nodes, a watcher on one node hears a user join through the other, and a client of the
+//!   killed node reconnects to the other with its last token and gets exactly what it missed.
 //!
 //! - email-queue-system, with `--db` on PostgreSQL, behind the balancer under send load: every
 //!   email a node accepted (202) before or after the kill is handed to the SMTP relay once one is
@@ -344,8 +344,20 @@ async fn a_notifications_client_of_a_killed_node_resumes_on_the_other_exactly() 
     let (_dirs, ports, mut nodes) = two_nodes(&namespace, &["--cache", &redis_url()]).await;
     let client = reqwest::Client::new();
 
+    // Carol watches presence through node 1: she hears alice join through node 0 as well.
+    let mut carol = Listener::connect(ports[1], "user=carol&topics=news&presence=true").await;
     let mut alice = Listener::connect(ports[0], "user=alice&topics=news").await;
     let mut bob = Listener::connect(ports[1], "user=bob&topics=news").await;
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let frame = Listener::next(&mut carol.stream).await;
+        if !frame["presence"].is_null() {
+            heard.push(frame["presence"].clone());
+        }
+    }
+    heard.sort_by_key(|event| event["user"].as_str().unwrap().to_string());
+    assert_eq!(heard, vec![json!({"topic": "news", "user": "alice", "event": "join"}), json!({"topic": "news", "user": "bob", "event": "join"})], "joins through either node");
+    drop(carol);
     for port in ports {
         let news = presence_until(&client, port, "/v1/notifications/presence/news", |news| news["users"] == 2).await;
         assert_eq!(news["members"], json!([{"user": "alice", "connections": 1}, {"user": "bob", "connections": 1}]));

@@ -82,7 +82,8 @@
 //! log. A batch of sends spanning channels of several partitions is one proposal per partition,
 //! each all or nothing (the default is one partition). The typing rate limit counts the
 //! indicators of every node once this node's follower has read them (two sent through two nodes
-//! within that lag, milliseconds, both pass). Presence join and leave events are each node's own.
+//! within that lag, milliseconds, both pass). Presence join and leave events are every node's
+//! with a shared cache (`--cache`), each node's own without one.
 //!
 //! **What it does not do.** Threads, reactions, attachments, mobile push, group DMs of more than
 //! two, per-user signed identities (the platform's API tokens guard who may call at all; behind

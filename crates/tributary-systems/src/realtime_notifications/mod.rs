@@ -72,8 +72,8 @@
 //! connections, `GET /v1/notifications/users/{user}` says whether a user is online, and a
 //! connection opened with `presence=true` receives join/leave events of its topics. With a
 //! cache the nodes share (`tributary up --cache redis://…`), the counts are every node's (each
-//! node writes its own to Redis, renewed while it lives); events are of this node's
-//! connections.
+//! node writes its own to Redis, renewed while it lives), and so are the events: a user's first
+//! connection on any node is their join, their last one gone from every node their leave.
 //!
 //! **Identity.** A connection names its user with `?user=` or the `Tributary-User` header. The
 //! platform's API tokens (Bearer, or `?access_token=` for browsers) guard who may connect at all;
