@@ -50,8 +50,8 @@ enum Bench {
     Engine(EngineCommand),
     /// The work queue: publish and per-message acks with several consumers.
     Queue(Json<QueueArgs>),
-    /// One stream and queue workload through the engine's interfaces, embedded and (with
-    /// --nats URL) on NATS JetStream, side by side.
+    /// One stream, queue and cache workload through the engine's interfaces, embedded and (with
+    /// --nats URL, --redis URL) on NATS JetStream and Redis, side by side.
     Backends(Json<BackendsArgs>),
     /// The subscription trie: memory and match latency with many wildcard subscriptions.
     Subscriptions(Json<SubscriptionsArgs>),

@@ -1,6 +1,7 @@
 //! `tributary bench backends`: one workload through the engine's interfaces ([`StreamStore`],
-//! [`QueueStore`]) on the embedded engine and, with `--nats URL`, on NATS JetStream, so the
-//! distributed mode's figures sit next to the embedded ones, measured the same way.
+//! [`QueueStore`], [`CacheStore`]) on the embedded engine and, with `--nats URL` and `--redis
+//! URL`, on NATS JetStream and Redis, so the distributed mode's figures sit next to the embedded
+//! ones, measured the same way.
 //!
 //! Per backend and interface:
 //! - stream: `producers` tasks produce `messages` records in batches of `batch` to a
@@ -12,6 +13,11 @@
 //!   `messages / batch / consumers` heartbeats (`group_heartbeat`), and the member owning the
 //!   partition commits as a member `messages / batch` times, one offset further each
 //!   (`member_commit`). A row's `messages` counts calls there.
+//! - cache channels: `producers` tasks publish `messages / 10` messages to one channel that one
+//!   subscriber reads (`channel_publish`; its latency is publish → delivery);
+//! - presence, shared through the cache by two [`Presence`] nodes in this process: `messages /
+//!   batch` users join one scope on the first node, one after another, each once the second
+//!   node's receivers heard the last (`presence_event`; its latency is join → heard there).
 //!
 //! The embedded interfaces complete a call on the polling thread (an fsync, a long poll), so
 //! they are called from the blocking pool, as the server does; NATS calls are awaited on the
@@ -26,10 +32,13 @@ use bytes::Bytes;
 use clap::Args;
 use serde::Serialize;
 use tributary_core::Record;
+use futures_util::StreamExt;
+use tributary_engine::cache::{Cache, CacheStore, Delivery};
 use tributary_engine::queue::{NewMessage, QueueConfig, QueueDefaults, QueueStore, Queues};
 use tributary_engine::stream::{StreamStore, TopicConfig, Topics};
 use tributary_nats::{NatsQueues, NatsStreams};
 use tributary_server::on_backend;
+use tributary_server::presence::{Presence, PresenceChange, PresenceEvent};
 
 use super::Machine;
 use super::engine::DataDir;
@@ -39,12 +48,17 @@ use super::latency::{LatencyHistogram, LatencySummary};
 const FETCH_RECORDS: usize = 1_000;
 /// A consumer gives up waiting when nothing came for this long and everything is acked.
 const RECEIVE_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait for a published message or a presence event before the bench fails.
+const DELIVERY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Args)]
 pub struct BackendsArgs {
     /// NATS server(s) for the distributed rows (comma-separated); the embedded rows always run.
     #[arg(long)]
     pub nats: Option<String>,
+    /// Redis for the distributed cache rows (`redis://host:port`); the embedded rows always run.
+    #[arg(long)]
+    pub redis: Option<String>,
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
     #[arg(long, default_value_t = 1024)]
@@ -68,12 +82,14 @@ pub struct Row {
     /// What "acknowledged" means on this backend.
     pub durability: &'static str,
     pub interface: &'static str,
-    /// `produce`, `fetch`, `publish`, `receive_ack`, `group_heartbeat` or `member_commit`.
+    /// `produce`, `fetch`, `publish`, `receive_ack`, `group_heartbeat`, `member_commit`,
+    /// `channel_publish` or `presence_event`.
     pub phase: &'static str,
     pub messages: u64,
     pub seconds: f64,
     pub msgs_per_s: f64,
-    /// Latency of one call (a batch), where the phase makes calls of a batch each.
+    /// Latency of one call (a batch), where the phase makes calls of a batch each; for
+    /// `channel_publish` publish → delivery, for `presence_event` join → heard on the other node.
     pub call_ms: Option<LatencySummary>,
 }
 
@@ -89,6 +105,9 @@ pub struct BackendsReport {
     pub machine: Machine,
 }
 
+/// A backend's name and what "acknowledged" means on it, as its rows say.
+type BackendId = (&'static str, &'static str);
+
 /// A backend under test: its interfaces and how to call them.
 struct Backend {
     name: &'static str,
@@ -97,6 +116,12 @@ struct Backend {
     queues: Arc<dyn QueueStore>,
     /// The embedded interfaces block the polling thread.
     blocking: bool,
+}
+
+impl Backend {
+    fn id(&self) -> BackendId {
+        (self.name, self.durability)
+    }
 }
 
 pub async fn run_backends(args: &BackendsArgs) -> anyhow::Result<BackendsReport> {
@@ -133,6 +158,14 @@ pub async fn run_backends(args: &BackendsArgs) -> anyhow::Result<BackendsReport>
         streams.delete_namespace().await?;
         queues.delete_namespace().await?;
     }
+    let mut caches: Vec<(BackendId, Arc<dyn CacheStore>)> = vec![(("embedded", "in memory (snapshots on close)"), Arc::new(Cache::default()))];
+    if let Some(url) = &args.redis {
+        let redis = tributary_redis::RedisCache::connect(url, &namespace).await.context("connecting the cache interface to Redis")?;
+        caches.push((("redis", "Redis's own (appendonly and appendfsync as configured); pub/sub at most once"), Arc::new(redis)));
+    }
+    for (id, cache) in caches {
+        rows.extend(bench_cache(id, cache, args).await.with_context(|| format!("the cache bench on {}", id.0))?);
+    }
     drop(backends);
     data.finish()?;
     Ok(BackendsReport {
@@ -147,11 +180,11 @@ pub async fn run_backends(args: &BackendsArgs) -> anyhow::Result<BackendsReport>
     })
 }
 
-fn row(backend: &Backend, interface: &'static str, phase: &'static str, messages: u64, elapsed: Duration, calls: Option<&LatencyHistogram>) -> Row {
+fn row((backend, durability): BackendId, interface: &'static str, phase: &'static str, messages: u64, elapsed: Duration, calls: Option<&LatencyHistogram>) -> Row {
     let seconds = elapsed.as_secs_f64();
     Row {
-        backend: backend.name,
-        durability: backend.durability,
+        backend,
+        durability,
         interface,
         phase,
         messages,
@@ -212,7 +245,7 @@ async fn bench_stream(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<
         }
     })
     .await?;
-    let mut rows = vec![row(backend, "stream", "produce", args.messages, elapsed, Some(&calls))];
+    let mut rows = vec![row(backend.id(), "stream", "produce", args.messages, elapsed, Some(&calls))];
     let started = Instant::now();
     let mut offset = 0;
     while offset < args.messages {
@@ -221,7 +254,7 @@ async fn bench_stream(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<
         ensure!(!fetched.is_empty(), "the topic ended at offset {offset}, before the {} records produced", args.messages);
         offset += fetched.len() as u64;
     }
-    rows.push(row(backend, "stream", "fetch", args.messages, started.elapsed(), None));
+    rows.push(row(backend.id(), "stream", "fetch", args.messages, started.elapsed(), None));
     rows.extend(bench_group(backend, args, topic).await?);
     backend.streams.delete_topic(topic).await?;
     Ok(rows)
@@ -268,7 +301,7 @@ async fn bench_group(backend: &Backend, args: &BackendsArgs, topic: &'static str
     for task in tasks {
         calls.merge(&task.await??);
     }
-    let mut rows = vec![row(backend, "group", "group_heartbeat", heartbeats * members.len() as u64, started.elapsed(), Some(&calls))];
+    let mut rows = vec![row(backend.id(), "group", "group_heartbeat", heartbeats * members.len() as u64, started.elapsed(), Some(&calls))];
     let owner = on_backend(backend.blocking, {
         let streams = backend.streams.clone();
         async move { streams.describe_group(topic, group).await }
@@ -284,7 +317,7 @@ async fn bench_group(backend: &Backend, args: &BackendsArgs, topic: &'static str
         async move { streams.commit_member(topic, group, &owner.member_id, owner.generation, vec![(0, i + 1)]).await }
     })
     .await?;
-    rows.push(row(backend, "group", "member_commit", commits, started.elapsed(), Some(&calls)));
+    rows.push(row(backend.id(), "group", "member_commit", commits, started.elapsed(), Some(&calls)));
     let streams = backend.streams.clone();
     ensure!(on_backend(backend.blocking, async move { streams.committed(topic, group, 0).await }).await? == Some(commits), "the group's committed offset is not the last member commit");
     Ok(rows)
@@ -302,7 +335,7 @@ async fn bench_queue(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<V
         }
     })
     .await?;
-    let mut rows = vec![row(backend, "queue", "publish", args.messages, elapsed, Some(&calls))];
+    let mut rows = vec![row(backend.id(), "queue", "publish", args.messages, elapsed, Some(&calls))];
     let acked = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -332,9 +365,68 @@ async fn bench_queue(backend: &Backend, args: &BackendsArgs) -> anyhow::Result<V
     for task in tasks {
         calls.merge(&task.await??);
     }
-    rows.push(row(backend, "queue", "receive_ack", acked.load(Ordering::Relaxed), started.elapsed(), Some(&calls)));
+    rows.push(row(backend.id(), "queue", "receive_ack", acked.load(Ordering::Relaxed), started.elapsed(), Some(&calls)));
     backend.queues.delete_queue(queue).await?;
     Ok(rows)
+}
+
+async fn bench_cache(id: BackendId, cache: Arc<dyn CacheStore>, args: &BackendsArgs) -> anyhow::Result<Vec<Row>> {
+    let channel = b"bench-channel";
+    let total = (args.messages / 10).max(1);
+    let mut subscription = cache.subscribe(channel).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for producer in 0..args.producers {
+        let mine = total / args.producers as u64 + u64::from((producer as u64) < total % args.producers as u64);
+        let (cache, size) = (cache.clone(), args.message_bytes.max(8));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..mine {
+                // The publish time, as nanoseconds since the start, leads the message.
+                let mut message = vec![b'x'; size];
+                message[..8].copy_from_slice(&(started.elapsed().as_nanos() as u64).to_le_bytes());
+                cache.publish(channel, Bytes::from(message)).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let mut deliveries = LatencyHistogram::new();
+    for _ in 0..total {
+        let delivery = tokio::time::timeout(DELIVERY_WAIT, subscription.next()).await.context("a published message did not arrive")?;
+        let Some(Delivery::Message(message)) = delivery else { anyhow::bail!("the subscription missed messages: {delivery:?}") };
+        let sent = u64::from_le_bytes(message[..8].try_into().expect("eight bytes"));
+        deliveries.record_ns((started.elapsed().as_nanos() as u64).saturating_sub(sent));
+    }
+    let elapsed = started.elapsed();
+    for task in tasks {
+        task.await??;
+    }
+    let mut rows = vec![row(id, "cache", "channel_publish", total, elapsed, Some(&deliveries))];
+
+    let (name, scope) = (format!("bench-{}", tributary_core::unique_u64()), ["room".to_string()]);
+    let (a, b) = (Presence::shared(cache.clone(), &name), Presence::shared(cache, &name));
+    let mut heard = b.subscribe();
+    // Both nodes' followers are running once the second hears a first join.
+    let warm_up = a.join("warm-up", &scope);
+    heard_next(&mut heard).await?;
+    let joins = (args.messages / args.batch as u64).max(1);
+    let mut latencies = LatencyHistogram::new();
+    let mut guards = vec![warm_up];
+    let started = Instant::now();
+    for i in 0..joins {
+        let user = format!("u{i}");
+        let joined = Instant::now();
+        guards.push(a.join(&user, &scope));
+        let event = heard_next(&mut heard).await?;
+        ensure!(*event.user == *user && event.event == PresenceChange::Join, "expected {user} to join, heard {event:?}");
+        latencies.record_ns(joined.elapsed().as_nanos() as u64);
+    }
+    rows.push(row(id, "cache", "presence_event", joins, started.elapsed(), Some(&latencies)));
+    Ok(rows)
+}
+
+/// The next presence event a node's receiver hears, within DELIVERY_WAIT.
+async fn heard_next(heard: &mut tokio::sync::broadcast::Receiver<PresenceEvent>) -> anyhow::Result<PresenceEvent> {
+    Ok(tokio::time::timeout(DELIVERY_WAIT, heard.recv()).await.context("no presence event on the other node")??)
 }
 
 #[cfg(test)]
@@ -344,7 +436,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_backends_carry_the_workload_and_count_every_message() {
         let nats = std::env::var("TRIBUTARY_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-        let args = BackendsArgs { nats: Some(nats), messages: 1_000, message_bytes: 64, batch: 50, producers: 4, consumers: 2, data: None };
+        let redis = std::env::var("TRIBUTARY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let args = BackendsArgs { nats: Some(nats), redis: Some(redis), messages: 1_000, message_bytes: 64, batch: 50, producers: 4, consumers: 2, data: None };
         let report = run_backends(&args).await.unwrap();
         let phases: Vec<(&str, &str, &str)> = report.rows.iter().map(|r| (r.backend, r.interface, r.phase)).collect();
         assert_eq!(
@@ -362,9 +455,16 @@ mod tests {
                 ("nats", "group", "member_commit"),
                 ("nats", "queue", "publish"),
                 ("nats", "queue", "receive_ack"),
+                ("embedded", "cache", "channel_publish"),
+                ("embedded", "cache", "presence_event"),
+                ("redis", "cache", "channel_publish"),
+                ("redis", "cache", "presence_event"),
             ]
         );
-        let (groups, others): (Vec<&Row>, Vec<&Row>) = report.rows.iter().partition(|r| r.interface == "group");
+        let (caches, rest): (Vec<&Row>, Vec<&Row>) = report.rows.iter().partition(|r| r.interface == "cache");
+        let calls: Vec<(&str, u64, u64)> = caches.iter().map(|r| (r.phase, r.messages, r.call_ms.as_ref().unwrap().count)).collect();
+        assert_eq!(calls, [("channel_publish", 100, 100), ("presence_event", 20, 20)].repeat(2), "1,000 / 10 messages, 1,000 / 50 joins, each timed");
+        let (groups, others): (Vec<&Row>, Vec<&Row>) = rest.into_iter().partition(|r| r.interface == "group");
         assert!(others.iter().all(|r| r.messages == 1_000 && r.msgs_per_s > 0.0), "{:?}", report.rows);
         let calls: Vec<(&str, u64)> = groups.iter().map(|r| (r.phase, r.messages)).collect();
         assert_eq!(calls, [("group_heartbeat", 20), ("member_commit", 20)].repeat(2), "2 members of 10 heartbeats, 1,000 / 50 commits");

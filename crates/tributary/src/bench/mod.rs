@@ -9,8 +9,9 @@
 //! - [`peers`]: the engine bench's workload against NATS JetStream, Redis Streams and RabbitMQ
 //!   on the same machine (`tributary bench engine --peer ...`), labelled with each peer's real
 //!   durability.
-//! - [`backends`]: one stream and queue workload through the engine's interfaces, on the
-//!   embedded engine and on NATS JetStream (`tributary bench backends --nats URL`).
+//! - [`backends`]: one stream, queue and cache workload through the engine's interfaces, on the
+//!   embedded engine and on NATS JetStream and Redis (`tributary bench backends --nats URL
+//!   --redis URL`).
 //! - [`components`]: the engine's other parts one at a time: the work queue, the subscription
 //!   trie, the cache, and reopening a large log.
 //! - [`system`]: a system over its HTTP API against its seed targets (`tributary bench SYSTEM`),
