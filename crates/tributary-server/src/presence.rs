@@ -166,7 +166,7 @@ impl State {
             self.remote.remove(&key);
             PresenceChange::Leave
         };
-        (self.local(&key.0, &key.1) == 0).then(|| PresenceEvent { scope: key.0, user: key.1, event: change })
+        (self.local(&key.0, &key.1) == 0).then_some(PresenceEvent { scope: key.0, user: key.1, event: change })
     }
 
     /// Replace what other nodes hold by `fresh`: the events of every pair that is present now
