@@ -46,8 +46,9 @@
 //!
 //! # What is not here
 //!
-//! Lists, sets, streams, pattern subscriptions, transactions and Lua; a byte-based memory bound; replication.
-//! Nothing here is async or touches the network: the Redis backend lives in `tributary-redis`.
+//! Lists, sets, streams, pattern subscriptions, transactions and Lua; a byte-based memory bound;
+//! replication. Nothing here touches the network, and only a channel's subscription is async (a
+//! stream): the Redis backend lives in `tributary-redis`.
 
 mod bench;
 mod channels;
