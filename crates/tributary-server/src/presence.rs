@@ -78,6 +78,11 @@ struct Inner {
 }
 
 impl Inner {
+    /// The shared part, which the writer and the follower run for.
+    fn shared(&self) -> &Shared {
+        self.shared.as_ref().expect("the writer and the follower run for shared presence")
+    }
+
     /// Tell the receivers (none listening is fine).
     fn send(&self, events: impl IntoIterator<Item = PresenceEvent>) {
         for event in events {
@@ -106,7 +111,8 @@ struct Shared {
     dirty: Mutex<HashSet<Counted>>,
     /// The (scope, user) pairs this node last announced it holds.
     announced: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
-    /// Held by a flush; holds whether this node is registered (it is before it announces).
+    /// Held by a flush; holds whether this node's registration is current (a flush registers
+    /// the node first when it is not, so the node is registered before it announces).
     writing: tokio::sync::Mutex<bool>,
     wake: Arc<Notify>,
     /// Dropped with the presence, which stops the follower.
@@ -147,6 +153,11 @@ struct State {
 impl State {
     fn local(&self, scope: &str, user: &str) -> u32 {
         self.scopes.get(scope).and_then(|users| users.get(user)).copied().unwrap_or(0)
+    }
+
+    /// Whether another node holds `user` in `scope` (never, unless shared).
+    fn elsewhere(&self, scope: &Arc<str>, user: &Arc<str>) -> bool {
+        !self.remote.is_empty() && self.remote.contains_key(&(scope.clone(), user.clone()))
     }
 
     /// Another node holds `user` in `scope`, or stopped holding them: the event, when that
@@ -319,10 +330,9 @@ impl Presence {
                     Some((key, _)) => key.clone(),
                     None => Arc::from(scope.as_str()),
                 };
-                let members = state.scopes.entry(key.clone()).or_default();
-                let count = members.entry(user.clone()).or_default();
+                let count = state.scopes.entry(key.clone()).or_default().entry(user.clone()).or_default();
                 *count += 1;
-                if *count == 1 && !state.remote.contains_key(&(key.clone(), user.clone())) {
+                if *count == 1 && !state.elsewhere(&key, &user) {
                     joined.push(PresenceEvent { scope: key.clone(), user: user.clone(), event: PresenceChange::Join });
                 }
                 held.push(key);
@@ -347,17 +357,19 @@ impl Presence {
             }
             for scope in scopes {
                 let Some(members) = state.scopes.get_mut(scope) else { continue };
+                let mut gone = false;
                 if let Some(n) = members.get_mut(user) {
                     *n -= 1;
                     if *n == 0 {
                         members.remove(user);
-                        if !state.remote.contains_key(&(scope.clone(), user.clone())) {
-                            left.push(PresenceEvent { scope: scope.clone(), user: user.clone(), event: PresenceChange::Leave });
-                        }
+                        gone = true;
                     }
                 }
                 if members.is_empty() {
                     state.scopes.remove(scope);
+                }
+                if gone && !state.elsewhere(scope, user) {
+                    left.push(PresenceEvent { scope: scope.clone(), user: user.clone(), event: PresenceChange::Leave });
                 }
             }
         }
@@ -625,27 +637,17 @@ async fn write_shared(presence: Weak<Inner>) {
     let mut renewed: Option<tokio::time::Instant> = None;
     loop {
         let Some(inner) = presence.upgrade() else { return };
-        let shared = inner.shared.as_ref().expect("the writer runs for shared presence");
+        let shared = inner.shared();
         let (wake, refresh) = (shared.wake.clone(), shared.timing.refresh);
-        let due = renewed.is_none_or(|at| at.elapsed() >= refresh);
-        let written = if due {
-            match shared.register().await {
-                Ok(()) => {
-                    renewed = Some(tokio::time::Instant::now());
-                    {
-                        let state = inner.state.lock();
-                        let mut dirty = shared.dirty.lock();
-                        dirty.extend(state.users.keys().map(|user| Counted::User(user.clone())));
-                        dirty.extend(state.scopes.iter().flat_map(|(scope, users)| users.keys().map(|user| Counted::Scope(scope.clone(), user.clone()))));
-                    }
-                    shared.flush(&inner.state).await
-                }
-                Err(error) => Err(error),
-            }
-        } else {
-            shared.flush(&inner.state).await
-        };
-        let retry = match written {
+        if renewed.is_none_or(|at| at.elapsed() >= refresh) {
+            renewed = Some(tokio::time::Instant::now());
+            *shared.writing.lock().await = false;
+            let state = inner.state.lock();
+            let mut dirty = shared.dirty.lock();
+            dirty.extend(state.users.keys().map(|user| Counted::User(user.clone())));
+            dirty.extend(state.scopes.iter().flat_map(|(scope, users)| users.keys().map(|user| Counted::Scope(scope.clone(), user.clone()))));
+        }
+        let retry = match shared.flush(&inner.state).await {
             Ok(()) => false,
             Err(error) => {
                 tracing::warn!(%error, "writing presence to the shared cache failed; retrying");
@@ -671,7 +673,7 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
     let Some((mut subscription, refresh)) = (async {
         loop {
             let inner = presence.upgrade()?;
-            let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+            let shared = inner.shared();
             match shared.cache.subscribe(shared.channel().as_bytes()).await {
                 Ok(subscription) => return Some((subscription, shared.timing.refresh)),
                 Err(error) => tracing::warn!(%error, "subscribing to presence announcements failed; retrying"),
@@ -690,7 +692,7 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
     loop {
         if resync {
             let Some(inner) = presence.upgrade() else { return };
-            let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+            let shared = inner.shared();
             match shared.resync(&inner.state).await {
                 Ok(events) => {
                     inner.send(events);
@@ -710,7 +712,7 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
             _ = &mut stopped => return,
         };
         let Some(inner) = presence.upgrade() else { return };
-        let shared = inner.shared.as_ref().expect("the follower runs for shared presence");
+        let shared = inner.shared();
         let events = match next {
             Some(Some(Delivery::Message(message))) => shared.apply(&inner.state, &message).into_iter().collect(),
             Some(Some(Delivery::Gap)) => {
