@@ -194,10 +194,10 @@ fn row((backend, durability): BackendId, interface: &'static str, phase: &'stati
     }
 }
 
-/// The messages of one producer: `messages` split over `producers`, the first ones taking the rest.
-fn share(args: &BackendsArgs, producer: usize) -> u64 {
-    let base = args.messages / args.producers as u64;
-    base + u64::from((producer as u64) < args.messages % args.producers as u64)
+/// The messages of one producer: `total` split over `producers`, the first ones taking the rest.
+fn share(total: u64, producers: usize, producer: usize) -> u64 {
+    let base = total / producers as u64;
+    base + u64::from((producer as u64) < total % producers as u64)
 }
 
 /// Runs `producers` tasks, each sending its share in batches through `send`; returns the
@@ -211,7 +211,7 @@ where
     let started = Instant::now();
     let mut tasks = Vec::new();
     for producer in 0..args.producers {
-        let (send, body, batch, blocking, mut left) = (send.clone(), body.clone(), args.batch, backend.blocking, share(args, producer));
+        let (send, body, batch, blocking, mut left) = (send.clone(), body.clone(), args.batch, backend.blocking, share(args.messages, args.producers, producer));
         tasks.push(tokio::spawn(async move {
             let mut calls = LatencyHistogram::new();
             while left > 0 {
@@ -377,7 +377,7 @@ async fn bench_cache(id: BackendId, cache: Arc<dyn CacheStore>, args: &BackendsA
     let started = Instant::now();
     let mut tasks = Vec::new();
     for producer in 0..args.producers {
-        let mine = total / args.producers as u64 + u64::from((producer as u64) < total % args.producers as u64);
+        let mine = share(total, args.producers, producer);
         let (cache, size) = (cache.clone(), args.message_bytes.max(8));
         tasks.push(tokio::spawn(async move {
             for _ in 0..mine {
