@@ -32,12 +32,16 @@ use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration as SqlxMigration, MigrationType, Migrator};
-use sqlx::{AnyPool, Executor, SqlStr};
+use sqlx::{AnyPool, Connection, Executor, SqlStr};
 
 /// Connections of one pool when the configuration names none.
 pub const DB_CONNECTIONS_DEFAULT: u32 = 8;
 /// How long a query waits for a free connection.
 pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled PostgreSQL connection idle this long is pinged before its next use (a broken one
+/// is replaced then); one used more recently is not. After PostgreSQL restarts, a connection
+/// used within this time fails its next statement once, and the pool replaces it.
+pub const DB_IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 /// Connections that write to a SQLite database ([`Db::writer`]).
 pub const SQLITE_WRITERS: u32 = 1;
 /// How long an embedded SQLite connection waits on a lock held by another before `SQLITE_BUSY`.
@@ -153,10 +157,17 @@ pub fn value_rows(rows: usize, width: usize) -> String {
 
 /// The rows of `select … WHERE column` (the text ends with the column) whose column is one of
 /// `keys`, one statement per [`rows_per_statement`]`(1)` keys.
+///
+/// On PostgreSQL the statement is not kept prepared: it is planned for its parameters and the
+/// table as it is at each call. A kept statement gets a generic plan after five executions, and
+/// one made while a table was small scans the table whole, forever after, however large it grew
+/// (until the table is next analyzed). There is one statement text per count of keys, so a kept
+/// statement would also crowd the connection's cache of them.
 pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::result::Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let keep_prepared = !pool.connect_options().database_url.scheme().starts_with("postgres");
     let mut rows = Vec::new();
     for chunk in keys.chunks(rows_per_statement(1)) {
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len()))));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len())))).persistent(keep_prepared);
         for key in chunk {
             query = query.bind(key.clone());
         }
@@ -204,7 +215,23 @@ pub fn redacted_url(url: &str) -> String {
 async fn pool(url: &str, max_connections: u32, schema: Option<&str>) -> Result<AnyPool> {
     let dialect = dialect_of(url)?;
     install_default_drivers();
-    let options = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(DB_ACQUIRE_TIMEOUT);
+    // A connection is pinged when it goes back to the pool (sqlx always does); a PostgreSQL one
+    // is pinged again before use only if it sat idle for DB_IDLE_PING_AFTER since. A ping before
+    // every use would be one more round trip per statement (and on a busy node a sixth of its
+    // CPU went to them). A connection to a local SQLite file does not go stale.
+    let options = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(DB_ACQUIRE_TIMEOUT).test_before_acquire(false);
+    let options = if dialect == Dialect::Postgres {
+        options.before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= DB_IDLE_PING_AFTER {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+    } else {
+        options
+    };
     let options = if let (Dialect::Postgres, Some(schema)) = (dialect, schema) {
         let set = format!("SET search_path TO {schema}");
         options.after_connect(move |connection, _| {
@@ -215,8 +242,7 @@ async fn pool(url: &str, max_connections: u32, schema: Option<&str>) -> Result<A
             })
         })
     } else if dialect == Dialect::Sqlite {
-        // A connection to a local file does not go stale: no ping before each use.
-        options.test_before_acquire(false).after_connect(|connection, _| {
+        options.after_connect(|connection, _| {
             Box::pin(async move {
                 connection.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"))).await?;
                 connection.execute("PRAGMA journal_mode = WAL").await?;
