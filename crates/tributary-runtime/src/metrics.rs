@@ -5,8 +5,13 @@
 //! delivery). Counters are cumulative (the dashboard turns them into rates by differencing);
 //! latency percentiles cover the last [`LATENCY_WINDOW_SAMPLES`] samples. Every count also goes
 //! to the process's `metrics` recorder, labelled with the system id.
+//!
+//! A system with a pipeline also times its stages ([`SystemMetrics::stage`]: how long a record
+//! waited in a queue, how long a batch took to send), so that where the end-to-end time goes
+//! can be read off a running node: the same window of percentiles per stage, and the Prometheus
+//! histogram `tributary_system_stage_seconds{system, stage}`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -21,6 +26,7 @@ pub struct SystemMetrics {
     messages_out: AtomicU64,
     errors: AtomicU64,
     latency_us: Mutex<VecDeque<u64>>,
+    stages_us: Mutex<BTreeMap<&'static str, VecDeque<u64>>>,
 }
 
 /// What the dashboard shows of a system.
@@ -30,6 +36,9 @@ pub struct MetricsSnapshot {
     pub messages_out: u64,
     pub errors: u64,
     pub latency_ms: Option<Percentiles>,
+    /// Per stage of the system's pipeline, in milliseconds (none for a system that times none).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub stages_ms: BTreeMap<&'static str, Percentiles>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -49,6 +58,7 @@ impl SystemMetrics {
             messages_out: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency_us: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW_SAMPLES)),
+            stages_us: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -73,28 +83,54 @@ impl SystemMetrics {
 
     /// Record one latency sample (the system says of what: end to end, delivery, ...).
     pub fn latency(&self, latency: std::time::Duration) {
-        let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-        let mut window = self.latency_us.lock();
-        if window.len() == LATENCY_WINDOW_SAMPLES {
-            window.pop_front();
-        }
-        window.push_back(us);
-        drop(window);
+        push_sample(&mut self.latency_us.lock(), latency);
         metrics::histogram!("tributary_system_latency_seconds", "system" => self.id).record(latency.as_secs_f64());
     }
 
+    /// Record how long one pass through `stage` of the system's pipeline took.
+    pub fn stage(&self, stage: &'static str, took: std::time::Duration) {
+        push_sample(self.stages_us.lock().entry(stage).or_insert_with(|| VecDeque::with_capacity(LATENCY_WINDOW_SAMPLES)), took);
+        metrics::histogram!("tributary_system_stage_seconds", "system" => self.id, "stage" => stage).record(took.as_secs_f64());
+    }
+
+    /// Run `work`, recording how long it took as one pass through `stage`.
+    pub async fn timed<T>(&self, stage: &'static str, work: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let done = work.await;
+        self.stage(stage, started.elapsed());
+        done
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
-        let mut samples: Vec<u64> = self.latency_us.lock().iter().copied().collect();
-        samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1] as f64 / 1e3;
-        let latency_ms = (!samples.is_empty()).then(|| Percentiles { samples: samples.len(), p50: at(0.50), p95: at(0.95), p99: at(0.99), max: at(1.0) });
+        let latency_ms = percentiles(self.latency_us.lock().iter().copied().collect());
+        let stages_ms = self.stages_us.lock().iter().filter_map(|(stage, window)| Some((*stage, percentiles(window.iter().copied().collect())?))).collect();
         MetricsSnapshot {
             messages_in: self.messages_in.load(Ordering::Relaxed),
             messages_out: self.messages_out.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             latency_ms,
+            stages_ms,
         }
     }
+}
+
+/// Add a sample (microseconds) to a window, dropping the oldest once it holds
+/// [`LATENCY_WINDOW_SAMPLES`].
+fn push_sample(window: &mut VecDeque<u64>, sample: std::time::Duration) {
+    if window.len() == LATENCY_WINDOW_SAMPLES {
+        window.pop_front();
+    }
+    window.push_back(sample.as_micros().min(u128::from(u64::MAX)) as u64);
+}
+
+/// The percentiles of samples in microseconds, in milliseconds; none without samples.
+fn percentiles(mut samples: Vec<u64>) -> Option<Percentiles> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1] as f64 / 1e3;
+    Some(Percentiles { samples: samples.len(), p50: at(0.50), p95: at(0.95), p99: at(0.99), max: at(1.0) })
 }
 
 #[cfg(test)]
@@ -119,5 +155,20 @@ mod tests {
             m.latency(Duration::from_millis(1));
         }
         assert_eq!(m.snapshot().latency_ms.unwrap().max, 1.0, "old samples leave the window");
+    }
+
+    #[test]
+    fn each_stage_has_its_own_window() {
+        let m = SystemMetrics::new("test");
+        assert!(m.snapshot().stages_ms.is_empty());
+        for ms in 1..=10 {
+            m.stage("send", Duration::from_millis(ms));
+        }
+        m.stage("queue_wait", Duration::from_millis(500));
+        let stages = m.snapshot().stages_ms;
+        assert_eq!(stages.keys().copied().collect::<Vec<_>>(), ["queue_wait", "send"]);
+        assert_eq!((stages["send"].samples, stages["send"].p50, stages["send"].max), (10, 5.0, 10.0));
+        assert_eq!((stages["queue_wait"].samples, stages["queue_wait"].p99), (1, 500.0));
+        assert_eq!(m.snapshot().latency_ms, None, "stages are not the end-to-end latency");
     }
 }

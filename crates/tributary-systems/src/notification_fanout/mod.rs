@@ -185,6 +185,23 @@ pub const WORKER_BATCH_MAX: usize = 100;
 pub const WORKER_LEASE_MS: u64 = 5_000;
 /// How long one receive waits.
 pub const WORKER_WAIT: Duration = Duration::from_millis(250);
+/// Stages timed in the system's metrics (`GET /v1/dashboard`, and `/metrics` as
+/// `tributary_system_stage_seconds`), once per read of the log or per worker's batch: how long
+/// the oldest notification of a read waited on the log for its expander; one read expanded and
+/// committed; how long the oldest delivery of a batch waited in its channel's queue; and a
+/// worker's batch: its receive, its preparation (state and subscriber look-ups), its sends, and
+/// the writing of its outcomes with the queue's acks.
+pub const STAGE_LOG_WAIT: &str = "log_wait";
+pub const STAGE_EXPANSION: &str = "expansion";
+pub const STAGE_QUEUE_WAIT: &str = "queue_wait";
+pub const STAGE_RECEIVE: &str = "worker_receive";
+pub const STAGE_PREPARE: &str = "worker_prepare";
+pub const STAGE_SEND: &str = "worker_send";
+pub const STAGE_SETTLE: &str = "worker_settle";
+/// One round of the notes writer (triggers' notes), and of the delivery states writer (appended
+/// to the events log, then written to their rows).
+pub const STAGE_NOTES_ROUND: &str = "notes_round";
+pub const STAGE_STATES_ROUND: &str = "states_round";
 /// Notifications an expander reads at once (committed together).
 pub const EXPANDER_READ_MAX: usize = 500;
 /// Deliveries written and queued together during an expansion.
@@ -279,7 +296,7 @@ struct Circuit {
 /// The running system.
 pub struct Fanout {
     gateway: Gateway,
-    metrics: SystemMetrics,
+    metrics: Arc<SystemMetrics>,
     queues: Arc<dyn QueueStore>,
     streams: Arc<dyn StreamStore>,
     /// The stream interface as the expanders' and the live follower's threads call it.
@@ -477,23 +494,24 @@ impl Fanout {
         };
         let (leases, live_end) = tributary_server::wait_in_place(false, setup).ok_or_else(|| anyhow::anyhow!("{ID} starts on a worker of a multi-thread tokio runtime"))??;
         let stopping = Arc::new(AtomicBool::new(false));
+        let metrics = Arc::new(SystemMetrics::new(ID));
         let (notes, noter) = Rounds::start("fan-out's notes writer", NOTES_PER_ROUND_MAX, stopping.clone(), {
-            let db = db.clone();
+            let (db, metrics) = (db.clone(), metrics.clone());
             move |notes: Vec<Note>| {
-                let db = db.clone();
-                async move { note_notifications(&db, &notes).await }
+                let (db, metrics) = (db.clone(), metrics.clone());
+                async move { metrics.timed(STAGE_NOTES_ROUND, note_notifications(&db, &notes)).await }
             }
         });
         let (states, recorder) = Rounds::start("fan-out's delivery states writer", STATES_PER_ROUND_MAX, stopping.clone(), {
-            let (streams, db) = (streams.clone(), db.clone());
+            let (streams, db, metrics) = (streams.clone(), db.clone(), metrics.clone());
             move |states: Vec<DeliveryState>| {
-                let (streams, db) = (streams.clone(), db.clone());
-                async move { record_states(&streams, &db, &states).await }
+                let (streams, db, metrics) = (streams.clone(), db.clone(), metrics.clone());
+                async move { metrics.timed(STAGE_STATES_ROUND, record_states(&streams, &db, &states)).await }
             }
         });
         let system = Arc::new(Fanout {
             gateway: context.gateway.clone(),
-            metrics: SystemMetrics::new(ID),
+            metrics,
             log: SharedLog::current(streams.clone()),
             queues,
             streams,
@@ -1041,12 +1059,14 @@ impl Fanout {
         }
         let records = state.reader.read(state.next, EXPANDER_READ_MAX)?;
         let Some(last) = records.last().map(|r| r.offset) else { return Ok(()) };
+        let started = std::time::Instant::now();
         if let Err(error) = self.log.wait(self.expand_records(state.partition, records)) {
             // Take the lease again (if still this node's) and expand from the committed offset.
             state.held_until_ms = 0;
             return Err(error);
         }
         if self.log.wait(self.commit_expanded(state.partition, last + 1))? {
+            self.metrics.stage(STAGE_EXPANSION, started.elapsed());
             state.next = last + 1;
         } else {
             // Another node took the lease: it expands from the committed offset.
@@ -1081,6 +1101,9 @@ impl Fanout {
                 Some(Ok(notification)) => notes.push((partition, record.offset, notification)),
                 _ => tracing::error!(partition, offset = record.offset, "a notification is not readable; skipping it"),
             }
+        }
+        if let Some(oldest) = notes.iter().map(|(_, _, n)| n.accepted_at_ms).min() {
+            self.metrics.stage(STAGE_LOG_WAIT, Duration::from_millis(now_ms().saturating_sub(oldest)));
         }
         self.note_missing(&notes).await?;
         let config = self.config();
@@ -1432,22 +1455,28 @@ impl Fanout {
     /// Work one leased batch of `channel`: prepare, send, settle.
     async fn work(self: &Arc<Self>, channel: Channel, deliveries: Vec<Delivery>) -> Result<(), ApiError> {
         let config = self.config();
-        let (ready, parked) = self.prepare(channel, deliveries, &config).await?;
-        let outcomes: Vec<(Ready, Outcome)> = match channel {
-            Channel::Push | Channel::Sms => {
-                futures_util::future::join_all(ready.into_iter().map(|item| {
-                    let config = config.clone();
-                    async move {
-                        let outcome = self.send_to_providers(channel, &item, &config).await;
-                        (item, outcome)
-                    }
-                }))
-                .await
-            }
-            Channel::Email => self.send_emails(ready, &config).await,
-            Channel::InApp => self.write_inbox(ready).await?,
+        if let Some(oldest) = deliveries.iter().map(|d| d.enqueued_at_ms).min() {
+            self.metrics.stage(STAGE_QUEUE_WAIT, Duration::from_millis(now_ms().saturating_sub(oldest)));
+        }
+        let (ready, parked) = self.metrics.timed(STAGE_PREPARE, self.prepare(channel, deliveries, &config)).await?;
+        let send = async {
+            Ok::<_, ApiError>(match channel {
+                Channel::Push | Channel::Sms => {
+                    futures_util::future::join_all(ready.into_iter().map(|item| {
+                        let config = config.clone();
+                        async move {
+                            let outcome = self.send_to_providers(channel, &item, &config).await;
+                            (item, outcome)
+                        }
+                    }))
+                    .await
+                }
+                Channel::Email => self.send_emails(ready, &config).await,
+                Channel::InApp => self.write_inbox(ready).await?,
+            })
         };
-        self.settle(channel, outcomes, parked, &config).await
+        let outcomes: Vec<(Ready, Outcome)> = self.metrics.timed(STAGE_SEND, send).await?;
+        self.metrics.timed(STAGE_SETTLE, self.settle(channel, outcomes, parked, &config)).await
     }
 
     /// Whether `key`'s circuit is open at `now`.
@@ -2021,9 +2050,14 @@ async fn run_sender(system: Arc<Fanout>, channel: Channel, n: usize) {
     while !system.stopping() {
         let queues = system.queues.clone();
         let name = consumer.clone();
+        let started = std::time::Instant::now();
         let received = on_backend(queues.blocking(), async move { queues.receive(channel.queue(), SENDER_GROUP, &name, WORKER_BATCH_MAX, None, WORKER_WAIT).await }).await;
         let deliveries = match received {
-            Ok(deliveries) => deliveries,
+            Ok(deliveries) if deliveries.is_empty() => continue,
+            Ok(deliveries) => {
+                system.metrics.stage(STAGE_RECEIVE, started.elapsed());
+                deliveries
+            }
             Err(error) => {
                 if !system.stopping() {
                     tracing::warn!("fan-out worker {consumer}: receive: {error}");
@@ -2032,9 +2066,6 @@ async fn run_sender(system: Arc<Fanout>, channel: Channel, n: usize) {
                 continue;
             }
         };
-        if deliveries.is_empty() {
-            continue;
-        }
         let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
         let worked = tokio::select! {
             worked = system.work(channel, deliveries) => worked,

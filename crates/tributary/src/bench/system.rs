@@ -139,6 +139,10 @@ pub struct SystemReport {
     pub series: Vec<SecondSummary>,
     pub server: String,
     pub machine: Option<Machine>,
+    /// The stages the system times, as the server reported them once the phase ended
+    /// (`GET /v1/dashboard`); absent for a system that times none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_stages_ms: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -262,6 +266,8 @@ pub async fn run(args: &SystemArgs) -> anyhow::Result<Vec<SystemReport>> {
                 context.report(&phase, measured, Some(at_least_once))
             }
         };
+        let mut report = report;
+        report.server_stages_ms = server_stages(&client, &base, &args.system).await;
         reports.push(report);
     }
     if let Some(progress) = &progress {
@@ -335,6 +341,7 @@ impl Shared<'_> {
             series: measured.series,
             server: self.server.to_string(),
             machine: self.machine.clone(),
+            server_stages_ms: None,
         }
     }
 }
@@ -469,6 +476,14 @@ impl InProcess {
         self.serve(listener);
         Ok(())
     }
+}
+
+/// The stages `system` times, from the server's dashboard (none when it times none, or the
+/// dashboard did not answer).
+async fn server_stages(client: &reqwest::Client, base: &str, system: &str) -> Option<serde_json::Value> {
+    let view: serde_json::Value = client.get(format!("{base}/v1/dashboard")).send().await.ok()?.json().await.ok()?;
+    let stages = view["systems"].as_array()?.iter().find(|s| s["id"] == system)?["metrics"]["stages_ms"].clone();
+    stages.is_object().then_some(stages)
 }
 
 async fn wait_healthy(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
