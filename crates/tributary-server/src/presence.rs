@@ -32,8 +32,11 @@
 //! - A node whose registration expired (it died) is dropped from every pair by each node's
 //!   sweep, every [`PRESENCE_REFRESH`]: its users' leaves fire up to [`PRESENCE_TTL`] plus a
 //!   refresh after the death.
-//! - At start and after a gap in the channel (a lost connection to the cache, a follower that
-//!   fell behind), a node reads every live node's list again and fires the differences.
+//! - At start, after a gap in the channel (a lost connection to the cache, a follower that
+//!   fell behind), and every [`PRESENCE_RESYNC`], a node reads every live node's list again and
+//!   fires the differences. Announcements are at most once; the periodic read bounds how long a
+//!   lost one leaves a node wrong about a pair (it costs one read of every pair every node
+//!   holds, per node, each period).
 //!
 //! [`Presence::stats`] stays this node's own.
 //!
@@ -60,6 +63,8 @@ pub const PRESENCE_MEMBERS_PAGE_MAX: usize = 10_000;
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
 /// How long a member in a shared cache counts without being renewed (its node stopped).
 pub const PRESENCE_TTL: Duration = Duration::from_secs(30);
+/// How often a node reads every other node's list of pairs again, whatever it heard meanwhile.
+pub const PRESENCE_RESYNC: Duration = Duration::from_secs(60);
 /// Counts the writer sends to the shared cache at once.
 pub const PRESENCE_WRITES_IN_FLIGHT: usize = 64;
 /// How long the writer and the follower wait before they try again after the shared cache failed.
@@ -91,11 +96,13 @@ impl Inner {
     }
 }
 
-/// How often a shared presence renews, and how long what it wrote lasts.
+/// How often a shared presence renews, how long what it wrote lasts, and how often it reads the
+/// other nodes' lists again.
 #[derive(Clone, Copy)]
 struct Timing {
     refresh: Duration,
     ttl: Duration,
+    resync: Duration,
 }
 
 /// This node's part of a presence shared through a cache.
@@ -273,7 +280,7 @@ impl Presence {
     /// id). Starts this node's writer and follower on the current tokio runtime; they stop once
     /// the presence is dropped.
     pub fn shared(cache: Arc<dyn CacheStore>, name: &str) -> Presence {
-        Presence::shared_timed(cache, name, Timing { refresh: PRESENCE_REFRESH, ttl: PRESENCE_TTL })
+        Presence::shared_timed(cache, name, Timing { refresh: PRESENCE_REFRESH, ttl: PRESENCE_TTL, resync: PRESENCE_RESYNC })
     }
 
     fn shared_timed(cache: Arc<dyn CacheStore>, name: &str, timing: Timing) -> Presence {
@@ -668,14 +675,14 @@ async fn write_shared(presence: Weak<Inner>) {
 
 /// A node's follower of shared presence: reads the other nodes' lists, then applies their
 /// announcements as they come and sweeps out dead nodes each refresh; reads the lists again
-/// after a gap. Stops once the presence is gone.
+/// after a gap and each resync period. Stops once the presence is gone.
 async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>) {
-    let Some((mut subscription, refresh)) = (async {
+    let Some((mut subscription, timing)) = (async {
         loop {
             let inner = presence.upgrade()?;
             let shared = inner.shared();
             match shared.cache.subscribe(shared.channel().as_bytes()).await {
-                Ok(subscription) => return Some((subscription, shared.timing.refresh)),
+                Ok(subscription) => return Some((subscription, shared.timing)),
                 Err(error) => tracing::warn!(%error, "subscribing to presence announcements failed; retrying"),
             }
             drop(inner);
@@ -686,9 +693,10 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
     else {
         return;
     };
-    let mut sweeps = tokio::time::interval(refresh);
+    let mut sweeps = tokio::time::interval(timing.refresh);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = true;
+    let mut resynced = tokio::time::Instant::now();
     loop {
         if resync {
             let Some(inner) = presence.upgrade() else { return };
@@ -697,6 +705,7 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
                 Ok(events) => {
                     inner.send(events);
                     resync = false;
+                    resynced = tokio::time::Instant::now();
                 }
                 Err(error) => {
                     tracing::warn!(%error, "reading shared presence failed; retrying");
@@ -722,6 +731,11 @@ async fn follow_shared(presence: Weak<Inner>, mut stopped: oneshot::Receiver<()>
             Some(None) => {
                 tracing::warn!("the presence announcements' subscription ended; this node hears no other node's joins and leaves");
                 return;
+            }
+            // The lists are read again (which drops dead nodes too).
+            None if resynced.elapsed() >= timing.resync => {
+                resync = true;
+                Vec::new()
             }
             None => shared.sweep(&inner.state).await.unwrap_or_else(|error| {
                 tracing::warn!(%error, "looking for dead nodes in shared presence failed");
@@ -797,7 +811,7 @@ mod tests {
     /// that dies without a word leaves once its registration expires.
     async fn events_are_global(cache: Arc<dyn CacheStore>) {
         use PresenceChange::{Join, Leave};
-        let timing = Timing { refresh: Duration::from_millis(100), ttl: Duration::from_millis(500) };
+        let timing = Timing { refresh: Duration::from_millis(100), ttl: Duration::from_millis(500), resync: Duration::from_millis(300) };
         let (a, b) = (Presence::shared_timed(cache.clone(), "sys", timing), Presence::shared_timed(cache.clone(), "sys", timing));
         let (mut on_a, mut on_b) = (a.subscribe(), b.subscribe());
         let room = scopes(&["room"]);
@@ -857,6 +871,20 @@ mod tests {
         }
         assert!(died.elapsed() < Duration::from_secs(5), "dave left {:?} after his node died", died.elapsed());
         assert_eq!(a.members("room", 10).await.unwrap().users, 0);
+
+        // A node lists erin but its announcement never came (lost without a gap): the periodic
+        // read of the lists finds her, and the node's registration running out takes her away.
+        let (registry, list) = ("presence/sys/nodes", "presence/sys/n/silent-node");
+        let lasts = Duration::from_millis(1_500);
+        cache.hset(list.as_bytes(), &held_field("room", "erin"), Bytes::from_static(b"1")).await.unwrap();
+        cache.expire(list.as_bytes(), lasts).await.unwrap();
+        cache.zadd(registry.as_bytes(), b"silent-node", now_ms() + lasts.as_millis() as f64).await.unwrap();
+        for events in [&mut on_a, &mut on_b] {
+            assert_eq!(next(events).await, heard("erin", Join));
+        }
+        for events in [&mut on_a, &mut on_b] {
+            assert_eq!(next(events).await, heard("erin", Leave));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
