@@ -176,3 +176,38 @@ async fn bad_urls_and_mixed_dialects_are_refused_by_name() {
     let unreachable = Db::connect(&DbConfig::new("postgres://postgres@127.0.0.1:1/test")).await;
     assert!(matches!(unreachable, Err(DbError::Connect { .. })), "{unreachable:?}");
 }
+
+/// A pooled connection that PostgreSQL closed (a restart, an administrator): one that sat idle
+/// for `DB_IDLE_PING_AFTER` is found dead before use and replaced, so the statement succeeds;
+/// one used more recently fails its next statement once, and the statement after that gets a
+/// new connection.
+#[tokio::test]
+async fn connections_postgresql_closed_are_replaced() {
+    let name = unique("closed");
+    let base = postgres_url("test");
+    let url = format!("{base}{}application_name={name}", if base.contains('?') { '&' } else { '?' });
+    let db = Db::connect(&DbConfig { max_connections: 1, ..DbConfig::new(url) }).await.unwrap();
+    let admin = Db::connect(&DbConfig::new(postgres_url("test"))).await.unwrap();
+    let backend = || async { sqlx::query("SELECT pg_backend_pid()").fetch_one(db.primary()).await.map(|row| row.get::<i32, _>(0)) };
+    let close = || async {
+        let closed = sqlx::query("SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1) t")
+            .bind(name.clone())
+            .fetch_one(admin.primary())
+            .await
+            .unwrap()
+            .get::<i64, _>(0);
+        assert_eq!(closed, 1, "the pool's one connection is closed");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+
+    let first = backend().await.unwrap();
+    close().await;
+    assert!(backend().await.is_err(), "a connection used 200 ms ago is not pinged: its next statement fails");
+    let second = backend().await.expect("the statement after gets a new connection");
+    assert_ne!(first, second);
+
+    close().await;
+    tokio::time::sleep(tributary_sql::DB_IDLE_PING_AFTER).await;
+    let third = backend().await.expect("an idle connection found dead is replaced before use");
+    assert_ne!(second, third);
+}
