@@ -99,6 +99,13 @@
 //! directly when embedded, through the `fanout-live` topic (which every node follows) on shared
 //! backends.
 //!
+//! **Where the time goes.** The system times its stages (`STAGE_*`), in the dashboard's
+//! `metrics.stages_ms` and as `tributary_system_stage_seconds` at `/metrics`: how long a read's
+//! oldest notification waited on the log, one read's expansion, how long a batch's oldest
+//! delivery waited in its queue, a worker's receive, preparation, sends and settling, and each
+//! round of the two writers. A backlog shows as a growing wait before the stage that cannot keep
+//! up.
+//!
 //! # Delivery guarantee
 //!
 //! At least once per recipient and channel: an acknowledged trigger is expanded and every
