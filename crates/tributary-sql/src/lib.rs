@@ -160,9 +160,9 @@ pub fn value_rows(rows: usize, width: usize) -> String {
 ///
 /// On PostgreSQL the statement is not kept prepared: it is planned for its parameters and the
 /// table as it is at each call. A kept statement gets a generic plan after five executions, and
-/// one made while a table was small scans the table whole, forever after, however large it grew
-/// (until the table is next analyzed). There is one statement text per count of keys, so a kept
-/// statement would also crowd the connection's cache of them.
+/// one made while a table was small goes on scanning the whole table however large it grows,
+/// until the table is next analyzed. There is one statement text per count of keys, so kept
+/// statements would also crowd the connection's cache of them.
 pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::result::Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
     let keep_prepared = !pool.connect_options().database_url.scheme().starts_with("postgres");
     let mut rows = Vec::new();
@@ -217,8 +217,8 @@ async fn pool(url: &str, max_connections: u32, schema: Option<&str>) -> Result<A
     install_default_drivers();
     // A connection is pinged when it goes back to the pool (sqlx always does); a PostgreSQL one
     // is pinged again before use only if it sat idle for DB_IDLE_PING_AFTER since. A ping before
-    // every use would be one more round trip per statement (and on a busy node a sixth of its
-    // CPU went to them). A connection to a local SQLite file does not go stale.
+    // every use would be one more round trip per statement (on a busy notification-fanout node,
+    // about an eighth of its CPU samples). A connection to a local SQLite file does not go stale.
     let options = AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(DB_ACQUIRE_TIMEOUT).test_before_acquire(false);
     let options = if dialect == Dialect::Postgres {
         options.before_acquire(|connection, meta| {

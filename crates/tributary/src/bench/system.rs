@@ -140,7 +140,8 @@ pub struct SystemReport {
     pub server: String,
     pub machine: Option<Machine>,
     /// The stages the system times, as the server reported them once the phase ended
-    /// (`GET /v1/dashboard`); absent for a system that times none.
+    /// (`GET /v1/dashboard`: each stage's last `LATENCY_WINDOW_SAMPLES` passes, so earlier
+    /// phases of the same server may be in it); absent for a system that times none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_stages_ms: Option<serde_json::Value>,
 }
@@ -229,7 +230,7 @@ pub async fn run(args: &SystemArgs) -> anyhow::Result<Vec<SystemReport>> {
     };
     let mut reports = Vec::new();
     for name in phases {
-        let report = match *name {
+        let mut report = match *name {
             "normal" => {
                 let measured = scenario.drive(base_phase.clone()).await?;
                 context.report(&base_phase, measured, None)
@@ -266,7 +267,6 @@ pub async fn run(args: &SystemArgs) -> anyhow::Result<Vec<SystemReport>> {
                 context.report(&phase, measured, Some(at_least_once))
             }
         };
-        let mut report = report;
         report.server_stages_ms = server_stages(&client, &base, &args.system).await;
         reports.push(report);
     }
