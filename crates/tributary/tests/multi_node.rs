@@ -269,6 +269,8 @@ async fn two_nodes_behind_a_balancer_lose_nothing_acknowledged_when_one_is_kille
         node.wait().unwrap();
     }
     admin.delete_namespace().await.unwrap();
+    // The systems' topics too (stock prices', chat's and the others' streams).
+    NatsStreams::connect(&nats_url(), &namespace).await.unwrap().delete_namespace().await.unwrap();
 }
 
 fn redis_url() -> String {
