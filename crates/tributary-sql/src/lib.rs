@@ -164,7 +164,7 @@ pub fn value_rows(rows: usize, width: usize) -> String {
 /// until the table is next analyzed. There is one statement text per count of keys, so kept
 /// statements would also crowd the connection's cache of them.
 pub async fn rows_in(pool: &AnyPool, select: &str, keys: &[String]) -> std::result::Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let keep_prepared = !pool.connect_options().database_url.scheme().starts_with("postgres");
+    let keep_prepared = !matches!(dialect_of(pool.connect_options().database_url.as_str()), Ok(Dialect::Postgres));
     let mut rows = Vec::new();
     for chunk in keys.chunks(rows_per_statement(1)) {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("{select} IN ({})", placeholders(1, chunk.len())))).persistent(keep_prepared);
