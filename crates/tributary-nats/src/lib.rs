@@ -60,6 +60,9 @@ pub use queue::NatsQueues;
 
 const BACKEND: &str = "nats";
 
+/// How long a node waits, after creating a stream (or finding it made), for it to take publishes.
+pub const NATS_STREAM_READY_WAIT: Duration = Duration::from_secs(10);
+
 /// Direct gets in flight during one fetch or seek.
 pub const NATS_FETCH_IN_FLIGHT_MAX: usize = 64;
 /// Records a fetch asks for at least to read them through a consumer of its own (one pull)
@@ -194,14 +197,54 @@ pub(crate) async fn connect_client(url: &str) -> Result<async_nats::Client, Stri
     async_nats::connect(servers).await.map_err(|e| format!("connecting to {url}: {e}"))
 }
 
-/// Gets the stream of `config`, creating it when missing. Nodes starting together may all find
-/// it missing: the creates after the first then fail (its name is taken, or its subjects overlap
-/// the first one's), and the stream the first made is the one taken.
+/// Gets the stream of `config`, creating it when missing, and returns once it takes publishes.
+/// Nodes starting together may all find it missing: the creates after the first then fail (its
+/// name is taken, or its subjects overlap the first one's) and the stream the first made is the
+/// one taken. Right after such concurrent creates, nats-server 2.9 was seen to answer a write to
+/// the stream with no responder (the client's "no stream found for given subject"), hence
+/// [`await_ingest`].
 pub(crate) async fn ensure_stream(jetstream: &jetstream::Context, config: stream::Config) -> Result<(), String> {
     let name = config.name.clone();
-    match jetstream.get_or_create_stream(config).await {
-        Ok(_) => Ok(()),
-        Err(error) => jetstream.get_stream(&name).await.map(drop).map_err(|_| error.to_string()),
+    let probe = config.subjects.first().map(|subject| probe_subject(subject));
+    if let Err(error) = jetstream.get_or_create_stream(config).await {
+        jetstream.get_stream(&name).await.map_err(|_| error.to_string())?;
+    }
+    match probe {
+        Some(subject) => await_ingest(jetstream, &name, subject).await,
+        None => Ok(()),
+    }
+}
+
+/// A subject of the stream whose subject filter is `filter` (wildcards made literal).
+fn probe_subject(filter: &str) -> String {
+    filter.split('.').map(|token| if token == "*" || token == ">" { "_probe" } else { token }).collect::<Vec<_>>().join(".")
+}
+
+/// Waits until the stream `name` answers a publish on `subject`, for at most
+/// `NATS_STREAM_READY_WAIT`. The probe expects a last sequence no stream has, so the stream
+/// refuses it and stores nothing: any answer from the stream means ready; a publish nobody
+/// answers was not stored either.
+async fn await_ingest(jetstream: &jetstream::Context, name: &str, subject: String) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Sequence", i64::MAX.to_string().as_str());
+        let answer = match jetstream.publish_with_headers(subject.clone(), headers, Bytes::new()).await {
+            Ok(ack) => ack.await.map(drop),
+            Err(error) => Err(error),
+        };
+        match answer {
+            Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
+                if started.elapsed() >= NATS_STREAM_READY_WAIT {
+                    return Err(format!("stream {name} does not take publishes on {subject} after {NATS_STREAM_READY_WAIT:?}"));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(error) if error.kind() != PublishErrorKind::WrongLastSequence => return Err(format!("probing stream {name}: {error}")),
+            _ => return Ok(()),
+        }
     }
 }
 
