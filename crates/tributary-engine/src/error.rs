@@ -12,6 +12,10 @@ pub enum StreamError {
     PartitionNotFound { topic: String, partition: u32, partitions: u32 },
     #[error("{0}")]
     Invalid(String),
+    /// A record was over a size limit of the backend (which the message names); nothing of the
+    /// request was written.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("member {member:?} is not in group {group:?} (expired after its session timeout, or never joined): join again")]
     UnknownMember { group: String, member: String },
     #[error("group {group:?} rebalanced to generation {current}; member {member:?} is at {given}: heartbeat to get the new assignment")]

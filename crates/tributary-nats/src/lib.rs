@@ -32,7 +32,7 @@
 //!   interval unless configured otherwise), whatever the topic's `durability` says.
 //! - A record travels in one NATS message, bounded by the server's `max_payload` (1 MiB by
 //!   default) together with its envelope and headers, so one near `MESSAGE_BYTES_MAX` is
-//!   refused (`Invalid`, naming `max_payload`) before anything of the produce is sent.
+//!   refused (`TooLarge`, naming `max_payload`) before anything of the produce is sent.
 //! - A topic's configuration is read from the KV bucket on each call (one round trip); there is
 //!   no node-local cache to go stale when another node deletes a topic.
 
@@ -104,10 +104,19 @@ fn headers_wire_len(headers: &async_nats::HeaderMap) -> usize {
     12 + lines
 }
 
+/// The first of `messages` (its index and size) over the server's `max_payload` (1 MiB unless
+/// nats-server is configured otherwise), and that maximum. Callers refuse the whole request when
+/// there is one, before anything is sent: a publish refused midway would leave the ones before
+/// it written.
+pub(crate) fn over_max_payload(jetstream: &jetstream::Context, messages: &[(String, async_nats::HeaderMap, Bytes)]) -> Option<(usize, usize, usize)> {
+    let max = jetstream.client().server_info().max_payload;
+    messages.iter().enumerate().map(|(index, (_, headers, payload))| (index, payload.len() + headers_wire_len(headers), max)).find(|&(_, size, max)| size > max)
+}
+
 /// The stream guarantees JetStream does not give (see the module docs).
 const STREAM_GAPS: &[Gap] = &[Gap {
     case: "largest_record",
-    reason: "a record travels in one NATS message, bounded by the server's max_payload (1 MiB by default) with its envelope (the record's bytes plus about 15, and 2 per header): a record that near MESSAGE_BYTES_MAX is refused as Invalid before anything is sent (raise max_payload in nats-server's configuration to carry it)",
+    reason: "a record travels in one NATS message, bounded by the server's max_payload (1 MiB by default) with its envelope (the record's bytes plus about 15, and 2 per header): a record that near MESSAGE_BYTES_MAX is refused as TooLarge before anything is sent (raise max_payload in nats-server's configuration to carry it)",
 }];
 
 /// Topics on NATS JetStream. Cheap to clone: clones share one connection.
@@ -365,18 +374,12 @@ impl NatsStreams {
         Ok(())
     }
 
-    /// Refuses, before anything is sent, messages over the server's `max_payload` (1 MiB unless
-    /// nats-server is configured otherwise), which bounds a record on this backend with its
-    /// envelope: a record near `MESSAGE_BYTES_MAX` does not fit.
+    /// Refuses a produce with a record over the server's `max_payload` ([`over_max_payload`]).
     fn check_payloads(&self, messages: &[(String, async_nats::HeaderMap, Bytes)]) -> Result<(), StreamError> {
-        let max = self.jetstream.client().server_info().max_payload;
-        for (index, (_, headers, payload)) in messages.iter().enumerate() {
-            let size = payload.len() + headers_wire_len(headers);
-            if size > max {
-                return Err(StreamError::Invalid(format!("record {index} is {size} bytes as a NATS message (in its envelope), over the server's max_payload ({max})")));
-            }
+        match over_max_payload(&self.jetstream, messages) {
+            Some((index, size, max)) => Err(StreamError::TooLarge(format!("record {index} is {size} bytes as a NATS message (in its envelope), over the server's max_payload ({max})"))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// (start, end) of a partition's stream.

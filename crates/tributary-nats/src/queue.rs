@@ -61,7 +61,7 @@ use tributary_engine::queue::{
     check_lease, check_publish, check_receipts, check_receive,
 };
 
-use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape, publish_in_order, unescape};
+use crate::{Connect, connect_namespace, delete_stream_if_any, delete_streams, escape, over_max_payload, publish_in_order, unescape};
 
 const BACKEND: &str = "nats";
 
@@ -364,6 +364,9 @@ impl NatsQueues {
             let payload = postcard::to_allocvec(&envelope).map_err(backend)?;
             sends.push((self.subject(queue, message.priority), headers, Bytes::from(payload)));
             priorities.push(message.priority);
+        }
+        if let Some((_, size, max)) = over_max_payload(&self.jetstream, &sends) {
+            return Err(QueueError::LimitExceeded { limit: "max_payload (of the NATS server, for a message in its envelope)", max: max as u64, got: size as u64 });
         }
         let acks = publish_in_order(&self.jetstream, sends).await.map_err(|e| backend(format!("publishing to queue {queue:?}: {e}")))?;
         Ok(priorities.into_iter().zip(acks).map(|(priority, ack)| MessageId { priority, offset: ack.sequence - 1 }).collect())

@@ -191,3 +191,16 @@ async fn a_publish_on_one_node_reaches_the_subscribers_of_another() {
     assert_eq!((got.subject.as_str(), got.offset, &got.message[..]), ("chat.general", 7, &b"hello"[..]));
     assert!(elsewhere.recv(Duration::from_millis(300)).await.is_err(), "another namespace saw the message");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_max_payload_is_too_large_and_nothing_of_its_produce_is_written() {
+    let streams = NatsStreams::connect(&nats_url(), &namespace("payload")).await.unwrap();
+    streams.create_topic("big", TopicConfig { partitions: 1, ..TopicConfig::default() }).await.unwrap();
+    let largest = Record::from_value(vec![b'v'; tributary_core::limits::MESSAGE_BYTES_MAX]);
+    let refused = streams.produce("big", vec![Record::from_value("small"), largest]).await.unwrap_err();
+    assert!(matches!(&refused, tributary_engine::StreamError::TooLarge(m) if m.contains("record 1") && m.contains("max_payload")), "{refused}");
+    assert_eq!(streams.offsets("big", 0).await.unwrap(), (0, 0), "the record before the large one was not written");
+    streams.produce("big", vec![Record::from_value("after")]).await.unwrap();
+    assert_eq!(streams.offsets("big", 0).await.unwrap(), (0, 1));
+    streams.delete_namespace().await.unwrap();
+}

@@ -116,6 +116,7 @@ impl From<StreamError> for ApiError {
             StreamError::TopicNotFound(_) | StreamError::PartitionNotFound { .. } => ApiError::not_found(message),
             StreamError::TopicExists { .. } => ApiError::conflict(message),
             StreamError::Invalid(_) => ApiError::bad_request(message),
+            StreamError::TooLarge(_) => ApiError::too_large(message),
             StreamError::UnknownMember { .. } | StreamError::StaleGeneration { .. } | StreamError::NotAssigned { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "rebalance", message)
             }

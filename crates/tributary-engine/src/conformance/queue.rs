@@ -24,6 +24,7 @@ pub const CASES: &[Case] = &[
     Case { name: "extend", guarantee: "extending a lease keeps the message from coming back past the original deadline", run: extend },
     Case { name: "nack_delay", guarantee: "a nacked message comes back after the delay given, not before", run: nack_delay },
     Case { name: "dead_letter", guarantee: "a message nacked on its last allowed delivery is dead-lettered with its group and count, and not delivered again", run: dead_letter },
+    Case { name: "largest_message", guarantee: "a message of MESSAGE_BYTES_MAX bytes (body, key and headers, less the queue's 512 of its own) comes back whole, and dead-lettered whole with the longest group name", run: largest_message },
     Case { name: "dead_letter_on_lease", guarantee: "a message whose last allowed lease expires is dead-lettered, not delivered again", run: dead_letter_on_lease },
     Case { name: "dedup", guarantee: "a dedup id published again within the window returns the first id and is delivered once", run: dedup },
     Case { name: "stale_receipt", guarantee: "the receipt of an earlier delivery attempt is Stale and does not ack the redelivery", run: stale_receipt },
@@ -232,6 +233,32 @@ fn dead_letter(s: &dyn QueueStore, queue: String) -> CaseFuture<'_> {
         check_eq!(letters[0].body.as_ref(), b"doomed");
         check_eq!(letters[0].key.as_deref(), Some(&b"k"[..]));
         check!(ok(s.dead_letters(&queue, Some("other"), 0, 10).await, "dead letters of another group")?.is_empty(), "another group's filter returned letters");
+        Ok(())
+    })
+}
+
+fn largest_message(s: &dyn QueueStore, queue: String) -> CaseFuture<'_> {
+    Box::pin(async move {
+        ok(s.create_queue(&queue, config(30_000, 1)).await, "create")?;
+        let mut message = NewMessage::new(Bytes::from(vec![b'm'; tributary_core::limits::MESSAGE_BYTES_MAX - 512 - 3])).key("k");
+        message.headers = vec![Header { name: "h".into(), value: Bytes::from_static(b"1") }];
+        let ids = ok(s.publish(&queue, vec![message.clone()]).await, "a message of the largest size")?;
+        let group = "g".repeat(tributary_core::limits::NAME_BYTES_MAX);
+        let got = receive_n(s, &queue, &group, "c", 1, Duration::from_secs(5)).await?;
+        check!(got.len() == 1, "the largest message was not delivered");
+        check!(got[0].body == message.body && got[0].key == message.key && got[0].headers == message.headers, "the largest message came back changed");
+        check_eq!(ok(s.nack(&queue, &group, vec![got[0].receipt.clone()], Some(0)).await, "nack")?, vec![ReceiptOutcome::Ok]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let letters = loop {
+            let letters = ok(s.dead_letters(&queue, Some(&group), 0, 1).await, "dead letters")?;
+            if !letters.is_empty() || Instant::now() >= deadline {
+                break letters;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        check_eq!(letters.len(), 1);
+        check_eq!(letters[0].id, ids[0]);
+        check!(letters[0].body == message.body && letters[0].key == message.key, "the largest message was dead-lettered changed");
         Ok(())
     })
 }
