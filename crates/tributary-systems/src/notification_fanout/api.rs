@@ -24,7 +24,7 @@ use tributary_server::utoipa_axum::router::OpenApiRouter;
 use tributary_server::utoipa_axum::routes;
 use tributary_server::{ApiError, Json};
 
-use super::process::{self, DeliveryState, FanoutConfig, MembersRequest, NotificationView, ReadRequest, Subscriber, TriggerRequest, TriggerResponse};
+use super::process::{self, DeliveryState, FanoutConfig, MembersRequest, NotificationView, ReadRequest, Subscriber, SubscribersRequest, TriggerRequest, TriggerResponse};
 use super::{Fanout, ID, INBOX_PAGE_MAX};
 
 type Shared = State<Arc<Fanout>>;
@@ -40,6 +40,7 @@ pub fn router(system: Arc<Fanout>) -> OpenApiRouter {
     OpenApiRouter::new()
         .routes(routes!(overview))
         .routes(routes!(get_config, put_config))
+        .routes(routes!(put_subscribers))
         .routes(routes!(get_subscriber, put_subscriber, delete_subscriber))
         .routes(routes!(get_topic))
         .routes(routes!(change_members))
@@ -104,8 +105,22 @@ async fn get_subscriber(State(system): Shared, Path(id): Path<String>) -> Result
 async fn put_subscriber(State(system): Shared, Path(id): Path<String>, body: Result<Json<Subscriber>, ApiError>) -> Result<(StatusCode, axum::Json<Subscriber>), ApiError> {
     let result = async {
         let subscriber = process::check_subscriber(&id, body?.0)?;
-        let new = system.put_subscriber(subscriber.clone()).await?;
+        let new = system.put_subscribers(std::slice::from_ref(&subscriber)).await? == 1;
         Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(subscriber)))
+    }
+    .await;
+    counted(&system, result)
+}
+
+/// Create or replace up to `SUBSCRIBERS_PER_REQUEST_MAX` subscribers, each with its id, in one
+/// transaction: all are written or none (a bad one is named by its index).
+#[utoipa::path(post, path = "/v1/fanout/subscribers", tag = ID, request_body = SubscribersRequest,
+    responses((status = 200, description = "`{\"created\": n, \"replaced\": n}`"), (status = 400, description = "bad field, named with its index"), (status = 413, description = "over a named limit")))]
+async fn put_subscribers(State(system): Shared, body: Result<Json<SubscribersRequest>, ApiError>) -> Result<axum::Json<Value>, ApiError> {
+    let result = async {
+        let subscribers = process::check_subscribers(body?.0)?;
+        let created = system.put_subscribers(&subscribers).await?;
+        Ok(axum::Json(json!({"created": created, "replaced": subscribers.len() - created})))
     }
     .await;
     counted(&system, result)

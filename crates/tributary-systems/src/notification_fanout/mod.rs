@@ -43,6 +43,7 @@
 //! | route | what |
 //! |---|---|
 //! | `PUT`/`GET`/`DELETE /v1/fanout/subscribers/{id}` | a subscriber: contacts, timezone, preferences, quiet hours |
+//! | `POST /v1/fanout/subscribers` | up to `SUBSCRIBERS_PER_REQUEST_MAX` subscribers created or replaced in one transaction |
 //! | `PUT /v1/fanout/topics/{topic}/members`, `GET /v1/fanout/topics/{topic}` | topic membership (`{"add":[…],"remove":[…]}`) |
 //! | `POST /v1/fanout/notifications` | trigger 1..`NOTIFICATIONS_PER_REQUEST_MAX` notifications; 202 once durable |
 //! | `GET /v1/fanout/notifications/{id}` | the notification, its deliveries' counts by status, a page of deliveries |
@@ -745,8 +746,9 @@ impl Fanout {
             Ok(())
         })
         .await?;
-        for subscriber in subscribers.into_values().flatten() {
-            self.put_subscriber(subscriber).await?;
+        let subscribers: Vec<Subscriber> = subscribers.into_values().flatten().collect();
+        for chunk in subscribers.chunks(process::SUBSCRIBERS_PER_REQUEST_MAX) {
+            self.put_subscribers(chunk).await?;
         }
         let mut members: BTreeMap<(String, String), bool> = BTreeMap::new();
         self.read_all(LEGACY_MEMBERS_TOPIC, |_, record| {
@@ -854,21 +856,38 @@ impl Fanout {
         Ok(value.max(0) as u64)
     }
 
-    /// Create or replace a subscriber (durably). `true` if it was new.
-    pub async fn put_subscriber(&self, subscriber: Subscriber) -> Result<bool, ApiError> {
-        let body = to_json(&subscriber);
-        let mut transaction = self.db.writer().begin().await?;
-        let inserted = sqlx::query("INSERT INTO fanout_subscribers (id, body) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING").bind(subscriber.id.clone()).bind(body.clone()).execute(&mut *transaction).await?.rows_affected() == 1;
-        if inserted {
-            let total = Self::count(&mut transaction, "subscribers", 1).await?;
-            if total > process::SUBSCRIBERS_MAX as u64 {
-                return Err(ApiError::too_large(format!("there are SUBSCRIBERS_MAX ({}) subscribers", process::SUBSCRIBERS_MAX)));
+    /// Create or replace `subscribers` (distinct ids) durably, in one transaction: all or none.
+    /// How many were new. Refused whole when the new ones would pass `SUBSCRIBERS_MAX`.
+    pub async fn put_subscribers(&self, subscribers: &[Subscriber]) -> Result<usize, ApiError> {
+        let mut rows: Vec<(String, String)> = subscribers.iter().map(|subscriber| (subscriber.id.clone(), to_json(subscriber))).collect();
+        // In id order, so that requests naming some of the same subscribers lock them in one
+        // order and cannot deadlock.
+        rows.sort_unstable();
+        let bind_rows = |sql: String, rows: &[&(String, String)]| {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (id, body) in rows {
+                query = query.bind(id.clone()).bind(body.clone());
             }
-        } else {
-            sqlx::query("UPDATE fanout_subscribers SET body = $1 WHERE id = $2").bind(body).bind(subscriber.id).execute(&mut *transaction).await?;
+            query
+        };
+        let mut transaction = self.db.writer().begin().await?;
+        let mut created = 0;
+        for chunk in rows.chunks(rows_per_statement(2)) {
+            let chunk: Vec<&(String, String)> = chunk.iter().collect();
+            let sql = format!("INSERT INTO fanout_subscribers (id, body) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id", value_rows(chunk.len(), 2));
+            let inserted = bind_rows(sql, &chunk).fetch_all(&mut *transaction).await?.iter().map(|row| row.try_get::<String, _>(0)).collect::<Result<HashSet<String>, _>>()?;
+            created += inserted.len();
+            let existing: Vec<&(String, String)> = chunk.into_iter().filter(|(id, _)| !inserted.contains(id)).collect();
+            if !existing.is_empty() {
+                let sql = format!("INSERT INTO fanout_subscribers (id, body) VALUES {} ON CONFLICT (id) DO UPDATE SET body = excluded.body", value_rows(existing.len(), 2));
+                bind_rows(sql, &existing).execute(&mut *transaction).await?;
+            }
+        }
+        if created > 0 && Self::count(&mut transaction, "subscribers", created as i64).await? > process::SUBSCRIBERS_MAX as u64 {
+            return Err(ApiError::too_large(format!("there are SUBSCRIBERS_MAX ({}) subscribers", process::SUBSCRIBERS_MAX)));
         }
         transaction.commit().await?;
-        Ok(inserted)
+        Ok(created)
     }
 
     pub async fn subscriber(&self, id: &str) -> Result<Option<Subscriber>, ApiError> {

@@ -28,6 +28,8 @@ pub const TOPICS_MAX: usize = 100_000;
 pub const MEMBERS_PER_REQUEST_MAX: usize = 10_000;
 /// Most subscribers.
 pub const SUBSCRIBERS_MAX: usize = 10_000_000;
+/// Most subscribers one bulk registration (`POST /v1/fanout/subscribers`) creates or replaces.
+pub const SUBSCRIBERS_PER_REQUEST_MAX: usize = 1_000;
 /// Longest user id, topic name, category or provider name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
 /// Largest `data` of a notification, serialized, in bytes.
@@ -270,6 +272,36 @@ pub fn check_subscriber(id: &str, mut subscriber: Subscriber) -> Result<Subscrib
         }
     }
     Ok(subscriber)
+}
+
+/// `POST /v1/fanout/subscribers`: subscribers created or replaced together, each with its id.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribersRequest {
+    pub subscribers: Vec<Subscriber>,
+}
+
+/// Checks a bulk registration: 1 to `SUBSCRIBERS_PER_REQUEST_MAX` subscribers with distinct
+/// ids, each as [`check_subscriber`] checks it (the error names the index).
+pub fn check_subscribers(request: SubscribersRequest) -> Result<Vec<Subscriber>, ApiError> {
+    let count = request.subscribers.len();
+    if count == 0 {
+        return Err(ApiError::bad_request("subscribers is empty"));
+    }
+    if count > SUBSCRIBERS_PER_REQUEST_MAX {
+        return Err(ApiError::too_large(format!("subscribers holds {count}; SUBSCRIBERS_PER_REQUEST_MAX is {SUBSCRIBERS_PER_REQUEST_MAX}")));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    let mut checked = Vec::with_capacity(count);
+    for (index, subscriber) in request.subscribers.into_iter().enumerate() {
+        let id = subscriber.id.clone();
+        let subscriber = check_subscriber(&id, subscriber).map_err(|error| ApiError { message: format!("subscribers[{index}]: {}", error.message), ..error })?;
+        if !seen.insert(id) {
+            return Err(ApiError::bad_request(format!("subscribers[{index}]: id {:?} is given twice", subscriber.id)));
+        }
+        checked.push(subscriber);
+    }
+    Ok(checked)
 }
 
 /// How long quiet hours hold a delivery made at `now_ms` (0: not in quiet hours).

@@ -379,6 +379,38 @@ async fn bad_input_is_refused_with_the_field_and_the_limit_named(backend: Backen
     app.stop(true).await;
 }
 
+on_both!(subscribers_are_created_and_replaced_in_bulk_all_or_none);
+async fn subscribers_are_created_and_replaced_in_bulk_all_or_none(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path(), false, &backend).await;
+    app.subscriber("ann", json!({"email": "ann@example.org"})).await;
+    let mut batch: Vec<Value> = (1..1_000).map(|i| json!({"id": format!("b{i:04}"), "push_tokens": [format!("device-{i}")]})).collect();
+    batch.insert(500, json!({"id": "ann", "email": "ann@example.com", "timezone_offset_minutes": 60}));
+    let (status, answer) = app.post("/v1/fanout/subscribers", json!({"subscribers": batch})).await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({"created": 999, "replaced": 1})));
+    let (_, ann) = app.get("/v1/fanout/subscribers/ann").await;
+    assert_eq!((ann["email"].as_str(), ann["timezone_offset_minutes"].as_i64()), (Some("ann@example.com"), Some(60)), "{ann}");
+    assert_eq!(app.get("/v1/fanout/subscribers/b0999").await.1["push_tokens"], json!(["device-999"]));
+    assert_eq!(app.get("/v1/fanout").await.1["subscribers"], 1_000);
+    // Refused whole, naming the subscriber by index; nothing of the request is written.
+    let refusals = [
+        (json!({"subscribers": [{"id": "c1"}, {"id": "c2"}, {"id": "c3", "phone": "12345"}]}), StatusCode::BAD_REQUEST, "subscribers[2]: phone"),
+        (json!({"subscribers": [{"id": "c1"}, {"email": "x@example.org"}]}), StatusCode::BAD_REQUEST, "subscribers[1]: subscriber id"),
+        (json!({"subscribers": [{"id": "c1"}, {"id": "c2"}, {"id": "c1"}]}), StatusCode::BAD_REQUEST, "subscribers[2]: id \"c1\" is given twice"),
+        (json!({"subscribers": (0..1_001).map(|i| json!({"id": format!("c{i}")})).collect::<Vec<_>>()}), StatusCode::PAYLOAD_TOO_LARGE, "SUBSCRIBERS_PER_REQUEST_MAX"),
+        (json!({"subscribers": []}), StatusCode::BAD_REQUEST, "empty"),
+    ];
+    for (body, status, named) in refusals {
+        let answer = app.post("/v1/fanout/subscribers", body).await;
+        assert_eq!(answer.0, status, "{}", answer.1);
+        let message = answer.1["error"]["message"].as_str().unwrap();
+        assert!(message.contains(named), "{message:?} does not name {named:?}");
+    }
+    assert_eq!(app.get("/v1/fanout/subscribers/c1").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(app.get("/v1/fanout").await.1["subscribers"], 1_000);
+    app.stop(true).await;
+}
+
 on_both!(push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient);
 async fn push_fails_over_on_5xx_and_timeout_and_a_4xx_fails_only_that_recipient(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();

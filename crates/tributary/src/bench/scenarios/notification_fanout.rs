@@ -21,6 +21,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tributary_runtime::catalogue::System as SystemSpec;
+use tributary_systems::notification_fanout::process::SUBSCRIBERS_PER_REQUEST_MAX;
 
 use super::{PUBLISH_BATCH_DEFAULT, Run, Scenario, expect_status, padding, publish_batch};
 use crate::bench::system::SystemArgs;
@@ -35,8 +36,9 @@ pub struct NotificationFanout {
 
 /// Subscribers when `--subscriptions` does not say.
 const USERS_DEFAULT: usize = 10_000;
-/// Subscribers registered per request of the set-up (one PUT each, this many at once).
-const SETUP_CONCURRENCY: usize = 64;
+/// Bulk registrations of the set-up in flight at once (each of up to
+/// `SUBSCRIBERS_PER_REQUEST_MAX` subscribers).
+const SETUP_CONCURRENCY: usize = 4;
 /// Bytes of a notification's data besides its padding.
 const DATA_OVERHEAD_BYTES: usize = 20;
 /// Tokens per second (and burst) of the channel and of each provider: far above the load.
@@ -91,20 +93,21 @@ impl Scenario for NotificationFanout {
         let response = run.client.put(format!("{}/v1/fanout/config", run.base)).json(&config).send().await?;
         anyhow::ensure!(response.status().is_success(), "configuring the providers: {}", response.text().await.unwrap_or_default());
         let users: Vec<u64> = (0..self.users as u64).collect();
-        for chunk in users.chunks(SETUP_CONCURRENCY) {
-            let puts = chunk.iter().map(|&i| {
-                let user = self.user(run, i);
-                let request = run.client.put(format!("{}/v1/fanout/subscribers/{user}", run.base)).json(&json!({"push_tokens": [format!("device-{i}")]}));
+        let batches: Vec<&[u64]> = users.chunks(SUBSCRIBERS_PER_REQUEST_MAX).collect();
+        for together in batches.chunks(SETUP_CONCURRENCY) {
+            let posts = together.iter().map(|batch| {
+                let subscribers: Vec<serde_json::Value> = batch.iter().map(|&i| json!({"id": self.user(run, i), "push_tokens": [format!("device-{i}")]})).collect();
+                let request = run.client.post(format!("{}/v1/fanout/subscribers", run.base)).json(&json!({"subscribers": subscribers}));
                 async move {
                     let response = request.send().await?;
                     let status = response.status();
                     // Read to the end so that the connection goes back to the pool.
                     let body = response.bytes().await?;
-                    anyhow::ensure!(status.is_success(), "registering {user}: {status} {}", String::from_utf8_lossy(&body));
+                    anyhow::ensure!(status.is_success(), "registering {} subscribers: {status} {}", batch.len(), String::from_utf8_lossy(&body));
                     Ok(())
                 }
             });
-            for result in futures_util::future::join_all(puts).await {
+            for result in futures_util::future::join_all(posts).await {
                 result?;
             }
         }
