@@ -125,6 +125,9 @@ pub struct SystemReport {
     pub unexpected: u64,
     /// The scenario's settings.
     pub scenario: serde_json::Value,
+    /// Seconds the scenario's preparation took (registering subscribers or subscriptions),
+    /// before the schedule.
+    pub prepare_seconds: f64,
     pub target: Target,
     pub targets: Targets,
     /// Peak phase: the steps tried and the highest rate sustained.
@@ -332,6 +335,7 @@ impl Shared<'_> {
             consumers: measured.scenario["consumers"].as_u64().map_or(1, |c| c as usize),
             unexpected: measured.unexpected,
             scenario: measured.scenario,
+            prepare_seconds: measured.prepare_seconds,
             target: Target { rate: if phase.name == "peak" { rate } else { self.seed_rate }, percentile: latency.percentile, latency_ms: latency.ms, met },
             targets,
             peak: None,

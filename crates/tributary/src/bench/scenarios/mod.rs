@@ -398,6 +398,9 @@ pub struct Measured {
     pub series: Vec<SecondSummary>,
     pub faults: Vec<FaultReport>,
     pub scenario: serde_json::Value,
+    /// Seconds the scenario's preparation took (registering subscribers or subscriptions),
+    /// before the schedule.
+    pub prepare_seconds: f64,
 }
 
 /// How long receivers keep going after the last publish to collect stragglers.
@@ -419,7 +422,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 pub async fn drive<S: Scenario>(scenario: Arc<S>, phase: Phase) -> anyhow::Result<Measured> {
     let (batch, receivers) = (scenario.batch(), scenario.receivers().max(1));
     // Preparing may take long (a million subscriptions): the schedule starts after it.
+    let preparing = Instant::now();
     scenario.prepare(&Arc::new(Run::new(&phase, batch, receivers, |_, _| true, false))).await?;
+    let prepare_seconds = preparing.elapsed().as_secs_f64();
     let run = Arc::new(Run::new(&phase, batch, receivers, |r, seq| scenario.expects(r, seq), true));
     let receivers = scenario.start_receivers(&run).await?;
     if let Some(progress) = &phase.progress {
@@ -501,7 +506,7 @@ pub async fn drive<S: Scenario>(scenario: Arc<S>, phase: Phase) -> anyhow::Resul
     if let Some(progress) = &phase.progress {
         progress.set_position(run.total);
     }
-    Ok(account(&run, &phase, sent, fault_times, scenario.describe()))
+    Ok(Measured { prepare_seconds, ..account(&run, &phase, sent, fault_times, scenario.describe()) })
 }
 
 /// Inject the phase's faults on time; returns them with what was measured while injecting.
@@ -643,6 +648,7 @@ fn account(run: &Run, phase: &Phase, sent: u64, faults: Vec<(FaultReport, u64)>,
         series,
         faults,
         scenario,
+        prepare_seconds: 0.0,
     }
 }
 
