@@ -244,9 +244,10 @@ async fn await_ingest(jetstream: &jetstream::Context, name: &str, subject: Strin
             Err(error) => Err(error),
         };
         match answer {
-            Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
+            // No responder yet, or (in a cluster) no answer while the stream elects its leader.
+            Err(error) if matches!(error.kind(), PublishErrorKind::StreamNotFound | PublishErrorKind::TimedOut) => {
                 if started.elapsed() >= NATS_STREAM_READY_WAIT {
-                    return Err(format!("stream {name} does not take publishes on {subject} after {NATS_STREAM_READY_WAIT:?}"));
+                    return Err(format!("stream {name} does not take publishes on {subject} after {NATS_STREAM_READY_WAIT:?}: {error}"));
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(100));
