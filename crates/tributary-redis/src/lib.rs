@@ -59,6 +59,34 @@ end
 return value
 ";
 
+/// `Cache::throttle` on Redis's own clock (`TIME`), so every node shares one clock as well as
+/// the limit. KEYS[1]: the limit; ARGV: interval and horizon in microseconds, burst. The key
+/// holds the theoretical arrival time in microseconds and expires once the limit is full again.
+const THROTTLE: &str = r"
+redis.replicate_commands()
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local interval = tonumber(ARGV[1])
+local horizon = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local stored = redis.call('GET', KEYS[1])
+local tat = now
+if stored then
+  tat = tonumber(stored)
+  if not tat then
+    return redis.error_reply('ERR value is not an integer or out of range')
+  end
+end
+if tat < now then tat = now end
+local due = tat + interval
+local wait = due - interval * burst - now
+if wait < 0 then wait = 0 end
+if wait <= horizon then
+  redis.call('SET', KEYS[1], string.format('%d', due), 'PX', math.floor((due - now) / 1000) + 2)
+end
+return wait
+";
+
 /// A cache on Redis. Cheap to clone: clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct RedisCache {
@@ -66,6 +94,7 @@ pub struct RedisCache {
     connection: ConnectionManager,
     namespace: Vec<u8>,
     incr_with_ttl: Script,
+    throttle: Script,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -81,7 +110,7 @@ impl RedisCache {
         let connection = client.get_connection_manager().await.map_err(backend)?;
         let mut prefix = namespace.as_bytes().to_vec();
         prefix.push(b':');
-        Ok(RedisCache { client, connection, namespace: prefix, incr_with_ttl: Script::new(INCR_WITH_TTL) })
+        Ok(RedisCache { client, connection, namespace: prefix, incr_with_ttl: Script::new(INCR_WITH_TTL), throttle: Script::new(THROTTLE) })
     }
 
     /// A connection of its own subscribed to `channel` (namespaced), once Redis confirmed it.
@@ -314,6 +343,20 @@ impl CacheStore for RedisCache {
         Box::pin(async move {
             check_key(key)?;
             self.run(key, KeyType::String, cmd("INCRBY").arg(self.key(key)).arg(delta)).await
+        })
+    }
+
+    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration) -> StoreFuture<'a, Duration> {
+        Box::pin(async move {
+            check_key(key)?;
+            let interval = interval.as_micros().clamp(1, u128::from(u32::MAX)) as u64;
+            let horizon = horizon.as_micros().min(u128::from(u64::MAX >> 12)) as u64;
+            let mut connection = self.connection.clone();
+            let result: Result<i64, RedisError> = self.throttle.key(self.key(key)).arg(interval).arg(horizon).arg(burst.max(1)).invoke_async(&mut connection).await;
+            match result {
+                Ok(wait) => Ok(Duration::from_micros(wait.max(0) as u64)),
+                Err(e) => Err(self.error(key, KeyType::String, e).await),
+            }
         })
     }
 

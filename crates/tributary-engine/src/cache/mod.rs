@@ -379,6 +379,43 @@ impl Cache {
         self.incr(key, delta, Some(deadline))
     }
 
+    /// Takes a slot of the rate limit at `key`: one slot per `interval`, at most `burst` taken
+    /// at once (GCRA: the key holds the limit's theoretical arrival time, in microseconds of the
+    /// cache's clock, as a counter that expires once the limit is full again). The next slot is
+    /// taken if it is due within `horizon`; the answer is how long until it is due (zero: now).
+    /// An answer over `horizon` took nothing. Every node sharing the cache shares the limit.
+    pub fn throttle(&self, key: &[u8], interval: Duration, burst: u32, horizon: Duration) -> CacheResult<Duration> {
+        check_key(key)?;
+        let interval = interval.as_micros().clamp(1, u128::from(u32::MAX)) as i64;
+        let allowance = interval * i64::from(burst.max(1));
+        let horizon = horizon.as_micros().min(i64::MAX as u128) as i64;
+        self.with_shard(key, |s, now_ms, cap| {
+            let now = now_ms.saturating_mul(1_000);
+            let found = s.find(key, now_ms, cap);
+            let tat = match found.map(|i| &s.entry(i).value) {
+                None => now,
+                Some(Value::Int(n)) => *n,
+                Some(Value::Str(b)) => parse_i64(b)?,
+                Some(other) => return Err(wrong_type(KeyType::String, other)),
+            };
+            let next = tat.max(now).saturating_add(interval);
+            let wait = next.saturating_sub(allowance).saturating_sub(now).max(0);
+            if wait <= horizon {
+                let full_again_ms = Some((next + 999) / 1_000 + 1);
+                match found {
+                    Some(i) => {
+                        s.entry(i).value = Value::Int(next);
+                        s.set_expiry(i, full_again_ms);
+                    }
+                    None => {
+                        s.insert(key, Value::Int(next), full_again_ms, now_ms, cap)?;
+                    }
+                }
+            }
+            Ok(Duration::from_micros(wait as u64))
+        })
+    }
+
     fn incr(&self, key: &[u8], delta: i64, deadline_if_new: Option<i64>) -> CacheResult<i64> {
         check_key(key)?;
         self.with_shard(key, |s, now, cap| {
