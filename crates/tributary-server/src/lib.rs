@@ -20,6 +20,7 @@ pub mod json;
 pub mod webhook;
 mod metrics_layer;
 pub mod presence;
+pub mod rate_limits;
 pub mod rounds;
 pub mod shared_log;
 
@@ -42,6 +43,7 @@ pub use error::{ApiError, blocking, on_backend, renew_leases, wait_in_place};
 pub use gateway::{Gateway, WsConnection};
 pub use json::Json;
 pub use presence::Presence;
+pub use rate_limits::RateLimits;
 pub use utoipa;
 pub use utoipa_axum;
 

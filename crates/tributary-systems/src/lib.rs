@@ -75,6 +75,15 @@ impl Context {
         Ok(opened?)
     }
 
+    /// Rate limits for the system `name`: shared by every node through the shared cache when
+    /// there is one (a rate then holds for the deployment), else this node's own.
+    pub fn rate_limits(&self, name: &str) -> tributary_server::RateLimits {
+        match &self.shared_cache {
+            Some(cache) => tributary_server::RateLimits::shared(cache.clone(), name),
+            None => tributary_server::RateLimits::local(),
+        }
+    }
+
     /// Presence for the system `name`: shared by every node through the shared cache when there
     /// is one, else this node's own.
     pub fn presence(&self, name: &str) -> tributary_server::Presence {

@@ -36,7 +36,9 @@
 //! the data folder when embedded, the shared PostgreSQL with `--db`): subscribers, topic members,
 //! each delivery's latest state (the row points at its event; a row only moves to a later
 //! event), open digests, inboxes, the configuration, idempotency keys and the expanders' leases
-//! and offsets. The circuit breakers, token buckets and counters are each node's own.
+//! and offsets. The channels' and providers' token buckets are in the shared cache when the node
+//! has one (`--cache`, Redis: a rate holds for every node together), else the node's own. The
+//! circuit breakers and counters are each node's own.
 //!
 //! # Routes
 //!
@@ -126,8 +128,10 @@
 //! - Providers speak one generic JSON shape over `http://` (no FCM/APNs/Twilio adapters, no TLS
 //!   client in this build). No per-user rate limits, no delay or throttle steps of a workflow, no
 //!   templates (the trigger carries title, body and data).
-//! - The circuit breaker and token buckets are per node and in memory (full after a restart): on
-//!   N nodes a channel's rate is N times its configured rate.
+//! - The circuit breaker is per node and in memory (closed after a restart). Without a shared
+//!   cache the token buckets are too (full after a restart): on N nodes a channel's rate is then
+//!   N times its configured rate. With one, a node whose cache does not answer limits on its own
+//!   buckets until it answers again (`rate_fallbacks` in the status).
 //! - The email leg counts as delivered when the email system accepted the email; its own status
 //!   (delivered, bounced) is at its API under the stored email id.
 //! - Per-user signed tokens for the inbox connections are not implemented: behind API tokens, the
@@ -156,11 +160,10 @@ use tributary_engine::StreamError;
 use tributary_engine::queue::{Delivery, NewMessage, QUEUE_DEDUP_WINDOW_MS_MAX, QUEUE_DELIVERIES_MAX_MAX, QueueConfig, QueueError, QueueStats, QueueStore, Receipt};
 use tributary_engine::stream::{StreamStore, TopicConfig};
 use tributary_runtime::SystemMetrics;
-use tributary_runtime::shaping::TokenBuckets;
 use tributary_server::shared_log::{self, Reader, SharedLog};
 use tributary_server::webhook::WebhookError;
 use tributary_server::rounds::Rounds;
-use tributary_server::{ApiError, Gateway, SystemApi, on_backend};
+use tributary_server::{ApiError, Gateway, RateLimits, SystemApi, on_backend};
 use tributary_sql::sqlx::{self, Row};
 use tributary_sql::{Db, Migration, Schema, placeholders, rows_per_statement, value_rows};
 
@@ -316,8 +319,9 @@ pub struct Fanout {
     config_write: tokio::sync::Mutex<()>,
     /// This node's live inbox connections, by user.
     live: Mutex<HashMap<String, broadcast::Sender<String>>>,
-    channel_buckets: TokenBuckets<Channel>,
-    provider_buckets: TokenBuckets<String>,
+    /// The channels' (`channel/<channel>`) and providers' (`provider/<channel>/<name>`) token
+    /// buckets: shared by every node through the shared cache when there is one.
+    rates: RateLimits,
     /// Delivery id → the instant its reserved channel token becomes usable.
     reserved: Mutex<HashMap<String, u64>>,
     circuits: Mutex<HashMap<String, Circuit>>,
@@ -527,8 +531,7 @@ impl Fanout {
             config: RwLock::new((0, Arc::new(FanoutConfig::default()))),
             config_write: tokio::sync::Mutex::new(()),
             live: Mutex::new(HashMap::new()),
-            channel_buckets: TokenBuckets::new(),
-            provider_buckets: TokenBuckets::new(),
+            rates: context.rate_limits(ID),
             reserved: Mutex::new(HashMap::new()),
             circuits: Mutex::new(HashMap::new()),
             node: format!("{:x}", tributary_core::unique_u64()),
@@ -1420,7 +1423,7 @@ impl Fanout {
                     due - now
                 }
                 None => {
-                    let wait = self.channel_buckets.reserve(&channel, config.channel_rate(channel), now, THROTTLE_HORIZON_MS);
+                    let wait = self.rates.take(&format!("channel/{}", channel.as_str()), config.channel_rate(channel), now, THROTTLE_HORIZON_MS).await;
                     if wait > 0 && wait <= THROTTLE_HORIZON_MS {
                         self.reserved.lock().insert(job.state.id.clone(), now + wait);
                     }
@@ -1569,7 +1572,8 @@ impl Fanout {
                 wait_ms = Some(wait_ms.map_or(until - now, |w| w.min(until - now)));
                 continue;
             }
-            if let Err(wait) = self.provider_buckets.try_take(&key, provider.rate(), now) {
+            let wait = self.rates.take(&format!("provider/{key}"), provider.rate(), now, 0).await;
+            if wait > 0 {
                 wait_ms = Some(wait_ms.map_or(wait, |w| w.min(wait)));
                 continue;
             }
@@ -2063,6 +2067,8 @@ impl Fanout {
                 "failovers": load(&c.failovers), "circuit_opened": load(&c.circuit_opened), "orphans_queued": load(&c.orphans_queued),
             },
             "open_circuits": open_circuits,
+            "rate_limits": if self.rates.is_shared() { "shared" } else { "node" },
+            "rate_fallbacks": self.rates.fallbacks(),
             "subscribers": counter("subscribers").await,
             "topics": counter("topics").await,
             "backends": {"queues": self.queues.backend(), "streams": self.streams.backend(), "db": format!("{:?}", self.db.dialect()).to_lowercase()},

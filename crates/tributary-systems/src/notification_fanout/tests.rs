@@ -862,6 +862,36 @@ async fn two_nodes_share_subscribers_topics_expansion_deliveries_and_the_live_in
     backend.forget().await;
 }
 
+/// With a shared cache, a provider's bucket is one for every node: what one node took, the
+/// next node does not get again (nor after a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_with_a_shared_cache_share_each_providers_rate() {
+    let backend = Backend::nats();
+    let providers = Providers::start(&[("capped", Mode::Ok), ("spare", Mode::Ok)]).await;
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = App::start(dir_a.path(), false, &backend).await;
+    a.configure(json!({"providers": {"push": [providers.spec("capped", Some(json!({"rate_per_s": 0.01, "burst": 5}))), providers.spec("spare", None)]}})).await;
+    let users: Vec<Value> = (0..10).map(|i| json!({"id": format!("u{i}"), "push_tokens": [format!("device-{i}")]})).collect();
+    let (status, answer) = a.post("/v1/fanout/subscribers", json!({"subscribers": users})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let ids: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    let id = a.trigger(json!({"category": "promo", "users": ids, "channels": ["push"]})).await;
+    a.settled(&id).await;
+    assert_eq!((providers.got_by("capped").len(), providers.got_by("spare").len()), (5, 5), "node A: the burst of 5, then the spare");
+    a.stop(true).await;
+
+    // Another node, started after A stopped, finds the bucket as A left it.
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = App::start(dir_b.path(), false, &backend).await;
+    let id = b.trigger(json!({"category": "promo", "users": ids, "channels": ["push"]})).await;
+    b.settled(&id).await;
+    assert_eq!((providers.got_by("capped").len(), providers.got_by("spare").len()), (5, 15), "node B took nothing more from the capped provider");
+    let (_, overview) = b.get("/v1/fanout").await;
+    assert_eq!((overview["rate_limits"].as_str(), overview["rate_fallbacks"].as_u64()), (Some("shared"), Some(0)), "{overview:#}");
+    b.stop(true).await;
+    backend.forget().await;
+}
+
 /// A data folder from before the database: the configuration, subscribers, memberships and
 /// inboxes in compacted topics, the expanders' offsets in a consumer group, delivery states and
 /// idempotency keys only in the logs. The first start carries them over, once.
