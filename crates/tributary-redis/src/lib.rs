@@ -60,7 +60,7 @@ return value
 ";
 
 /// `Cache::throttle` on Redis's own clock (`TIME`), so every node shares one clock as well as
-/// the limit. KEYS[1]: the limit; ARGV: interval and horizon in microseconds, burst. The key
+/// the limit. KEYS[1]: the limit; ARGV: interval and horizon in microseconds, burst, count. The key
 /// holds the theoretical arrival time in microseconds and expires once the limit is full again.
 const THROTTLE: &str = r"
 redis.replicate_commands()
@@ -69,6 +69,7 @@ local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local interval = tonumber(ARGV[1])
 local horizon = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
 local stored = redis.call('GET', KEYS[1])
 local tat = now
 if stored then
@@ -78,7 +79,7 @@ if stored then
   end
 end
 if tat < now then tat = now end
-local due = tat + interval
+local due = tat + interval * count
 local wait = due - interval * burst - now
 if wait < 0 then wait = 0 end
 if wait <= horizon then
@@ -346,13 +347,13 @@ impl CacheStore for RedisCache {
         })
     }
 
-    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration) -> StoreFuture<'a, Duration> {
+    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration, count: u32) -> StoreFuture<'a, Duration> {
         Box::pin(async move {
             check_key(key)?;
             let interval = interval.as_micros().clamp(1, u128::from(u32::MAX)) as u64;
             let horizon = horizon.as_micros().min(u128::from(u64::MAX >> 12)) as u64;
             let mut connection = self.connection.clone();
-            let result: Result<i64, RedisError> = self.throttle.key(self.key(key)).arg(interval).arg(horizon).arg(burst.max(1)).invoke_async(&mut connection).await;
+            let result: Result<i64, RedisError> = self.throttle.key(self.key(key)).arg(interval).arg(horizon).arg(burst.max(1)).arg(count.max(1)).invoke_async(&mut connection).await;
             match result {
                 Ok(wait) => Ok(Duration::from_micros(wait.max(0) as u64)),
                 Err(e) => Err(self.error(key, KeyType::String, e).await),

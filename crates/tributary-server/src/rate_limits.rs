@@ -1,23 +1,45 @@
 //! Rate limits (token buckets) on what a system sends out, per key (a channel, a provider).
 //!
 //! [`RateLimits::local`] keeps this node's own buckets ([`TokenBuckets`]): on N nodes a rate
-//! holds per node, so N times over. [`RateLimits::shared`] takes every slot from the cache every
+//! holds per node, so N times over. [`RateLimits::shared`] takes the slots from the cache every
 //! node shares ([`CacheStore::throttle`], on Redis's clock), so a rate holds for the whole
-//! deployment: one round trip to the cache per slot. When the cache does not answer, the node
-//! falls back to buckets of its own for that call (each node then allows the whole rate) and
-//! logs it, rather than stopping its sends.
+//! deployment. A round trip per slot would cost more than the send at high rates, so a node
+//! takes slots a lease at a time: as many as the rate gives in [`RATE_LEASE`], at most a
+//! [`RATE_LEASE_BURST_DIVISOR`]th of the burst, at least one. It spends them on its next calls
+//! for that key, and what it has not spent within [`RATE_LEASE`] is dropped: unused, never
+//! sent. The deployment never passes the rate; it may fall short of it by the leases in hand.
+//! A tight limit (a burst under 20, or a rate under 100/s) leases one slot at a time.
+//!
+//! When the cache does not answer, the node falls back to buckets of its own for that call (each
+//! node then allows the whole rate) and counts and logs it, rather than stopping its sends.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tributary_engine::cache::CacheStore;
 use tributary_runtime::shaping::{Rate, TokenBuckets};
+
+/// How long a lease of slots taken from a shared limit may be spent by its node.
+pub const RATE_LEASE: Duration = Duration::from_millis(20);
+/// A lease holds at most this fraction of the limit's burst.
+pub const RATE_LEASE_BURST_DIVISOR: u32 = 10;
+
+/// Slots of one key a node has taken from the shared limit and not yet spent.
+#[derive(Clone, Copy)]
+struct Lease {
+    left: u64,
+    until_ms: u64,
+}
 
 /// A system's rate limits, kept by this node or shared by every node.
 pub struct RateLimits {
     /// The shared cache and the prefix of this system's keys in it.
     shared: Option<(Arc<dyn CacheStore>, String)>,
+    /// Leases in hand, by key (shared limits only).
+    leases: Mutex<HashMap<String, Lease>>,
     /// This node's buckets: all of them when local, the fallback when shared.
     local: TokenBuckets<String>,
     /// Slots taken from the node's own buckets because the shared cache failed.
@@ -27,12 +49,12 @@ pub struct RateLimits {
 impl RateLimits {
     /// Buckets of this node only.
     pub fn local() -> RateLimits {
-        RateLimits { shared: None, local: TokenBuckets::new(), fallbacks: AtomicU64::new(0) }
+        RateLimits { shared: None, leases: Mutex::new(HashMap::new()), local: TokenBuckets::new(), fallbacks: AtomicU64::new(0) }
     }
 
     /// Buckets every node shares through `cache`, under keys `rate/<system>/<key>`.
     pub fn shared(cache: Arc<dyn CacheStore>, system: &str) -> RateLimits {
-        RateLimits { shared: Some((cache, format!("rate/{system}/"))), local: TokenBuckets::new(), fallbacks: AtomicU64::new(0) }
+        RateLimits { shared: Some((cache, format!("rate/{system}/"))), ..RateLimits::local() }
     }
 
     /// Whether every node shares these limits.
@@ -45,22 +67,49 @@ impl RateLimits {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
+    /// Slots a lease of `rate` holds.
+    fn lease_size(rate: Rate) -> u32 {
+        let by_rate = (rate.rate_per_s * RATE_LEASE.as_secs_f64()).floor();
+        let by_burst = f64::from(rate.burst / RATE_LEASE_BURST_DIVISOR);
+        by_rate.min(by_burst).clamp(1.0, f64::from(u32::MAX)) as u32
+    }
+
     /// Takes a slot of `key`'s bucket at `rate` if it is due within `horizon_ms`, and returns
     /// the milliseconds until it is (0: now). A wait over `horizon_ms` took nothing.
     /// `now_ms` is this node's clock (the shared buckets use the cache's).
     pub async fn take(&self, key: &str, rate: Rate, now_ms: u64, horizon_ms: u64) -> u64 {
-        if let Some((cache, prefix)) = &self.shared {
-            let interval = Duration::from_secs_f64(1.0 / rate.rate_per_s);
-            match cache.throttle(format!("{prefix}{key}").as_bytes(), interval, rate.burst, Duration::from_millis(horizon_ms)).await {
-                Ok(wait) => return wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64,
-                Err(error) => {
-                    if self.fallbacks.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
-                        tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
-                    }
-                }
+        let Some((cache, prefix)) = &self.shared else { return self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms) };
+        if let Some(lease) = self.leases.lock().get_mut(key)
+            && lease.left > 0
+            && now_ms < lease.until_ms
+        {
+            lease.left -= 1;
+            return 0;
+        }
+        let full_key = format!("{prefix}{key}");
+        let interval = Duration::from_secs_f64(1.0 / rate.rate_per_s);
+        let size = Self::lease_size(rate);
+        let mut answer = Ok(Duration::MAX);
+        if size > 1 {
+            answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::ZERO, size).await;
+            if answer.as_ref().is_ok_and(|wait| wait.is_zero()) {
+                self.leases.lock().insert(key.to_string(), Lease { left: u64::from(size - 1), until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+                return 0;
             }
         }
-        self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms)
+        // One slot, when a lease is not free now (or leases are single slots).
+        if answer.is_ok() {
+            answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::from_millis(horizon_ms), 1).await;
+        }
+        match answer {
+            Ok(wait) => wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64,
+            Err(error) => {
+                if self.fallbacks.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
+                    tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
+                }
+                self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms)
+            }
+        }
     }
 }
 
@@ -85,5 +134,33 @@ mod tests {
         let waits = [a.take("broken", rate, now, 0).await, a.take("broken", rate, now, 0).await, a.take("broken", rate, now, 0).await, a.take("broken", rate, now, 0).await];
         assert_eq!(waits.iter().filter(|w| **w == 0).count(), 3, "the fallback bucket gives its burst: {waits:?}");
         assert_eq!((a.fallbacks(), b.fallbacks()), (4, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_taking_leases_together_never_pass_the_rate() {
+        let cache = Arc::new(Cache::new(CacheConfig::default()));
+        // 1,000/s with a burst of 100: leases of 10 slots.
+        let rate = Rate::new(1_000.0, 100);
+        assert_eq!(RateLimits::lease_size(rate), 10);
+        let started = std::time::Instant::now();
+        let node = |limits: RateLimits| {
+            tokio::spawn(async move {
+                let mut taken = 0u64;
+                while started.elapsed() < Duration::from_millis(100) {
+                    if limits.take("k", rate, tributary_core::now_ms() as u64, 0).await == 0 {
+                        taken += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                (taken, limits.fallbacks())
+            })
+        };
+        let (a, b) = (node(RateLimits::shared(cache.clone(), "sys")), node(RateLimits::shared(cache.clone(), "sys")));
+        let ((taken_a, fallbacks_a), (taken_b, fallbacks_b)) = (a.await.unwrap(), b.await.unwrap());
+        let allowed = 100.0 + 1_000.0 * started.elapsed().as_secs_f64();
+        let taken = taken_a + taken_b;
+        assert!((taken as f64) <= allowed.ceil(), "two nodes took {taken} slots, over the {allowed:.0} the rate allows");
+        assert!(taken >= 80 && taken_a > 0 && taken_b > 0, "the nodes took {taken_a} and {taken_b} slots");
+        assert_eq!((fallbacks_a, fallbacks_b), (0, 0));
     }
 }

@@ -379,15 +379,17 @@ impl Cache {
         self.incr(key, delta, Some(deadline))
     }
 
-    /// Takes a slot of the rate limit at `key`: one slot per `interval`, at most `burst` taken
-    /// at once (GCRA: the key holds the limit's theoretical arrival time, in microseconds of the
-    /// cache's clock, as a counter that expires once the limit is full again). The next slot is
-    /// taken if it is due within `horizon`; the answer is how long until it is due (zero: now).
-    /// An answer over `horizon` took nothing. Every node sharing the cache shares the limit.
-    pub fn throttle(&self, key: &[u8], interval: Duration, burst: u32, horizon: Duration) -> CacheResult<Duration> {
+    /// Takes `count` slots of the rate limit at `key`: one slot per `interval`, at most `burst`
+    /// taken at once (GCRA: the key holds the limit's theoretical arrival time, in microseconds
+    /// of the cache's clock, as a counter that expires once the limit is full again). The next
+    /// `count` slots are taken if the last of them is due within `horizon`; the answer is how
+    /// long until it is due (zero: now). An answer over `horizon` took nothing. Every node
+    /// sharing the cache shares the limit.
+    pub fn throttle(&self, key: &[u8], interval: Duration, burst: u32, horizon: Duration, count: u32) -> CacheResult<Duration> {
         check_key(key)?;
         let interval = interval.as_micros().clamp(1, u128::from(u32::MAX)) as i64;
         let allowance = interval * i64::from(burst.max(1));
+        let step = interval.saturating_mul(i64::from(count.max(1)));
         let horizon = horizon.as_micros().min(i64::MAX as u128) as i64;
         self.with_shard(key, |s, now_ms, cap| {
             let now = now_ms.saturating_mul(1_000);
@@ -398,7 +400,7 @@ impl Cache {
                 Some(Value::Str(b)) => parse_i64(b)?,
                 Some(other) => return Err(wrong_type(KeyType::String, other)),
             };
-            let next = tat.max(now).saturating_add(interval);
+            let next = tat.max(now).saturating_add(step);
             let wait = next.saturating_sub(allowance).saturating_sub(now).max(0);
             if wait <= horizon {
                 let full_again_ms = Some((next + 999) / 1_000 + 1);

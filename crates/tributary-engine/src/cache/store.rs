@@ -49,8 +49,8 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug {
     fn incr_by<'a>(&'a self, key: &'a [u8], delta: i64) -> StoreFuture<'a, i64>;
     /// As `incr_by`; if this call creates the counter it expires after `ttl` (a fixed window).
     fn incr_by_with_ttl<'a>(&'a self, key: &'a [u8], delta: i64, ttl: Duration) -> StoreFuture<'a, i64>;
-    /// Takes a slot of a rate limit shared by every user of the cache ([`Cache::throttle`]).
-    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration) -> StoreFuture<'a, Duration>;
+    /// Takes `count` slots of a rate limit shared by every user of the cache ([`Cache::throttle`]).
+    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration, count: u32) -> StoreFuture<'a, Duration>;
 
     /// Returns whether the field is new.
     fn hset<'a>(&'a self, key: &'a [u8], field: &'a [u8], value: Bytes) -> StoreFuture<'a, bool>;
@@ -180,8 +180,8 @@ impl CacheStore for Cache {
     fn incr_by_with_ttl<'a>(&'a self, key: &'a [u8], delta: i64, ttl: Duration) -> StoreFuture<'a, i64> {
         ready(Cache::incr_by_with_ttl(self, key, delta, ttl))
     }
-    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration) -> StoreFuture<'a, Duration> {
-        ready(Cache::throttle(self, key, interval, burst, horizon))
+    fn throttle<'a>(&'a self, key: &'a [u8], interval: Duration, burst: u32, horizon: Duration, count: u32) -> StoreFuture<'a, Duration> {
+        ready(Cache::throttle(self, key, interval, burst, horizon, count))
     }
     fn hset<'a>(&'a self, key: &'a [u8], field: &'a [u8], value: Bytes) -> StoreFuture<'a, bool> {
         ready(Cache::hset(self, key, field, value))

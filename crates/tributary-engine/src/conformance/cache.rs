@@ -23,7 +23,7 @@ pub const CASES: &[Case] = &[
     Case { name: "size_limits", guarantee: "keys, values and members over their named limits are refused and write nothing", run: size_limits },
     Case { name: "counters", guarantee: "counters are decimal strings; a non-integer is NotAnInteger, overflow is Overflow, and neither changes the value", run: counters },
     Case { name: "fixed_window", guarantee: "incr_by_with_ttl sets the TTL only when it creates the counter", run: fixed_window },
-    Case { name: "throttle", guarantee: "a rate limit gives its burst at once, then one slot per interval to all callers together; a reservation within the horizon takes a later slot, a refusal takes none", run: throttle },
+    Case { name: "throttle", guarantee: "a rate limit gives its burst at once, then one slot per interval to all callers together; a reservation within the horizon takes a later slot, a refusal takes none; several slots are taken all or none", run: throttle },
     Case { name: "wrong_type", guarantee: "using a key as another type is WrongType and changes nothing", run: wrong_type },
     Case { name: "hashes", guarantee: "hset/hget/hdel/hgetall/hlen/hincr_by; deleting the last field deletes the key", run: hashes },
     Case { name: "sorted_sets", guarantee: "ranks, ranges by rank and by score with bounds, ties ordered by member bytes", run: sorted_sets },
@@ -333,31 +333,36 @@ fn throttle(s: &dyn CacheStore, k: Keys) -> CaseFuture<'_> {
         let about_one_interval = |wait: Duration| wait > Duration::from_secs(9) && wait <= interval;
         let key = k.key("limit");
         for taken in 0..3 {
-            check!(ok(s.throttle(&key, interval, 3, Duration::ZERO).await, "within the burst")?.is_zero(), "slot {taken} of a burst of 3 was not free");
+            check!(ok(s.throttle(&key, interval, 3, Duration::ZERO, 1).await, "within the burst")?.is_zero(), "slot {taken} of a burst of 3 was not free");
         }
-        let refused_wait = ok(s.throttle(&key, interval, 3, Duration::ZERO).await, "past the burst")?;
+        let refused_wait = ok(s.throttle(&key, interval, 3, Duration::ZERO, 1).await, "past the burst")?;
         check!(about_one_interval(refused_wait), "past the burst the wait was {refused_wait:?}, not about one interval");
         // The refusal took nothing: the next slot is still one interval away, and reserving
         // it makes the one after two intervals away.
-        let reserved = ok(s.throttle(&key, interval, 3, Duration::from_secs(60)).await, "reserve")?;
+        let reserved = ok(s.throttle(&key, interval, 3, Duration::from_secs(60), 1).await, "reserve")?;
         check!(about_one_interval(reserved), "the reserved slot is {reserved:?} away, not about one interval");
-        let after = ok(s.throttle(&key, interval, 3, Duration::from_secs(60)).await, "reserve again")?;
+        let after = ok(s.throttle(&key, interval, 3, Duration::from_secs(60), 1).await, "reserve again")?;
         check!(after > reserved + Duration::from_secs(9), "the slot after a reserved one is {after:?} away (the reserved one: {reserved:?})");
         let Ttl::Remaining(left) = ok(s.ttl(&key).await, "ttl")? else { return Err("a rate limit's key has no TTL".into()) };
         // Five slots taken of one per 10 s: full again in 50 s, when the key may go.
         check!(left > Duration::from_secs(45) && left <= Duration::from_secs(51), "the key expires in {left:?}, not when the limit is full again (50 s)");
         // Callers at once share the burst.
         let shared = k.key("shared");
-        let calls = (0..10).map(|_| s.throttle(&shared, interval, 4, Duration::ZERO));
+        let calls = (0..10).map(|_| s.throttle(&shared, interval, 4, Duration::ZERO, 1));
         let mut free = 0;
         for wait in futures_util::future::join_all(calls).await {
             free += usize::from(ok(wait, "a concurrent take")?.is_zero());
         }
         check_eq!(free, 4);
+        // Several slots at once: all of them or none.
+        let several = k.key("several");
+        check!(ok(s.throttle(&several, interval, 5, Duration::ZERO, 3).await, "3 of a burst of 5")?.is_zero(), "3 slots of a burst of 5 were not free");
+        check!(!ok(s.throttle(&several, interval, 5, Duration::ZERO, 3).await, "3 more")?.is_zero(), "3 more slots than the burst holds were taken");
+        check!(ok(s.throttle(&several, interval, 5, Duration::ZERO, 2).await, "the 2 left")?.is_zero(), "the refused 3 took some of the 2 left");
         let text = k.key("text");
         ok(s.set(&text, Bytes::from_static(b"x"), None).await, "set text")?;
-        refused(s.throttle(&text, interval, 1, Duration::ZERO).await, "a limit on text", |e| matches!(e, CacheError::NotAnInteger))?;
-        for key in [key, shared, text] {
+        refused(s.throttle(&text, interval, 1, Duration::ZERO, 1).await, "a limit on text", |e| matches!(e, CacheError::NotAnInteger))?;
+        for key in [key, shared, several, text] {
             ok(s.del(&key).await, "del")?;
         }
         Ok(())
