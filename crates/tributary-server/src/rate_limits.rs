@@ -4,11 +4,14 @@
 //! holds per node, so N times over. [`RateLimits::shared`] takes the slots from the cache every
 //! node shares ([`CacheStore::throttle`], on Redis's clock), so a rate holds for the whole
 //! deployment. A round trip per slot would cost more than the send at high rates, so a node
-//! takes slots a lease at a time: as many as the rate gives in [`RATE_LEASE`], at most a
-//! [`RATE_LEASE_BURST_DIVISOR`]th of the burst, at least one. It spends them on its next calls
-//! for that key, and what it has not spent within [`RATE_LEASE`] is dropped: unused, never
-//! sent. The deployment never passes the rate; it may fall short of it by the leases in hand.
-//! A tight limit (a burst under 20, or a rate under 100/s) leases one slot at a time.
+//! takes slots a lease at a time and spends them on its next calls for that key; what it has
+//! not spent within [`RATE_LEASE`] is dropped: unused, never sent. A lease is sized by use:
+//! the first is one slot, the next twice what the node spent of the last one (doubling while
+//! it spends them all in time), never more than the rate gives in [`RATE_LEASE`] nor a
+//! [`RATE_LEASE_BURST_DIVISOR`]th of the burst. The deployment never passes the rate; it may
+//! fall short of it by the unspent slots in hand. A tight limit (a burst under 20, or a rate
+//! under 100/s) leases one slot at a time. Slots are timed in microseconds: a shared limit
+//! over 1,000,000/s holds as 1,000,000/s.
 //!
 //! When the cache does not answer, the node falls back to buckets of its own for that call (each
 //! node then allows the whole rate) and counts and logs it, rather than stopping its sends.
@@ -30,8 +33,18 @@ pub const RATE_LEASE_BURST_DIVISOR: u32 = 10;
 /// Slots of one key a node has taken from the shared limit and not yet spent.
 #[derive(Clone, Copy)]
 struct Lease {
-    left: u64,
+    size: u32,
+    left: u32,
     until_ms: u64,
+}
+
+impl Lease {
+    /// The size of the next lease after this one, at most `max`.
+    fn next_size(&self, now_ms: u64, max: u32) -> u32 {
+        let spent = self.size - self.left;
+        let next = if self.left == 0 && now_ms < self.until_ms { self.size.saturating_mul(2) } else { spent.saturating_mul(2) };
+        next.clamp(1, max.max(1))
+    }
 }
 
 /// A system's rate limits, kept by this node or shared by every node.
@@ -67,8 +80,8 @@ impl RateLimits {
         self.fallbacks.load(Ordering::Relaxed)
     }
 
-    /// Slots a lease of `rate` holds.
-    fn lease_size(rate: Rate) -> u32 {
+    /// Slots a lease of `rate` holds at most.
+    fn lease_size_max(rate: Rate) -> u32 {
         let by_rate = (rate.rate_per_s * RATE_LEASE.as_secs_f64()).floor();
         let by_burst = f64::from(rate.burst / RATE_LEASE_BURST_DIVISOR);
         by_rate.min(by_burst).clamp(1.0, f64::from(u32::MAX)) as u32
@@ -79,30 +92,42 @@ impl RateLimits {
     /// `now_ms` is this node's clock (the shared buckets use the cache's).
     pub async fn take(&self, key: &str, rate: Rate, now_ms: u64, horizon_ms: u64) -> u64 {
         let Some((cache, prefix)) = &self.shared else { return self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms) };
-        if let Some(lease) = self.leases.lock().get_mut(key)
-            && lease.left > 0
-            && now_ms < lease.until_ms
-        {
-            lease.left -= 1;
-            return 0;
-        }
+        let size = {
+            let mut leases = self.leases.lock();
+            match leases.get_mut(key) {
+                Some(lease) if lease.left > 0 && now_ms < lease.until_ms => {
+                    lease.left -= 1;
+                    return 0;
+                }
+                Some(lease) => lease.next_size(now_ms, Self::lease_size_max(rate)),
+                None => 1,
+            }
+        };
         let full_key = format!("{prefix}{key}");
         let interval = Duration::from_secs_f64(1.0 / rate.rate_per_s);
-        let size = Self::lease_size(rate);
         let mut answer = Ok(Duration::MAX);
         if size > 1 {
             answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::ZERO, size).await;
-            if answer.as_ref().is_ok_and(|wait| wait.is_zero()) {
-                self.leases.lock().insert(key.to_string(), Lease { left: u64::from(size - 1), until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
-                return 0;
-            }
+        }
+        let leased = match answer {
+            Ok(wait) if wait.is_zero() => Some(size),
+            _ => None,
+        };
+        if let Some(size) = leased {
+            self.leases.lock().insert(key.to_string(), Lease { size, left: size - 1, until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+            return 0;
         }
         // One slot, when a lease is not free now (or leases are single slots).
         if answer.is_ok() {
             answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::from_millis(horizon_ms), 1).await;
         }
         match answer {
-            Ok(wait) => wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64,
+            Ok(wait) => {
+                if wait.is_zero() {
+                    self.leases.lock().insert(key.to_string(), Lease { size: 1, left: 0, until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+                }
+                wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64
+            }
             Err(error) => {
                 if self.fallbacks.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
                     tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
@@ -141,7 +166,7 @@ mod tests {
         let cache = Arc::new(Cache::new(CacheConfig::default()));
         // 1,000/s with a burst of 100: leases of 10 slots.
         let rate = Rate::new(1_000.0, 100);
-        assert_eq!(RateLimits::lease_size(rate), 10);
+        assert_eq!(RateLimits::lease_size_max(rate), 10);
         let started = std::time::Instant::now();
         let node = |limits: RateLimits| {
             tokio::spawn(async move {
