@@ -87,11 +87,29 @@ impl RateLimits {
         by_rate.min(by_burst).clamp(1.0, f64::from(u32::MAX)) as u32
     }
 
+    /// Records `size` slots just taken for `key`, one of them spent. Calls that renewed a lease
+    /// at the same time add to the one in hand rather than drop it.
+    fn add_lease(&self, key: &str, size: u32, now_ms: u64) {
+        let mut leases = self.leases.lock();
+        match leases.get_mut(key) {
+            Some(lease) if now_ms < lease.until_ms => {
+                lease.size = lease.size.saturating_add(size);
+                lease.left = lease.left.saturating_add(size - 1);
+            }
+            _ => {
+                leases.insert(key.to_string(), Lease { size, left: size - 1, until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+            }
+        }
+    }
+
     /// Takes a slot of `key`'s bucket at `rate` if it is due within `horizon_ms`, and returns
     /// the milliseconds until it is (0: now). A wait over `horizon_ms` took nothing.
     /// `now_ms` is this node's clock (the shared buckets use the cache's).
     pub async fn take(&self, key: &str, rate: Rate, now_ms: u64, horizon_ms: u64) -> u64 {
         let Some((cache, prefix)) = &self.shared else { return self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms) };
+        // Leases are timed by the clock as it is now: a caller's `now_ms` may be from before
+        // its own awaits.
+        let now_ms = tributary_core::now_ms() as u64;
         let size = {
             let mut leases = self.leases.lock();
             match leases.get_mut(key) {
@@ -114,7 +132,7 @@ impl RateLimits {
             _ => None,
         };
         if let Some(size) = leased {
-            self.leases.lock().insert(key.to_string(), Lease { size, left: size - 1, until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+            self.add_lease(key, size, now_ms);
             return 0;
         }
         // One slot, when a lease is not free now (or leases are single slots).
@@ -124,7 +142,7 @@ impl RateLimits {
         match answer {
             Ok(wait) => {
                 if wait.is_zero() {
-                    self.leases.lock().insert(key.to_string(), Lease { size: 1, left: 0, until_ms: now_ms + RATE_LEASE.as_millis() as u64 });
+                    self.add_lease(key, 1, now_ms);
                 }
                 wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64
             }
