@@ -388,7 +388,7 @@ impl Cache {
     pub fn throttle(&self, key: &[u8], interval: Duration, burst: u32, horizon: Duration, count: u32) -> CacheResult<Duration> {
         check_key(key)?;
         let interval = interval.as_micros().clamp(1, u128::from(u32::MAX)) as i64;
-        let allowance = interval * i64::from(burst.max(1));
+        let allowance = interval.saturating_mul(i64::from(burst.max(1)));
         let step = interval.saturating_mul(i64::from(count.max(1)));
         let horizon = horizon.as_micros().min(i64::MAX as u128) as i64;
         self.with_shard(key, |s, now_ms, cap| {
