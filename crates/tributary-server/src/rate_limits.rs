@@ -147,7 +147,7 @@ impl RateLimits {
                 wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64
             }
             Err(error) => {
-                if self.fallbacks.fetch_add(1, Ordering::Relaxed) % 1_000 == 0 {
+                if self.fallbacks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1_000) {
                     tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
                 }
                 self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms)
