@@ -123,36 +123,35 @@ impl RateLimits {
         };
         let full_key = format!("{prefix}{key}");
         let interval = Duration::from_secs_f64(1.0 / rate.rate_per_s);
-        let mut answer = Ok(Duration::MAX);
         if size > 1 {
-            answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::ZERO, size).await;
+            match cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::ZERO, size).await {
+                Ok(wait) if wait.is_zero() => {
+                    self.add_lease(key, size, now_ms);
+                    return 0;
+                }
+                // Not free now: one slot, below.
+                Ok(_) => {}
+                Err(error) => return self.fall_back(error, key, rate, now_ms, horizon_ms),
+            }
         }
-        let leased = match answer {
-            Ok(wait) if wait.is_zero() => Some(size),
-            _ => None,
-        };
-        if let Some(size) = leased {
-            self.add_lease(key, size, now_ms);
-            return 0;
-        }
-        // One slot, when a lease is not free now (or leases are single slots).
-        if answer.is_ok() {
-            answer = cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::from_millis(horizon_ms), 1).await;
-        }
-        match answer {
+        match cache.throttle(full_key.as_bytes(), interval, rate.burst, Duration::from_millis(horizon_ms), 1).await {
             Ok(wait) => {
                 if wait.is_zero() {
                     self.add_lease(key, 1, now_ms);
                 }
                 wait.as_micros().div_ceil(1_000).min(u128::from(u64::MAX)) as u64
             }
-            Err(error) => {
-                if self.fallbacks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1_000) {
-                    tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
-                }
-                self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms)
-            }
+            Err(error) => self.fall_back(error, key, rate, now_ms, horizon_ms),
         }
+    }
+
+    /// A slot from this node's own bucket, when the shared cache failed: counted, and logged
+    /// once per 1,000.
+    fn fall_back(&self, error: tributary_engine::cache::CacheError, key: &str, rate: Rate, now_ms: u64, horizon_ms: u64) -> u64 {
+        if self.fallbacks.fetch_add(1, Ordering::Relaxed).is_multiple_of(1_000) {
+            tracing::warn!(%error, key, "the shared rate limit did not answer; this node limits on its own");
+        }
+        self.local.reserve(&key.to_string(), rate, now_ms, horizon_ms)
     }
 }
 

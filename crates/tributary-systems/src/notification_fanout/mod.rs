@@ -1404,6 +1404,7 @@ impl Fanout {
         let ids: Vec<String> = jobs.iter().map(|(_, job)| job.state.id.clone()).collect();
         let latest = self.states_of(&ids).await?;
         let mut sendable = Vec::with_capacity(jobs.len());
+        let channel_key = format!("channel/{}", channel.as_str());
         for (delivery, job) in jobs {
             let current = latest.get(&job.state.id);
             if current.is_some_and(|s| s.status.is_final()) {
@@ -1423,7 +1424,7 @@ impl Fanout {
                     due - now
                 }
                 None => {
-                    let wait = self.rates.take(&format!("channel/{}", channel.as_str()), config.channel_rate(channel), now, THROTTLE_HORIZON_MS).await;
+                    let wait = self.rates.take(&channel_key, config.channel_rate(channel), now, THROTTLE_HORIZON_MS).await;
                     if wait > 0 && wait <= THROTTLE_HORIZON_MS {
                         self.reserved.lock().insert(job.state.id.clone(), now + wait);
                     }

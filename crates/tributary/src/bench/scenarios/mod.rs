@@ -506,7 +506,7 @@ pub async fn drive<S: Scenario>(scenario: Arc<S>, phase: Phase) -> anyhow::Resul
     if let Some(progress) = &phase.progress {
         progress.set_position(run.total);
     }
-    Ok(Measured { prepare_seconds, ..account(&run, &phase, sent, fault_times, scenario.describe()) })
+    Ok(account(&run, &phase, sent, fault_times, scenario.describe(), prepare_seconds))
 }
 
 /// Inject the phase's faults on time; returns them with what was measured while injecting.
@@ -548,7 +548,7 @@ fn abandoned_delivered(run: &Run) -> bool {
 }
 
 /// Loss, duplicates, latency and recovery, from what the run recorded.
-fn account(run: &Run, phase: &Phase, sent: u64, faults: Vec<(FaultReport, u64)>, scenario: serde_json::Value) -> Measured {
+fn account(run: &Run, phase: &Phase, sent: u64, faults: Vec<(FaultReport, u64)>, scenario: serde_json::Value, prepare_seconds: f64) -> Measured {
     let ms = |ns: u64| ns as f64 / 1e6;
     let window_start_ns = run.schedule.intended_ns(run.warmup);
     let seconds = run.total.div_ceil(phase.rate.max(1)) as usize;
@@ -648,7 +648,7 @@ fn account(run: &Run, phase: &Phase, sent: u64, faults: Vec<(FaultReport, u64)>,
         series,
         faults,
         scenario,
-        prepare_seconds: 0.0,
+        prepare_seconds,
     }
 }
 
